@@ -1,0 +1,204 @@
+"""Gradient policies: which denoiser calls of a sampling run keep their autograd graph.
+
+Every first-order sampler step has the form (DESIGN.md, "Sampler as linear map + network")
+
+    x_{i+1} = a_i * x_i + b_i * eps_theta(x_i, t_i, c) + s_i * noise_i
+
+A policy never changes what is sampled, only the backward pass. Like torchdiffeq's ``odeint`` and
+``odeint_adjoint``, every optimizer in this library takes ``gradient=`` and nothing else changes.
+
+Steps are numbered 0..n-1 over the steps that one sampler call runs (with ``start_step=k`` the first
+step run is step 0). In every policy the scheduler arithmetic (the a_i, b_i and noise terms) stays in
+the graph unless the policy says the latent is detached; what differs is which network calls
+``eps_theta`` keep their graph ("graph"), keep it by recomputation ("checkpoint"), or run under
+``torch.no_grad()`` and enter the step as constants ("nograd").
+
+A policy is a small immutable object; ``plan(n, generator)`` returns a :class:`StepPlan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GRAPH, CHECKPOINT, NOGRAD = "graph", "checkpoint", "nograd"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one sampler call does at each step.
+
+    modes[i] is GRAPH, CHECKPOINT or NOGRAD for the network call of step i. ``detach_before`` is the
+    step whose input latent (and any scheduler state carried from earlier steps) is detached from
+    the graph, cutting everything before it; None detaches nothing.
+    """
+
+    modes: tuple[str, ...]
+    detach_before: int | None = None
+
+    @property
+    def graph_steps(self) -> tuple[int, ...]:
+        return tuple(i for i, m in enumerate(self.modes) if m != NOGRAD)
+
+
+class GradientPolicy:
+    """Base class: subclasses implement ``plan``."""
+
+    name = "policy"
+
+    def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _check_steps(num_steps: int) -> None:
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+
+
+class Full(GradientPolicy):
+    """Plain backpropagation through time (BPTT).
+
+    Graph: every network call of every step. Gradient: exact, the product of all step Jacobians
+    ``prod_i (a_i I + b_i d eps/dx_i)`` for latents, and the sum over all steps for weights and
+    conditioning. Memory grows linearly with the number of steps.
+    """
+
+    name = "full"
+
+    def plan(self, num_steps, generator=None):
+        _check_steps(num_steps)
+        return StepPlan((GRAPH,) * num_steps)
+
+
+class Checkpointed(GradientPolicy):
+    """Full backpropagation with gradient checkpointing of each network call.
+
+    Graph: every step, but a network call's activations are not stored; they are recomputed during
+    backward (``torch.utils.checkpoint``, non-reentrant). Gradient: identical to :class:`Full`.
+    Memory: only the step inputs are kept; time: one extra forward per step.
+    """
+
+    name = "checkpointed"
+
+    def plan(self, num_steps, generator=None):
+        _check_steps(num_steps)
+        return StepPlan((CHECKPOINT,) * num_steps)
+
+
+class Truncated(GradientPolicy):
+    """Truncated backpropagation through the last ``k`` steps (DRaFT-K; k=1 is DRaFT-1).
+
+    Graph: the network calls of steps n-k .. n-1. The latent entering step n-k is detached, so
+    nothing before it gets a gradient: the initial latent gets none unless k >= n, and weights and
+    conditioning get the gradient of the last k steps only. ``Truncated(n)`` equals :class:`Full`.
+    """
+
+    name = "truncated"
+
+    def __init__(self, k: int = 1):
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"Truncated: k must be a positive int, got {k!r}")
+        self.k = k
+
+    def plan(self, num_steps, generator=None):
+        _check_steps(num_steps)
+        k = min(self.k, num_steps)
+        first = num_steps - k
+        return StepPlan((NOGRAD,) * first + (GRAPH,) * k, detach_before=first if first > 0 else None)
+
+
+class RandomTruncated(GradientPolicy):
+    """Truncation after a random number of final steps (AlignProp).
+
+    k is drawn uniformly from 1..max_k once per sampler call (from the call's generator), then the
+    call behaves exactly as ``Truncated(k)``.
+    """
+
+    name = "random_truncated"
+
+    def __init__(self, max_k: int = 10):
+        if not isinstance(max_k, int) or max_k < 1:
+            raise ValueError(f"RandomTruncated: max_k must be a positive int, got {max_k!r}")
+        self.max_k = max_k
+
+    def draw_k(self, num_steps: int, generator: torch.Generator | None) -> int:
+        high = min(self.max_k, num_steps)
+        return int(torch.randint(1, high + 1, (1,), generator=generator).item())
+
+    def plan(self, num_steps, generator=None):
+        _check_steps(num_steps)
+        return Truncated(self.draw_k(num_steps, generator)).plan(num_steps)
+
+
+class Shortcut(GradientPolicy):
+    """The SDO one-step shortcut (arXiv 2505.07477).
+
+    Graph: the network call of ONE step s; every other network call runs under ``torch.no_grad()``
+    and enters its step as a constant, while the scheduler arithmetic stays in the graph. The rest of
+    the chain therefore contributes only through its linear skip path:
+
+    - latents (x entering step 0, i.e. the initial noise or an intermediate latent with
+      ``start_step``), with s = 0: ``grad = (prod_{i>0} a_i) * g^T (a_0 I + b_0 d eps/dx |_{x_0})``,
+      g the gradient of the reward at the final sample. With s > 0 the latent gradient is
+      ``(prod_{i != s} a_i) * g^T (a_s I + b_s d eps/dx |_{x_s})``.
+    - weights and conditioning: ``grad = (prod_{i>s} a_i) * g^T b_s d eps(x_s, t_s, c)/d theta``.
+      The input x_s reaches the network through the skip path only, so it carries no gradient to
+      theta (it holds no network graph), exactly as if it were detached.
+
+    ``step``: "first" (s = 0, the latent-optimization default), "random" (uniform over the steps run,
+    drawn once per call from the call's generator, the fine-tuning default), or an int index.
+    """
+
+    name = "shortcut"
+
+    def __init__(self, step: str | int = "first"):
+        if not (step in ("first", "random") or (isinstance(step, int) and not isinstance(step, bool) and step >= 0)):
+            raise ValueError(f"Shortcut: step must be 'first', 'random' or a non-negative int, got {step!r}")
+        self.step = step
+
+    def choose_step(self, num_steps: int, generator: torch.Generator | None) -> int:
+        if self.step == "first":
+            return 0
+        if self.step == "random":
+            return int(torch.randint(0, num_steps, (1,), generator=generator).item())
+        if self.step >= num_steps:
+            raise ValueError(f"Shortcut: step={self.step} is out of range for a run of {num_steps} steps")
+        return self.step
+
+    def plan(self, num_steps, generator=None):
+        _check_steps(num_steps)
+        s = self.choose_step(num_steps, generator)
+        return StepPlan(tuple(GRAPH if i == s else NOGRAD for i in range(num_steps)))
+
+
+class StraightThrough(GradientPolicy):
+    """Ablation: no network call keeps a graph; only the linear skip path carries the gradient.
+
+    Latent gradient: ``(prod_i a_i) * g``. Weights and conditioning get no gradient.
+    """
+
+    name = "straight_through"
+
+    def plan(self, num_steps, generator=None):
+        _check_steps(num_steps)
+        return StepPlan((NOGRAD,) * num_steps)
+
+
+POLICIES = {cls.name: cls for cls in (Full, Checkpointed, Truncated, RandomTruncated, Shortcut, StraightThrough)}
+
+
+def resolve(policy: GradientPolicy | str | None) -> GradientPolicy | None:
+    """Accept a policy object, a policy name ('full', 'shortcut', ...) or None (no gradient)."""
+    if policy is None or isinstance(policy, GradientPolicy):
+        return policy
+    if isinstance(policy, str):
+        key = policy.strip().lower().replace("-", "_")
+        if key in POLICIES:
+            return POLICIES[key]()
+        raise ValueError(f"gradient: unknown policy name {policy!r}; known: {', '.join(sorted(POLICIES))}")
+    raise ValueError(f"gradient: expected a GradientPolicy, a policy name or None, got {type(policy).__name__}")
