@@ -90,6 +90,12 @@ def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond)
     return out
 
 
+def _scale_input(sched, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The scheduler's input preconditioning (Euler's 1/sqrt(sigma^2+1)); flow matching has none."""
+    scale = getattr(sched, "scale_model_input", None)
+    return scale(x, t) if scale is not None else x
+
+
 def _spatial_multiple(model) -> int:
     kind = type(model).__name__
     config = getattr(model, "config", None)
@@ -230,7 +236,7 @@ class Sampler:
         if "eta" in self._step_params:
             step_kwargs["eta"] = self.eta
 
-        x = latents * sched.init_noise_sigma if start_step == 0 else latents
+        x = latents * getattr(sched, "init_noise_sigma", 1.0) if start_step == 0 else latents
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not self.progress, leave=False)):
             for hook in self.step_hooks:
                 hook(start_step + i, t)
@@ -240,7 +246,7 @@ class Sampler:
                 self._detach_state(sched, last_only=False)
 
             def eps_fn(x_in, t=t):
-                return self.predict(sched.scale_model_input(x_in, t), t, cond, uncond)
+                return self.predict(_scale_input(sched, x_in, t), t, cond, uncond)
 
             if mode == G.GRAPH:
                 eps = eps_fn(x)
@@ -298,7 +304,7 @@ class Sampler:
             t = timesteps[j]
             a_t = alphas[t]
             a_prev = alphas[timesteps[j + 1]] if j + 1 < len(timesteps) else torch.ones_like(a_t)
-            eps = self.predict(sched.scale_model_input(x, t), t, cond, uncond)
+            eps = self.predict(_scale_input(sched, x, t), t, cond, uncond)
             x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
         return x
