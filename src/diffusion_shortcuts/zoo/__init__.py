@@ -1,1 +1,181 @@
-"""The embedded model zoo (see zoo/*/README.md for each model's card)."""
+"""The embedded model zoo: small digit models that ship inside the package, so everything runs offline.
+
+``load(name)`` returns, for the generators ``digits-unet`` and ``digits-dit``, a :class:`ZooModel`
+(the denoiser, its scheduler, its conditioning encoder and guidance defaults); for
+``digits-classifier`` (a reward) and ``digits-classifier-eval`` (never a reward, only a judge), the
+classifier module. ``load`` also takes a local folder: one written by ``zoo.train``, or a diffusers
+pipeline folder (``model_index.json``: DDPM/DDIM, DiT).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .architectures import NULL_LABEL, NUM_CLASSES, DigitClassifier, LabelEncoder
+
+ZOO_DIR = Path(__file__).parent
+GENERATORS = ("digits-unet", "digits-dit")
+CLASSIFIERS = ("digits-classifier", "digits-classifier-eval")
+NAMES = GENERATORS + CLASSIFIERS
+
+
+@dataclass
+class ZooModel:
+    """A generator with what sampling it needs. ``cond = m.encode(labels)`` is what ``m.model`` takes."""
+
+    name: str
+    model: torch.nn.Module
+    scheduler: Any
+    guidance_scale: float
+    num_inference_steps: int
+    num_classes: int | None
+    null_label: int | None
+    label_encoder: LabelEncoder | None = None
+    path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = self.model.config.sample_size
+        return (self.model.config.in_channels, size, size)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def check_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if not self.conditional:
+            raise ValueError(f"{self.name} is unconditional: it takes no labels")
+        highest = self.null_label if self.null_label is not None else self.num_classes - 1
+        bad = labels[(labels < 0) | (labels > highest)]
+        if len(bad):
+            null = f" (and {self.null_label} for no condition)" if self.null_label is not None else ""
+            raise ValueError(f"labels out of range: {bad.tolist()[:5]}; {self.name} takes 0-{self.num_classes - 1}{null}")
+        return labels
+
+    def encode(self, labels) -> torch.Tensor | None:
+        """Conditioning for ``labels``: token embeddings (B, L, D) for the UNet, the labels for the DiT."""
+        if not self.conditional:
+            return None
+        labels = self.check_labels(labels).to(self.model.device)
+        return self.label_encoder(labels) if self.label_encoder is not None else labels
+
+    def null_cond(self) -> torch.Tensor | None:
+        """The unconditional conditioning (batch 1) used by classifier-free guidance."""
+        return self.encode([self.null_label]) if self.conditional else None
+
+    @staticmethod
+    def decode(x: torch.Tensor) -> torch.Tensor:
+        """Model space [-1, 1] -> images in [0, 1] (not clamped, so that it stays differentiable)."""
+        return x / 2 + 0.5
+
+    @staticmethod
+    def encode_images(images: torch.Tensor) -> torch.Tensor:
+        return images * 2 - 1
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn((n, *self.sample_shape), generator=generator).to(self.model.device)
+
+    def sampler(self, num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                scheduler=None, **kwargs):
+        """A :class:`~diffusion_shortcuts.Sampler` with this model's defaults (DDIM, its guidance)."""
+        from ..sampling import Sampler
+
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        uncond = self.null_cond() if guidance != 1.0 else None
+        if uncond is not None:
+            uncond = uncond.detach()
+        return Sampler(self.model, scheduler or self.scheduler, num_inference_steps or self.num_inference_steps,
+                       guidance, decode=self.decode, encode=self.encode_images, uncond=uncond, **kwargs)
+
+
+    @torch.no_grad()
+    def generate(self, labels, seed: int = 0, num_inference_steps: int | None = None, batch_size: int = 100,
+                 guidance_scale: float | None = None, progress: bool = False, scheduler=None) -> torch.Tensor:
+        """Images in [0, 1] for ``labels`` (None: unconditional), ``batch_size`` at a time, seeded."""
+        from tqdm.auto import tqdm
+
+        labels = None if labels is None else self.check_labels(labels)
+        n = len(labels) if labels is not None else batch_size
+        sampler = self.sampler(num_inference_steps, guidance_scale if self.conditional else 1.0, scheduler)
+        gen = torch.Generator().manual_seed(seed)
+        noise = self.noise(n, gen)
+        out = []
+        for i in tqdm(range(0, n, batch_size), desc=f"sampling {self.name}", disable=not progress):
+            cond = self.encode(labels[i:i + batch_size]) if labels is not None else None
+            out.append(sampler(noise[i:i + batch_size], cond).clamp(0, 1))
+        return torch.cat(out)
+
+
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    if str(name_or_path) in NAMES:
+        path = ZOO_DIR / str(name_or_path)
+        if not path.exists():
+            raise FileNotFoundError(f"zoo model {name_or_path!r} has no weights at {path}; train it with "
+                                    f"python -m diffusion_shortcuts.zoo.train {name_or_path} --out {path}")
+        return path
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise ValueError(f"unknown model {str(name_or_path)!r}: not a zoo name ({', '.join(NAMES)}) "
+                         "and not a local folder")
+    return path
+
+
+def load(name_or_path: str | Path, device: str | torch.device = "cpu"):
+    """Load a zoo model by name, or a local folder (a zoo folder or a diffusers pipeline folder)."""
+    path = _resolve(name_or_path)
+    if (path / "zoo.json").exists():
+        return _load_generator(path, device)
+    if (path / "config.json").exists() and json.loads((path / "config.json").read_text()).get(
+            "_class_name") == "DigitClassifier":
+        return _frozen(DigitClassifier.from_pretrained(path)).to(device)
+    if (path / "model_index.json").exists():
+        return _load_pipeline(path, device)
+    raise ValueError(f"{path} is not a diffusers model: no zoo.json, model_index.json or classifier config.json")
+
+
+def _load_generator(path: Path, device) -> ZooModel:
+    from diffusers import DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel
+
+    meta = json.loads((path / "zoo.json").read_text())
+    scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+    encoder = None
+    if meta["kind"] == "unet":
+        model = UNet2DConditionModel.from_pretrained(path / "unet")
+        encoder = _frozen(LabelEncoder.from_pretrained(path / "label_encoder")).to(device)
+    elif meta["kind"] == "dit":
+        model = DiTTransformer2DModel.from_pretrained(path / "transformer")
+    else:
+        raise ValueError(f"{path / 'zoo.json'}: unknown kind {meta['kind']!r}")
+    return ZooModel(name=path.name, model=_frozen(model).to(device), scheduler=scheduler,
+                    guidance_scale=float(meta["guidance_scale"]), num_inference_steps=int(meta["num_inference_steps"]),
+                    num_classes=int(meta.get("num_classes", NUM_CLASSES)),
+                    null_label=int(meta.get("null_label", NULL_LABEL)), label_encoder=encoder, path=path, extra=meta)
+
+
+def _load_pipeline(path: Path, device) -> ZooModel:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # diffusers raises many types for a broken folder
+        raise ValueError(f"{path} is not a loadable diffusers pipeline: {exc}") from exc
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if model is None or getattr(pipe, "vae", None) is not None or getattr(pipe, "text_encoder", None) is not None:
+        raise ValueError(f"{path}: only pixel-space DDPM/DDIM and DiT-style class-conditional pipelines can be "
+                         f"sampled from the command line; use ds.Sampler.from_pipeline for {type(pipe).__name__}")
+    null_label = getattr(model.config, "num_embeds_ada_norm", None)  # DiT: the extra row is the null class
+    num_classes = null_label or getattr(model.config, "num_class_embeds", None)
+    return ZooModel(name=path.name, model=_frozen(model).to(device), scheduler=pipe.scheduler,
+                    guidance_scale=4.0 if null_label else 1.0, num_inference_steps=50,
+                    num_classes=num_classes, null_label=null_label, path=path)

@@ -1,0 +1,58 @@
+"""Pictures a person would rather look at than read: image grids as PNG (PIL, no torchvision)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [0, 1] -> (B, H, W, C) uint8."""
+    arr = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    return arr.permute(0, 2, 3, 1).numpy()
+
+
+def grid(images: torch.Tensor, nrow: int | None = None, scale: int = 3, pad: int = 2) -> Image.Image:
+    """Tile images (B, C, H, W) in [0, 1] into one PIL image, ``nrow`` per row, each upscaled ``scale``x."""
+    arr = to_uint8(images)
+    b, h, w, c = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / nrow)
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    canvas = np.full((rows * cell_h + pad, nrow * cell_w + pad, c), 255, np.uint8)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        tile = arr[i].repeat(scale, 0).repeat(scale, 1)
+        canvas[pad + r * cell_h: pad + r * cell_h + h * scale, pad + col * cell_w: pad + col * cell_w + w * scale] = tile
+    mode = "L" if c == 1 else "RGB"
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode)
+
+
+def labelled(image: Image.Image, title: str, height: int = 14) -> Image.Image:
+    """The image with a one-line title above it."""
+    out = Image.new("RGB", (image.width, image.height + height), "white")
+    out.paste(image.convert("RGB"), (0, height))
+    ImageDraw.Draw(out).text((2, 1), title, fill="black")
+    return out
+
+
+def side_by_side(images: list[Image.Image], gap: int = 8) -> Image.Image:
+    width = sum(i.width for i in images) + gap * (len(images) - 1)
+    out = Image.new("RGB", (width, max(i.height for i in images)), "white")
+    x = 0
+    for img in images:
+        out.paste(img.convert("RGB"), (x, 0))
+        x += img.width + gap
+    return out
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, title: str | None = None) -> Path:
+    img = grid(images, nrow)
+    if title:
+        img = labelled(img, title)
+    img.save(path)
+    return Path(path)

@@ -1,0 +1,95 @@
+"""Figures of sample quality and cost: accuracy, FID on a supplied feature extractor, SSIM/PSNR, timing."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def accuracy(classifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
+    """Fraction of images in [0, 1] that ``classifier`` assigns to ``labels``."""
+    preds = torch.cat([classifier(images[i:i + batch].clamp(0, 1)).argmax(-1) for i in range(0, len(images), batch)])
+    return (preds.cpu() == labels.cpu()).float().mean().item()
+
+
+@torch.no_grad()
+def features(extractor, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([extractor(images[i:i + batch].clamp(0, 1)) for i in range(0, len(images), batch)]).double().cpu()
+
+
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh(m)
+    return vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017, the FID formula):
+    ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``."""
+    if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
+        raise ValueError(f"feature sets must be (N, D) with equal D, got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    root_a = _sqrtm_psd(cov_a)
+    cross = _sqrtm_psd(root_a @ cov_b @ root_a)
+    return float((mu_a - mu_b).square().sum() + torch.trace(cov_a + cov_b - 2 * cross))
+
+
+def fid(extractor, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
+    """FID of two image sets in [0, 1] on ``extractor``'s features (e.g. a digits classifier's ``features``)."""
+    return frechet_distance(features(extractor, images_a), features(extractor, images_b))
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> torch.Tensor:
+    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM per image (Wang et al. 2004) with a Gaussian window; differentiable. Shape (B,)."""
+    if a.shape != b.shape or a.ndim != 4:
+        raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    c = a.shape[1]
+    w = _gaussian_window(min(window, a.shape[-1]), sigma, c, a.device, a.dtype)
+    mu_a, mu_b = F.conv2d(a, w, groups=c), F.conv2d(b, w, groups=c)
+    var_a = F.conv2d(a * a, w, groups=c) - mu_a ** 2
+    var_b = F.conv2d(b * b, w, groups=c) - mu_b ** 2
+    cov = F.conv2d(a * b, w, groups=c) - mu_a * mu_b
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """PSNR in dB per image, shape (B,)."""
+    mse = (a - b).flatten(1).square().mean(1).clamp(min=1e-12)
+    return 10 * torch.log10(data_range ** 2 / mse)
+
+
+class Timer:
+    """Wall-clock seconds of a block: ``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Temporarily set torch's intra-op thread count (None leaves it)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
