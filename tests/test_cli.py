@@ -1,0 +1,80 @@
+"""The command line: outputs a person can use, one clear line and exit 2 on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_unet
+from diffusers import DDIMScheduler, DDPMPipeline
+
+from diffusion_shortcuts import cli
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_sample_writes_grid_and_metrics(tmp_path, capsys):
+    code, _, err = run(["sample", "--model", "digits-dit", "--labels", "0-9", "--n", "20", "--steps", "10",
+                        "--seed", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n"] == 20 and metrics["seed"] == 1
+    assert metrics["seconds"] > 0 and metrics["format_version"] == 1
+    assert (tmp_path / "grid.png").stat().st_size > 100
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["sample", "--model", "digits-gan"], "digits-unet"),
+    (["sample", "--model", "digits-dit", "--labels", "3-12"], "out of range"),
+    (["sample", "--model", "digits-dit", "--labels", "three"], "--labels"),
+    (["sample", "--model", "digits-classifier"], "classifier"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, capsys, argv, needle):
+    code, _, err = run([*argv, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_out_and_non_diffusers_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(["sample", "--model", "digits-dit", "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and "not writable" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(["sample", "--model", str(empty), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "not a diffusers model" in err
+
+
+def test_sample_from_a_local_diffusers_folder(tmp_path, capsys):
+    pipe = DDPMPipeline(unet=tiny_unet(sample_size=8), scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.save_pretrained(tmp_path / "pipe")
+    code, _, err = run(["sample", "--model", str(tmp_path / "pipe"), "--n", "4", "--steps", "3",
+                        "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["n"] == 4 and "accuracy" not in metrics  # unconditional: nothing to judge
+
+
+def test_demo_writes_report(tmp_path, capsys):
+    code, _, err = run(["demo", "--n", "10", "--steps", "5", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"digits-unet", "digits-dit"}
+    assert (tmp_path / "demo.png").exists() and (tmp_path / "report.md").exists()
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "diffusion_shortcuts.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "sample" in out.stdout
+
+
+def test_labels_parser():
+    assert cli.parse_labels("0-3,7", 10) == [0, 1, 2, 3, 7]
+    with pytest.raises(cli.UsageError):
+        cli.parse_labels("9-10", 10)

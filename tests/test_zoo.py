@@ -1,0 +1,68 @@
+"""The shipped zoo: loads offline, and its models still pass their quality bars."""
+
+import pytest
+import torch
+
+import diffusion_shortcuts as ds
+from diffusion_shortcuts.metrics import accuracy, frechet_distance
+from diffusion_shortcuts.zoo.data import load_digits
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return ds.zoo.load("digits-classifier-eval")
+
+
+@pytest.mark.parametrize("name,bar", [("digits-classifier", 0.97), ("digits-classifier-eval", 0.97)])
+def test_classifier_heldout_accuracy_recomputed(name, bar):
+    clf = ds.zoo.load(name)
+    images, labels = load_digits("heldout")
+    assert len(labels) == 1000 and torch.bincount(labels).tolist() == [100] * 10
+    assert accuracy(clf, (images + 1) / 2, labels) >= bar
+    assert not any(p.requires_grad for p in clf.parameters())
+
+
+def test_heldout_set_is_disjoint_from_training_set():
+    train, _ = load_digits("train")
+    heldout, _ = load_digits("heldout")
+    assert len(train) == 4000
+    flat_train = {bytes(x.numpy().tobytes()) for x in train}
+    assert sum(bytes(x.numpy().tobytes()) in flat_train for x in heldout) < 5  # MNIST has a few exact duplicates
+
+
+@pytest.mark.parametrize("name", ["digits-unet", "digits-dit"])
+def test_generator_100_sample_check(name, judge):
+    m = ds.zoo.load(name)
+    assert isinstance(m, ds.zoo.ZooModel) and m.conditional
+    labels = torch.arange(10).repeat_interleave(10)
+    images = m.generate(labels, seed=123)
+    assert images.shape == (100, 1, 16, 16)
+    assert accuracy(judge, images, labels) >= 0.85
+
+
+def test_unet_has_the_nine_sd15_blocks():
+    m = ds.zoo.load("digits-unet")
+    types = [type(b).__name__ for b in m.model.down_blocks]
+    assert types == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert type(m.model.mid_block).__name__ == "UNetMidBlock2DCrossAttn"
+    assert [type(b).__name__ for b in m.model.up_blocks] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    cond = m.encode(torch.tensor([1, 2]))
+    assert cond.shape == (2, 4, 64)
+
+
+def test_bad_names_and_labels():
+    with pytest.raises(ValueError, match="digits-unet"):
+        ds.zoo.load("digits-gan")
+    m = ds.zoo.load("digits-dit")
+    with pytest.raises(ValueError, match="out of range"):
+        m.encode(torch.tensor([11]))
+
+
+def test_frechet_distance_closed_form():
+    # two Gaussians with known means and diagonal covariances: FID = |mu|^2 + sum (s_a - s_b)^2 (std devs)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5])
+    b = torch.randn(20000, 3, generator=gen, dtype=torch.float64) * torch.tensor([2.0, 1.0, 0.5]) + 1.0
+    expected = 3 * 1.0 + (1 - 2) ** 2 + (2 - 1) ** 2 + 0.0
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=0.05)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
