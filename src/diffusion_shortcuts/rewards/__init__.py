@@ -1,0 +1,6 @@
+"""Rewards: callables ``reward(images, cond) -> Tensor[B]``, images in [0, 1], higher is better."""
+
+from .base import Reward, Weighted, check_reward_output
+from .digits import DigitClass, Reference
+
+__all__ = ["Reward", "Weighted", "check_reward_output", "DigitClass", "Reference"]

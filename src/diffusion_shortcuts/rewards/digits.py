@@ -1,0 +1,54 @@
+"""Rewards on the digits zoo: a class log-probability and closeness to a reference image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class DigitClass:
+    """``log p(target | image)`` under the zoo's ``digits-classifier`` (never the eval classifier)."""
+
+    def __init__(self, target: int | torch.Tensor, classifier=None):
+        from .. import zoo
+
+        self.classifier = classifier if classifier is not None else zoo.load("digits-classifier")
+        target = torch.as_tensor(target, dtype=torch.long)
+        if ((target < 0) | (target > 9)).any():
+            raise ValueError(f"DigitClass: target must be a digit 0-9, got {target.tolist()}")
+        self.target = target
+        self.name = f"digit:{target.tolist()}"
+
+    def __call__(self, images: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        target = self.target.expand(images.shape[0]) if self.target.ndim == 0 else self.target
+        return self.classifier.log_prob(images, target.to(images.device))
+
+
+class Reference:
+    """Negative mean squared error to a reference image inside a mask (inpainting, editing).
+
+    ``image``: (C, H, W) or (1|B, C, H, W) in [0, 1]; ``mask``: same spatial size, 1 where the sample
+    must match the reference (None: everywhere).
+    """
+
+    def __init__(self, image: torch.Tensor, mask: torch.Tensor | None = None):
+        image = image.unsqueeze(0) if image.ndim == 3 else image
+        if image.ndim != 4:
+            raise ValueError(f"Reference: image must be (C, H, W) or (B, C, H, W), got {tuple(image.shape)}")
+        if mask is None:
+            mask = torch.ones_like(image[:, :1])
+        mask = mask.reshape(-1, 1, *mask.shape[-2:]) if mask.ndim in (2, 3) else mask
+        if mask.shape[-2:] != image.shape[-2:]:
+            raise ValueError(f"Reference: mask size {tuple(mask.shape[-2:])} != image size {tuple(image.shape[-2:])}")
+        if mask.sum() <= 0:
+            raise ValueError("Reference: the mask selects no pixel")
+        self.image, self.mask = image.detach(), mask.detach().float()
+        self.name = "reference"
+
+    def __call__(self, images: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        if images.shape[1:] != self.image.shape[1:]:
+            raise ValueError(f"Reference: images {tuple(images.shape[1:])} != reference {tuple(self.image.shape[1:])}")
+        mask = self.mask.to(images.device)
+        err = (images - self.image.to(images.device)).square() * mask
+        return -err.flatten(1).sum(1) / (mask.expand_as(err).flatten(1).sum(1))
