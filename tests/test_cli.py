@@ -78,3 +78,38 @@ def test_labels_parser():
     assert cli.parse_labels("0-3,7", 10) == [0, 1, 2, 3, 7]
     with pytest.raises(cli.UsageError):
         cli.parse_labels("9-10", 10)
+
+
+def test_optimize_writes_curve_before_after_latents(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    code, _, err = run(["optimize", "--model", "digits-dit", "--reward", "digit:3", "--iterations", "3", "--n", "2",
+                        "--steps", "5", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["reward"]) == 3 and len(metrics["seconds_per_iteration"]) == 3
+    assert 0 <= metrics["success_after"] <= 1 and metrics["error"] is None
+    assert (tmp_path / "curve.png").exists() and (tmp_path / "before_after.png").exists()
+    assert load_file(str(tmp_path / "latents.safetensors"))["latents"].shape == (2, 1, 16, 16)
+
+
+def test_optimize_reference_reward_with_mask(tmp_path, capsys):
+    from PIL import Image
+
+    import numpy as np
+
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "white.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:8] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    code, _, err = run(["optimize", "--model", "digits-dit", "--reward",
+                        f"reference:{tmp_path / 'white.png'}:{tmp_path / 'mask.png'}", "--iterations", "2",
+                        "--n", "1", "--steps", "4", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("reward,needle", [("digit:12", "0-9"), ("clip:cat", "unknown reward"),
+                                           ("reference:/nonexistent.png", "cannot read image")])
+def test_optimize_bad_reward(tmp_path, capsys, reward, needle):
+    code, _, err = run(["optimize", "--model", "digits-dit", "--reward", reward, "--out", str(tmp_path)], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
