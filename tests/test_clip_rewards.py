@@ -1,0 +1,68 @@
+"""CLIP rewards load a tiny random CLIP model from a local folder (no download) and are differentiable."""
+
+import json
+
+import pytest
+import torch
+
+from diffusion_shortcuts.rewards.clip import Aesthetic, ClipScore, load_linear_head
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-clip")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in letters:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    tokenizer.save_pretrained(path)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=8)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(path)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
+    return path
+
+
+def test_clip_score_loads_locally_and_is_differentiable(clip_folder):
+    reward = ClipScore(clip_folder, "a cat")
+    images = torch.rand(2, 1, 16, 16, requires_grad=True)
+    values = reward(images)
+    assert values.shape == (2,) and (values.abs() <= 100 + 1e-4).all()
+    values.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    other = ClipScore(clip_folder, "a dog")
+    assert not torch.allclose(other(images.detach()), values.detach())
+
+
+def test_aesthetic_head_from_safetensors_and_errors(clip_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    head = {"layers.0.weight": torch.randn(4, 8), "layers.0.bias": torch.randn(4),
+            "layers.2.weight": torch.randn(1, 4), "layers.2.bias": torch.randn(1)}
+    save_file(head, str(tmp_path / "head.safetensors"))
+    reward = Aesthetic(clip_folder, tmp_path / "head.safetensors")
+    images = torch.rand(3, 3, 20, 24)
+    emb = reward.clip.embed(images)
+    expected = (emb @ head["layers.0.weight"].T + head["layers.0.bias"]) @ head["layers.2.weight"].T + head["layers.2.bias"]
+    assert torch.allclose(reward(images), expected.squeeze(-1), atol=1e-5)
+    (tmp_path / "corrupt.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_linear_head(tmp_path / "corrupt.safetensors")
+    with pytest.raises(ValueError, match="does not exist"):
+        ClipScore(tmp_path / "missing", "x")
+    save_file({"w.weight": torch.randn(1, 5)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(ValueError, match="takes 5 features"):
+        Aesthetic(clip_folder, tmp_path / "wrong.safetensors")
