@@ -14,17 +14,15 @@ Writes benchmarks/results/gradients.json and benchmarks/results/gradients.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, emit, peak_rss_mb, run_child, write_results  # noqa: E402
+
 # Truncated(k) and RandomTruncated detach the latent before their last k steps, so by construction they give
 # the initial noise no gradient at all; they are measured where they apply, on weights (benchmarks/sdo_finetune.py).
 POLICIES = ["nograd", "full", "checkpointed", "shortcut", "straight_through"]
@@ -35,10 +33,6 @@ def policy_of(name: str):
 
     return {"nograd": None, "full": G.Full(), "checkpointed": G.Checkpointed(), "shortcut": G.Shortcut(),
             "straight_through": G.StraightThrough()}[name]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_one(model_name: str, steps: int, policy_name: str, batch: int, repeats: int, grad_out: str) -> dict:
@@ -88,8 +82,7 @@ def run_one(model_name: str, steps: int, policy_name: str, batch: int, repeats: 
 
 
 def child_main(args) -> None:
-    result = run_one(args.model, args.steps, args.policy, args.batch, args.repeats, args.grad_out)
-    print("RESULT " + json.dumps(result))
+    emit(run_one(args.model, args.steps, args.policy, args.batch, args.repeats, args.grad_out))
 
 
 def cosine(a, b) -> float:
@@ -148,17 +141,11 @@ def main() -> None:
 
     configs = [(m, n, p) for m in args.models for n in args.steps for p in args.policies]
     results = []
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         for model, n, policy in tqdm(configs, desc="configurations"):
-            grad_path = os.path.join(tmp, f"{model}-{n}-{policy}.pt")
-            cmd = [sys.executable, __file__, "--child", "--model", model, "--steps", str(n), "--policy", policy,
-                   "--batch", str(args.batch), "--repeats", str(args.repeats), "--grad-out", grad_path]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                raise RuntimeError(f"{model} N={n} {policy} failed:\n{proc.stderr[-2000:]}")
-            result = json.loads(line[0][len("RESULT "):])
+            grad_path = os.path.join(tmp, f"{Path(model).name}-{n}-{policy}.pt")
+            result = run_child(__file__, ["--model", model, "--steps", str(n), "--policy", policy, "--batch",
+                                          str(args.batch), "--repeats", str(args.repeats), "--grad-out", grad_path])
             result["grad_path"] = grad_path if os.path.exists(grad_path) else None
             results.append(result)
         for r in results:
@@ -175,14 +162,9 @@ def main() -> None:
                 r["time_vs_nograd"] = r["seconds"] / floor["seconds"]
         for r in results:
             r.pop("grad_path")
-    payload = {"format_version": 1, "benchmark": "gradients",
-               "command": "python benchmarks/gradients.py " + " ".join(sys.argv[1:]),
-               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch_threads": torch.get_num_threads(),
-               "cpu_count": os.cpu_count(), "batch": args.batch, "repeats": args.repeats,
-               "reward": "digits-classifier log p(3 | image), gradient w.r.t. the initial noise",
-               "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    write_results(args.out, "gradients", {
+        "batch": args.batch, "repeats": args.repeats,
+        "reward": "digits-classifier log p(3 | image), gradient w.r.t. the initial noise", "results": results})
     plot(results, args.out.with_suffix(".png"))
     for r in results:
         print(f"{r['model']:12s} N={r['steps']:3d} {r['policy']:18s} {r['seconds']:7.2f}s "
