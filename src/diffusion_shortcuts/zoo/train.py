@@ -29,6 +29,7 @@ GENERATORS = ("digits-unet", "digits-dit")
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
                       prediction_type="epsilon")
 GUIDANCE_SCALE = 3.0
+DEFAULT_STEPS = {"digits-unet": 3000, "digits-dit": 5000}
 LABEL_DROPOUT = 0.1
 
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=30, help="classifiers")
-    parser.add_argument("--steps", type=int, default=3000, help="generators")
+    parser.add_argument("--steps", type=int, default=None, help=f"generators (default: {DEFAULT_STEPS})")
     parser.add_argument("--batch", type=int, default=64, help="generators")
     parser.add_argument("--lr", type=float, default=1e-3, help="generators")
     args = parser.parse_args(argv)
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.name in CLASSIFIERS:
         log = train_classifier(args.name, args.out, args.epochs, args.seed)
     else:
-        log = train_generator(args.name, args.out, args.steps, args.batch, args.lr, args.seed)
+        steps = args.steps or DEFAULT_STEPS[args.name]
+        log = train_generator(args.name, args.out, steps, args.batch, args.lr, args.seed)
     log.update(name=args.name, seed=args.seed, seconds=time.perf_counter() - start,
                torch_threads=torch.get_num_threads(), command=f"python -m diffusion_shortcuts.zoo.train "
                f"{args.name} --out DIR --seed {args.seed}")
