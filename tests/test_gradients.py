@@ -154,7 +154,7 @@ def step_coefficients(sched, kind):
     """(a_i, b_i) of x_{i+1} = a_i x_i + b_i eps_i for each step, from the schedulers' published formulas."""
     ts = sched.timesteps
     coeffs = []
-    if kind in ("ddim", "ddpm"):
+    if kind in ("ddim", "ddpm", "ddim_v"):
         ac = sched.alphas_cumprod.double()
         ratio = sched.config.num_train_timesteps // sched.num_inference_steps
         for t in ts.tolist():
@@ -164,6 +164,9 @@ def step_coefficients(sched, kind):
             if kind == "ddim":  # Song et al. 2021, eq. 12 with eta = 0
                 a = (a_prev / a_t).sqrt()
                 b = (1 - a_prev).sqrt() - a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt()
+            elif kind == "ddim_v":  # v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho 2022), inserted in eq. 12
+                a = a_prev.sqrt() * a_t.sqrt() + (1 - a_prev).sqrt() * (1 - a_t).sqrt()
+                b = (1 - a_prev).sqrt() * a_t.sqrt() - a_prev.sqrt() * (1 - a_t).sqrt()
             else:  # Ho et al. 2020, eq. 7 posterior mean with x0 from eq. 15
                 alpha_t = a_t / a_prev
                 c0 = a_prev.sqrt() * (1 - alpha_t) / (1 - a_t)
@@ -187,6 +190,7 @@ def eps_at(sampler, sched, kind, x, t, cond):
 
 SCHEDULERS = {
     "ddim": ddim,
+    "ddim_v": lambda: DDIMScheduler(num_train_timesteps=1000, clip_sample=False, prediction_type="v_prediction"),
     "ddpm": lambda: DDPMScheduler(num_train_timesteps=1000, clip_sample=False, beta_schedule="squaredcos_cap_v2"),
     "euler": lambda: EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear"),
     "flow": lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
