@@ -89,7 +89,15 @@ def _generator_parts(name: str):
     return {"transformer": model}, predict
 
 
-def train_generator(name: str, out: Path, steps: int, batch: int, lr: float, seed: int) -> dict:
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write then rename, so that a kill mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train_generator(name: str, out: Path, steps: int, batch: int, lr: float, seed: int,
+                    checkpoint_every: int = 500, resume: bool = False) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images, labels = load_digits("train")
@@ -100,8 +108,18 @@ def train_generator(name: str, out: Path, steps: int, batch: int, lr: float, see
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     ema = EMAModel(params, decay=0.999)
     noise_schedule = DDPMScheduler(**NOISE_SCHEDULE)
-    losses = []
-    for step in tqdm(range(steps), desc=f"train {name}"):
+    losses, first = [], 0
+    checkpoint = out / "checkpoint.pt"
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        for sub, module in parts.items():
+            module.load_state_dict(state["parts"][sub])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        ema.load_state_dict(state["ema"])
+        gen.set_state(state["generator"])
+        losses, first = state["losses"], state["step"]
+    for step in tqdm(range(first, steps), desc=f"train {name}", initial=first, total=steps):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x0, y = images[idx], labels[idx].clone()
         y[torch.rand(batch, generator=gen) < LABEL_DROPOUT] = NULL_LABEL
@@ -115,6 +133,11 @@ def train_generator(name: str, out: Path, steps: int, batch: int, lr: float, see
         sched.step()
         ema.step(params)
         losses.append(loss.item())
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(checkpoint, {"parts": {k: m.state_dict() for k, m in parts.items()},
+                                          "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                          "ema": ema.state_dict(), "generator": gen.get_state(),
+                                          "losses": losses, "step": step + 1})
     ema.copy_to(params)
     for sub, module in parts.items():
         module.save_pretrained(out / sub)
@@ -122,6 +145,7 @@ def train_generator(name: str, out: Path, steps: int, batch: int, lr: float, see
     (out / "zoo.json").write_text(json.dumps({
         "format_version": 1, "kind": name.split("-")[1], "guidance_scale": GUIDANCE_SCALE,
         "num_inference_steps": 50, "null_label": NULL_LABEL, "num_classes": 10}, indent=2) + "\n")
+    checkpoint.unlink(missing_ok=True)
     return {"steps": steps, "batch": batch, "lr": lr, "ema_decay": 0.999, "label_dropout": LABEL_DROPOUT,
             "noise_schedule": NOISE_SCHEDULE, "loss": [sum(losses[i:i + 50]) / len(losses[i:i + 50])
                                                        for i in range(0, len(losses), 50)]}
@@ -136,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help=f"generators (default: {DEFAULT_STEPS})")
     parser.add_argument("--batch", type=int, default=64, help="generators")
     parser.add_argument("--lr", type=float, default=1e-3, help="generators")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="generators: steps between checkpoints")
+    parser.add_argument("--resume", action="store_true", help="generators: continue from DIR/checkpoint.pt")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -143,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         log = train_classifier(args.name, args.out, args.epochs, args.seed)
     else:
         steps = args.steps or DEFAULT_STEPS[args.name]
-        log = train_generator(args.name, args.out, steps, args.batch, args.lr, args.seed)
+        log = train_generator(args.name, args.out, steps, args.batch, args.lr, args.seed,
+                              args.checkpoint_every, args.resume)
     log.update(name=args.name, seed=args.seed, seconds=time.perf_counter() - start,
                torch_threads=torch.get_num_threads(), command=f"python -m diffusion_shortcuts.zoo.train "
                f"{args.name} --out DIR --seed {args.seed}")
