@@ -71,7 +71,9 @@ ARCHITECTURES = {
     "digits-unet": ("`UNet2DConditionModel` with Stable Diffusion 1.5's block structure in miniature: "
                     f"`{unet_config()}`; a `LabelEncoder` turns a label (10 = null) into 4 tokens of width 64 "
                     "fed as `encoder_hidden_states`."),
-    "digits-dit": f"class-conditional `DiTTransformer2DModel`, patch 2: `{dit_config()}`; label 10 is the null class.",
+    "digits-dit": f"class-conditional `DiTTransformer2DModel`, patch 2: `{dit_config()}`; label 10 is the null class. "
+                  "`out_channels = in_channels`: no learned variance, trained with the epsilon loss alone (the "
+                  "sampler splits learned-variance channels off for DiTs that have them).",
     "digits-classifier": "CNN `DigitClassifier(arch='cnn')`: 2 stages of two 3x3 convs + max-pool, 128-wide head. "
                          "Used as a reward (`log_prob`) and as the FID feature extractor (`features`).",
     "digits-classifier-eval": "CNN `DigitClassifier(arch='cnn5')`: 5x5 convs, GroupNorm, average pooling, other seed. "
@@ -81,8 +83,8 @@ ARCHITECTURES = {
 
 def write_card(name: str, folder: Path, figures: dict) -> None:
     log = json.loads((folder / "train_log.json").read_text())
-    figures = {**figures, "measured": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"}
+    figures = {"measured": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", **figures}
     (folder / "card.json").write_text(json.dumps(figures, indent=2) + "\n")
     settings = {k: v for k, v in log.items() if k not in ("loss", "command", "seconds", "name")}
     lines = [f"# {name}", "",
@@ -108,9 +110,12 @@ def write_card(name: str, folder: Path, figures: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("name", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--rewrite", action="store_true", help="re-render README.md from card.json, no measuring")
     args = parser.parse_args(argv)
     folder = ZOO_DIR / args.name
-    if args.name in ("digits-unet", "digits-dit"):
+    if args.rewrite:
+        figures = json.loads((folder / "card.json").read_text())
+    elif args.name in ("digits-unet", "digits-dit"):
         figures = measure_generator(load(args.name))
     else:
         figures = measure_classifier(args.name)
