@@ -190,7 +190,8 @@ def run_optimize(model_name: str, reward_text: str, gradient: str, iterations: i
         pool = parse_labels(labels_text, model.num_classes)
         labels = torch.tensor([pool[i % len(pool)] for i in range(n)])
     cond = model.encode(labels).detach()
-    sampler = model.sampler(steps)
+    # with the null label in both guidance branches, guidance changes nothing but doubles the cost
+    sampler = model.sampler(steps, guidance_scale=1.0 if labels_text == "null" else None)
     noise = model.noise(n, torch.Generator().manual_seed(seed))
     before = sampler(noise, cond).clamp(0, 1)
     error = None
