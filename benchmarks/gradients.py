@@ -97,6 +97,7 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {name: f"C{i}" for i, name in enumerate(POLICIES)}  # one colour per policy in every panel
     models = sorted({r["model"] for r in results})
     fig, axes = plt.subplots(len(models), 3, figsize=(15, 4 * len(models)), squeeze=False)
     for row, model in enumerate(models):
@@ -105,16 +106,18 @@ def plot(results: list[dict], path: Path) -> None:
             if not rows:
                 continue
             ns = [r["steps"] for r in rows]
-            axes[row, 0].plot(ns, [r["seconds"] for r in rows], marker="o", label=name)
-            axes[row, 1].plot(ns, [r["peak_mb_above_baseline"] for r in rows], marker="o", label=name)
+            style = dict(marker="o", label=name, color=colors[name])
+            axes[row, 0].plot(ns, [r["seconds"] for r in rows], **style)
+            axes[row, 1].plot(ns, [r["peak_mb_above_baseline"] for r in rows], **style)
             if name not in ("nograd", "full"):
-                axes[row, 2].plot(ns, [r.get("cosine_vs_full", float("nan")) for r in rows], marker="o", label=name)
+                axes[row, 2].plot(ns, [r.get("cosine_vs_full", float("nan")) for r in rows], **style)
         axes[row, 0].set(title=f"{model}: seconds per gradient", xlabel="steps N")
         axes[row, 1].set(title=f"{model}: peak MB above baseline", xlabel="steps N")
         axes[row, 2].set(title=f"{model}: cosine of latent gradient with Full", xlabel="steps N", ylim=(-0.1, 1.05))
         for ax in axes[row]:
             ax.grid(alpha=0.3)
         axes[row, 0].legend(fontsize=8)
+        axes[row, 2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -127,6 +130,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "gradients.json")
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from the results file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--policy", help=argparse.SUPPRESS)
@@ -135,6 +139,10 @@ def main() -> None:
     if args.child:
         args.steps = args.steps[0]
         return child_main(args)
+    if args.replot:
+        import json
+
+        return plot(json.loads(args.out.read_text())["results"], args.out.with_suffix(".png"))
 
     import torch
     from tqdm.auto import tqdm
