@@ -5,18 +5,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from diffusion_shortcuts.metrics import peak_rss_mb  # noqa: F401  (re-exported for the scripts)
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def peak_rss_mb() -> float:
-    """This process's resident-memory high-water mark in MB (Linux reports KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_child(script: str, args: list[str]) -> dict:

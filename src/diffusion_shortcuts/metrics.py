@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import resource
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -83,13 +83,6 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-@contextmanager
-def torch_threads(n: int | None):
-    """Temporarily set torch's intra-op thread count (None leaves it)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+def peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark in MB (Linux reports KB): CPU peak memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

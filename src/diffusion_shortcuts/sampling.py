@@ -142,7 +142,6 @@ class Sampler:
         self.progress = progress
         self._warned_clip = False
         self._step_params = set(inspect.signature(scheduler.step).parameters)
-        self.step_hooks: list[Callable[[int, torch.Tensor], None]] = []
 
     # ---- schedule -------------------------------------------------------------------------------
     def fresh_scheduler(self, device: torch.device | str | None = None):
@@ -238,8 +237,6 @@ class Sampler:
 
         x = latents * getattr(sched, "init_noise_sigma", 1.0) if start_step == 0 else latents
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not self.progress, leave=False)):
-            for hook in self.step_hooks:
-                hook(start_step + i, t)
             mode = plan.modes[i]
             if plan.detach_before == i:
                 x = x.detach()

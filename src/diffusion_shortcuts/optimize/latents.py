@@ -9,7 +9,6 @@ the SDO latent-optimization loop of arXiv 2505.07477 (Adam, lr about 0.01, 100-2
 from __future__ import annotations
 
 import math
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import gradients as G
+from ..metrics import peak_rss_mb
 from ..rewards.base import check_reward_output, reward_name
 
 NOISE_PRIORS = (None, "chi2", "sphere")
@@ -69,10 +69,6 @@ def shell_drift(latents: torch.Tensor) -> float:
     """Mean |‖x‖/sqrt(d) - 1|: how far latents drifted from the Gaussian shell (0 for fresh noise, ~1/sqrt(2d))."""
     d = latents[0].numel()
     return (latents.flatten(1).norm(dim=1) / math.sqrt(d) - 1).abs().mean().item()
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any = None, iterations: int = 100,
@@ -135,6 +131,11 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
         graph_bytes[0] += t.numel() * t.element_size()
         return t
 
+    def record_cost(start: float) -> None:
+        history["seconds"].append(time.perf_counter() - start)
+        history["peak_rss_mb"].append(peak_rss_mb())
+        history["graph_mb"].append(graph_bytes[0] / 2**20)
+
     bar = tqdm(range(iterations), desc=f"optimize ({policy.name})", disable=not progress)
     for it in bar:
         start = time.perf_counter()
@@ -163,9 +164,7 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
         history["reward_per_sample"].append(values.detach().tolist())
         history["shell_drift"].append(shell_drift(x.detach()))
         if target_reward is not None and mean >= target_reward:
-            history["seconds"].append(time.perf_counter() - start)
-            history["peak_rss_mb"].append(_peak_rss_mb())
-            history["graph_mb"].append(graph_bytes[0] / 2**20)
+            record_cost(start)
             result.stopped = f"target reached at iteration {it}"
             history["final_reward"], history["final_reward_per_sample"] = mean, values.detach().tolist()
             history["final_shell_drift"] = history["shell_drift"][-1]
@@ -174,9 +173,7 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
         if noise_prior == "sphere":
             with torch.no_grad():
                 x.copy_(project_to_sphere(x))
-        history["seconds"].append(time.perf_counter() - start)
-        history["peak_rss_mb"].append(_peak_rss_mb())
-        history["graph_mb"].append(graph_bytes[0] / 2**20)
+        record_cost(start)
         bar.set_postfix(reward=f"{mean:.4g}")
         if callback is not None:
             callback(it, {k: v[-1] for k, v in history.items()})
