@@ -45,6 +45,14 @@ def parse_labels(text: str, num_classes: int) -> list[int]:
     return labels
 
 
+def cycled_labels(text: str, num_classes: int, n: int):
+    """n labels cycling through the parsed ``--labels`` (so 0-9 with n=20 gives each digit twice)."""
+    import torch
+
+    pool = parse_labels(text, num_classes)
+    return torch.tensor([pool[i % len(pool)] for i in range(n)])
+
+
 def prepare_out(path: str | Path) -> Path:
     out = Path(path)
     try:
@@ -94,8 +102,7 @@ def sample_report(model_name: str, labels_text: str, n: int, seed: int, steps: i
         raise UsageError(f"--n must be at least 1, got {n}")
     labels = None
     if model.conditional:
-        pool = parse_labels(labels_text, model.num_classes)
-        labels = torch.tensor([pool[i % len(pool)] for i in range(n)])
+        labels = cycled_labels(labels_text, model.num_classes, n)
     with Timer() as timer:
         images = model.generate(labels, seed=seed, num_inference_steps=steps,
                                 guidance_scale=guidance, progress=progress,
@@ -188,8 +195,7 @@ def run_optimize(model_name: str, reward_text: str, gradient: str, iterations: i
     if labels_text == "null":
         labels = torch.full((n,), model.null_label)
     else:
-        pool = parse_labels(labels_text, model.num_classes)
-        labels = torch.tensor([pool[i % len(pool)] for i in range(n)])
+        labels = cycled_labels(labels_text, model.num_classes, n)
     cond = model.encode(labels).detach()
     # with the null label in both guidance branches, guidance changes nothing but doubles the cost
     sampler = model.sampler(steps, guidance_scale=1.0 if labels_text == "null" else None)
