@@ -1,9 +1,9 @@
 """diffusion-shortcuts: one-step gradients through diffusion sampling (SDO) and learned block caching (DiP-GO)."""
 
-from . import gradients, rewards, zoo
+from . import gradients, prune, rewards, zoo
 from .optimize import OptimizationError, OptimizeResult, optimize_latents
 from .sampling import Sampler, call_denoiser
 
-__all__ = ["Sampler", "call_denoiser", "gradients", "rewards", "zoo", "optimize_latents", "OptimizeResult",
+__all__ = ["Sampler", "call_denoiser", "gradients", "prune", "rewards", "zoo", "optimize_latents", "OptimizeResult",
            "OptimizationError"]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Figures of sample quality and cost: accuracy, FID on a supplied feature extractor, SSIM/PSNR, timing."""
+"""Figures of sample quality and cost: accuracy, FID on a supplied feature extractor, SSIM/PSNR, MACs, timing."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @torch.no_grad()
@@ -70,6 +71,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     """PSNR in dB per image, shape (B,)."""
     mse = (a - b).flatten(1).square().mean(1).clamp(min=1e-12)
     return 10 * torch.log10(data_range ** 2 / mse)
+
+
+def count_macs(fn, *args, **kwargs) -> tuple[int, dict[str, int]]:
+    """Multiply-accumulates of ``fn(*args, **kwargs)``: the total and per module path.
+
+    Counted by torch's ``FlopCounterMode`` (matmuls, convolutions, attention; elementwise ops are free),
+    halved to MACs. Module paths are as the counter names them: ``"UNet2DConditionModel.down_blocks.0"``.
+    """
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(*args, **kwargs)
+    per_module = {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}
+    return counter.get_total_flops() // 2, per_module
 
 
 class Timer:

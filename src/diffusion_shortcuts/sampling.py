@@ -220,7 +220,15 @@ class Sampler:
                 return self._run(latents, cond, None, start_step, generator, uncond, callback, return_latents)
         return self._run(latents, cond, policy, start_step, generator, uncond, callback, return_latents)
 
+    def _reset_model_state(self) -> None:
+        """Start a generation: reset the model's stateful diffusers hooks (block caches such as a cache
+        schedule's or FirstBlockCache's), as diffusers' pipelines do after each call."""
+        registry = getattr(self.model, "_diffusers_hook", None)
+        if registry is not None:
+            registry.reset_stateful_hooks()
+
     def _run(self, latents, cond, policy, start_step, generator, uncond, callback, return_latents):
+        self._reset_model_state()
         sched = self.fresh_scheduler(latents.device)
         timesteps = sched.timesteps[start_step:]
         if hasattr(sched, "set_begin_index"):
@@ -285,6 +293,7 @@ class Sampler:
         start_step=to_step)`` then reconstructs the input approximately; optimizing that latent edits
         the given image. Requires a scheduler with ``alphas_cumprod`` and epsilon prediction.
         """
+        self._reset_model_state()
         sched = self.fresh_scheduler(images_or_latents.device)
         alphas = getattr(sched, "alphas_cumprod", None)
         if alphas is None or sched.config.get("prediction_type", "epsilon") != "epsilon":

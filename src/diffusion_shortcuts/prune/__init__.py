@@ -1,0 +1,15 @@
+"""DiP-GO: learn which blocks may reuse their previous output at which step, and sample with it.
+
+``search`` trains the gate network (:class:`Pruner`) and freezes it into a :class:`CacheSchedule`;
+``apply`` makes a model follow a schedule, really skipping the reused blocks.
+"""
+
+from .apply import apply, disable, enable
+from .blocks import SUPPORTED, BlockProfile, default_block_names, profile
+from .pruner import Pruner
+from .schedule import CacheSchedule, ScheduleError
+from .supernet import SuperNet
+from .train import SearchError, SearchResult, search, train_pruner
+
+__all__ = ["apply", "enable", "disable", "SUPPORTED", "BlockProfile", "default_block_names", "profile", "Pruner",
+           "CacheSchedule", "ScheduleError", "SuperNet", "SearchError", "SearchResult", "search", "train_pruner"]

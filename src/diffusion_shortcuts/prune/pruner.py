@@ -1,0 +1,55 @@
+"""The DiP-GO gate network: learnable queries per (step, block) -> keep / reuse logits.
+
+Zhu et al. 2024 (arXiv 2410.16942), section 3.3: T x N learnable queries of width D, an encoder that
+lets the blocks of one step see each other (self-attention across blocks, then an MLP), and a separate
+linear head per (step, block) giving two logits (reuse, keep). The heads start at zero weight with a
+bias favouring "keep", so the gated model starts as the full model. Gates are hard one-hot forward
+and straight-through backward (the softmax's gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+REUSE, KEEP = 0, 1
+
+
+class Pruner(ModelMixin, ConfigMixin):
+    """Gate logits for ``num_steps`` x ``num_blocks``; save with ``save_pretrained``."""
+
+    config_name = "pruner_config.json"
+
+    @register_to_config
+    def __init__(self, num_steps: int, num_blocks: int, dim: int = 64, heads: int = 4, layers: int = 1,
+                 keep_bias: float = 2.0, blocks: list[str] | None = None, timesteps: list[float] | None = None):
+        super().__init__()
+        if num_steps < 1 or num_blocks < 1:
+            raise ValueError(f"need at least one step and one block, got {num_steps} x {num_blocks}")
+        self.queries = nn.Parameter(torch.randn(num_steps, num_blocks, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.head_weight = nn.Parameter(torch.zeros(num_steps, num_blocks, dim, 2))
+        self.head_bias = nn.Parameter(torch.tensor([0.0, keep_bias]).repeat(num_steps, num_blocks, 1))
+
+    def forward(self) -> torch.Tensor:
+        """Logits ``(T, N, 2)``: [..., 0] reuse, [..., 1] keep."""
+        h = self.encoder(self.queries)  # attention across the blocks of each step
+        h = h + self.mlp(h)
+        return torch.einsum("tnd,tndk->tnk", h, self.head_weight) + self.head_bias
+
+    def keep_scores(self) -> torch.Tensor:
+        """Softmax probability of "keep" per (step, block), the quantity post-processing thresholds."""
+        return self().softmax(-1)[..., KEEP]
+
+    def gates(self) -> torch.Tensor:
+        """Hard one-hot gates ``(T, N, 2)`` with straight-through gradients; step 0 always keeps."""
+        soft = self().softmax(-1)
+        hard = nn.functional.one_hot(soft.argmax(-1), 2).to(soft.dtype)
+        gates = hard + soft - soft.detach()
+        first = torch.zeros_like(gates[:1])
+        first[..., KEEP] = 1.0
+        return torch.cat([first, gates[1:]])

@@ -1,0 +1,222 @@
+"""``CacheSchedule``: the static table of which block reuses its cache at which step, and what it costs.
+
+A schedule is what DiP-GO's search leaves behind (the pruner is discarded): a T x N boolean table
+``reuse[t, b]`` (True: block b returns its cached work at step t), the sampler's timesteps, the block
+names, MACs per block for one call on one sample, and the identity of the model configuration it was
+made for. Row 0 is always computed in full (nothing is cached yet). Saved as JSON with a version field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .blocks import OUTPUT, RESIDUAL, BlockProfile
+
+FORMAT_VERSION = 1
+TOLERANCE = 0.0125  # DiP-GO's post-processing stops when the pruned MACs fraction is this close to the target
+
+
+class ScheduleError(ValueError):
+    """A schedule file that cannot be read, or a schedule that does not fit the model or sampler."""
+
+
+@dataclass
+class CacheSchedule:
+    """Which block reuses at which step (``reuse``: bool [T, N]) and its MACs accounting.
+
+    ``block_macs`` and ``total_macs`` are per sample and per denoiser call without guidance; guidance
+    doubles every call (both branches run every block a step computes), which :meth:`macs` counts.
+    """
+
+    reuse: torch.Tensor
+    timesteps: list[float]
+    blocks: list[str]
+    kinds: list[str]
+    block_macs: list[int]
+    total_macs: int
+    model_id: str
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.reuse = torch.as_tensor(self.reuse, dtype=torch.bool).cpu()
+        self.timesteps = [float(t) for t in self.timesteps]
+        self.blocks, self.kinds = list(self.blocks), list(self.kinds)
+        self.block_macs = [int(m) for m in self.block_macs]
+        t, n = len(self.timesteps), len(self.blocks)
+        if self.reuse.shape != (t, n):
+            raise ScheduleError(f"schedule table is {tuple(self.reuse.shape)} but there are {t} timesteps and {n} blocks")
+        if len(self.kinds) != n or len(self.block_macs) != n:
+            raise ScheduleError(f"schedule has {n} blocks but {len(self.kinds)} kinds and {len(self.block_macs)} MACs")
+        if bad := [k for k in self.kinds if k not in (OUTPUT, RESIDUAL)]:
+            raise ScheduleError(f"unknown reuse kinds {bad}")
+        if t and self.reuse[0].any():
+            raise ScheduleError("step 0 cannot reuse anything: nothing is cached before it")
+        if sum(self.block_macs) > self.total_macs or min(self.block_macs, default=0) < 0:
+            raise ScheduleError(f"block MACs {self.block_macs} do not fit in the total {self.total_macs}")
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_table(cls, reuse, timesteps, profile: BlockProfile, **info) -> "CacheSchedule":
+        return cls(torch.as_tensor(reuse, dtype=torch.bool), [float(t) for t in timesteps], list(profile.blocks),
+                   list(profile.kinds), list(profile.block_macs), profile.total_macs, profile.model_id, dict(info))
+
+    @classmethod
+    def keep_all(cls, timesteps, profile: BlockProfile) -> "CacheSchedule":
+        """Every block computed at every step: the unpruned model."""
+        return cls.from_table(torch.zeros(len(timesteps), len(profile.blocks)), timesteps, profile, method="full")
+
+    @classmethod
+    def uniform(cls, timesteps, profile: BlockProfile, interval: int, keep_outer: int = 1) -> "CacheSchedule":
+        """DeepCache-style (Ma et al. 2024): every ``interval`` steps compute everything, at the other steps
+        reuse all blocks but the ``keep_outer`` outermost at each end (a UNet's first down and last up
+        block; a transformer's first and last block)."""
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        n = len(profile.blocks)
+        if not 0 <= 2 * keep_outer <= n:
+            raise ValueError(f"keep_outer={keep_outer} does not fit {n} blocks")
+        reuse = torch.zeros(len(timesteps), n, dtype=torch.bool)
+        inner = torch.zeros(n, dtype=torch.bool)
+        inner[keep_outer:n - keep_outer] = True
+        for i in range(len(timesteps)):
+            if i % interval:
+                reuse[i] = inner
+        return cls.from_table(reuse, timesteps, profile, method=f"uniform(interval={interval}, keep_outer={keep_outer})")
+
+    @classmethod
+    def from_scores(cls, keep_scores: torch.Tensor, timesteps, profile: BlockProfile, ratio: float,
+                    tolerance: float = TOLERANCE, iterations: int = 100) -> "CacheSchedule":
+        """DiP-GO's post-processing: one global threshold on the keep scores, found by bisection, so that
+        the pruned fraction of the MACs is within ``tolerance`` of ``ratio``; step 0 is never pruned.
+
+        Where no threshold lands within the tolerance (ties, or a ratio beyond what pruning every block
+        after step 0 reaches) the closest achievable schedule is returned and ``info["within_tolerance"]``
+        says so.
+        """
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+        scores = torch.as_tensor(keep_scores, dtype=torch.float64).detach().cpu()
+        if scores.shape != (len(timesteps), len(profile.blocks)):
+            raise ValueError(f"keep scores are {tuple(scores.shape)}, expected ({len(timesteps)}, {len(profile.blocks)})")
+        if not torch.isfinite(scores).all():
+            raise ValueError("keep scores contain non-finite values")
+
+        def table(threshold: float) -> torch.Tensor:
+            reuse = scores < threshold
+            reuse[0] = False
+            return reuse
+
+        def pruned(threshold: float) -> float:
+            return cls.from_table(table(threshold), timesteps, profile).pruned_fraction
+
+        lo, hi = float(scores.min()) - 1.0, float(scores.max()) + 1.0  # pruned(lo) = 0, pruned(hi) = max
+        best = min((lo, hi), key=lambda th: abs(pruned(th) - ratio))
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            fraction = pruned(mid)
+            if abs(fraction - ratio) < abs(pruned(best) - ratio):
+                best = mid
+            if abs(fraction - ratio) <= tolerance:
+                break
+            lo, hi = (mid, hi) if fraction < ratio else (lo, mid)
+        result = cls.from_table(table(best), timesteps, profile, method="dipgo", target_ratio=ratio, threshold=best)
+        result.info["within_tolerance"] = abs(result.pruned_fraction - ratio) <= tolerance
+        return result
+
+    # ---- accounting ---------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def step_macs(self) -> torch.Tensor:
+        """MACs of each step's call for one sample without guidance, shape (T,)."""
+        kept = (~self.reuse).to(torch.float64) @ torch.tensor(self.block_macs, dtype=torch.float64)
+        return kept + (self.total_macs - sum(self.block_macs))
+
+    def macs(self, batch: int = 1, guidance: bool = False) -> int:
+        """MACs of one whole generation of ``batch`` samples; guidance runs both branches every call."""
+        return int(round(float(self.step_macs().sum()))) * batch * (2 if guidance else 1)
+
+    def full_macs(self, batch: int = 1, guidance: bool = False) -> int:
+        return self.total_macs * self.num_steps * batch * (2 if guidance else 1)
+
+    @property
+    def macs_ratio(self) -> float:
+        """MACs of this schedule over the unpruned model's (the same with or without guidance)."""
+        return self.macs() / self.full_macs()
+
+    @property
+    def pruned_fraction(self) -> float:
+        return 1.0 - self.macs_ratio
+
+    def summary(self) -> str:
+        reused = int(self.reuse.sum())
+        return (f"{self.num_steps} steps x {len(self.blocks)} blocks, {reused} block-steps reused, "
+                f"MACs {self.macs_ratio:.3f} of full")
+
+    # ---- checks -------------------------------------------------------------------------------
+    def check_model(self, model_id: str, blocks: list[str]) -> None:
+        if list(blocks) != self.blocks:
+            raise ScheduleError(f"schedule is for blocks {self.blocks}, the model's are {list(blocks)}")
+        if model_id != self.model_id:
+            raise ScheduleError(f"schedule was made for model {self.model_id}, this model is {model_id} "
+                                "(a different architecture or configuration)")
+
+    def check_timesteps(self, timesteps) -> None:
+        theirs = [float(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
+        if len(theirs) != self.num_steps:
+            raise ScheduleError(f"schedule has {self.num_steps} steps, the sampler {len(theirs)}")
+        if any(abs(a - b) > 1e-4 * max(1.0, abs(a)) for a, b in zip(theirs, self.timesteps)):
+            raise ScheduleError(f"the sampler's timesteps {theirs[:3]}...{theirs[-2:]} differ from the schedule's "
+                                f"{self.timesteps[:3]}...{self.timesteps[-2:]} (another scheduler or spacing)")
+
+    # ---- files --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": "diffusion-shortcuts/cache-schedule", "version": FORMAT_VERSION,
+                "model_id": self.model_id, "blocks": self.blocks, "kinds": self.kinds,
+                "block_macs": self.block_macs, "total_macs": self.total_macs, "timesteps": self.timesteps,
+                "reuse": [[int(v) for v in row] for row in self.reuse.tolist()],
+                "macs_ratio": self.macs_ratio, "info": self.info}
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CacheSchedule":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ScheduleError(f"{path}: no such schedule file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ScheduleError(f"{path}: not a schedule (invalid JSON: {e})") from None
+        if not isinstance(data, dict) or data.get("format") != "diffusion-shortcuts/cache-schedule":
+            raise ScheduleError(f"{path}: not a diffusion-shortcuts cache schedule")
+        if data.get("version") != FORMAT_VERSION:
+            raise ScheduleError(f"{path}: schedule format version {data.get('version')!r}, this library reads "
+                                f"{FORMAT_VERSION}")
+        keys = ("reuse", "timesteps", "blocks", "kinds", "block_macs", "total_macs", "model_id")
+        if missing := [k for k in keys if k not in data]:
+            raise ScheduleError(f"{path}: schedule lacks {missing}")
+        try:
+            return cls(torch.tensor(data["reuse"], dtype=torch.bool).reshape(len(data["timesteps"]), -1)
+                       if data["timesteps"] else torch.zeros(0, len(data["blocks"]), dtype=torch.bool),
+                       data["timesteps"], data["blocks"], data["kinds"], data["block_macs"],
+                       int(data["total_macs"]), str(data["model_id"]), dict(data.get("info", {})))
+        except ScheduleError as e:
+            raise ScheduleError(f"{path}: {e}") from None
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ScheduleError(f"{path}: malformed schedule ({e})") from None

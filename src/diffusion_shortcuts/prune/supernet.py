@@ -1,0 +1,216 @@
+"""The DiP-GO SuperNet: gated blocks that either run or return their work cached at an earlier step.
+
+The wrappers are diffusers hooks (``diffusers.hooks.HookRegistry``) on the model and on each block, so
+the model keeps its class, parameters and state dict, and removing the hooks restores it exactly.
+
+- A hook on the model reads the timestep of every denoiser call and maps it to the step index of the
+  schedule (a timestep the schedule does not have, or a skipped step, is an error: the sampler and
+  the schedule disagree).
+- A hook on each block either computes the block or reuses its cache. Caches hold, per block, the
+  work of the steps at which the block ran, as whole batch tensors: under classifier-free guidance the
+  batch is ``[uncond; cond]`` and row r of a cache is only ever read by row r, so the two branches
+  never read each other's cache.
+- State is reset at step 0 and whenever the Sampler starts a generation (it resets the stateful
+  diffusers hooks of its model, as diffusers' pipelines do after a call).
+
+Two modes:
+- table (inference): ``reuse[t, b]`` True means the block is not called at all at step t.
+- gates (search): every block runs and its result is ``g_reuse * cache + g_keep * f(x)`` with hard 0/1
+  gates that carry straight-through gradients to the pruner (DiP-GO eq. 3).
+
+Caches are keyed by step and written once per generation. Gradient checkpointing recomputes a step's
+forward during backward: the recomputation then reads the same cache the forward read, and overwrites
+nothing. Cached values that do not require grad are dropped as soon as a newer one exists.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from .blocks import OUTPUT, _unwrap, resolve_blocks, reuse_kind
+from .schedule import ScheduleError
+
+HOOK_NAME = "diffusion_shortcuts.prune"
+
+
+def _map(fn, *trees):
+    """Apply ``fn`` leafwise to tensors in matching (nested) tuples, e.g. a down block's (h, residuals)."""
+    first = trees[0]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_map(fn, *parts) for parts in zip(*trees))
+    return fn(*trees)
+
+
+def _leaves(tree):
+    if isinstance(tree, (tuple, list)):
+        for part in tree:
+            yield from _leaves(part)
+    elif isinstance(tree, torch.Tensor):
+        yield tree
+
+
+def _batch(tree) -> int:
+    return next(_leaves(tree)).shape[0]
+
+
+class _StepHook(ModelHook):
+    """On the model: read each call's timestep and tell the SuperNet which step it is."""
+
+    _is_stateful = True
+
+    def __init__(self, net: "SuperNet"):
+        super().__init__()
+        self.net = net
+        self.signature = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.signature is None:
+            self.signature = inspect.signature(type(module).forward)
+        bound = self.signature.bind_partial(module, *args, **kwargs)
+        timestep = bound.arguments.get("timestep")
+        if timestep is None:
+            raise ScheduleError(f"{type(module).__name__} was called without a timestep: a schedule needs it "
+                                "to know the step")
+        self.net.enter(timestep)
+        return args, kwargs
+
+    def reset_state(self, module):
+        self.net.reset()
+        return module
+
+
+class _BlockHook(ModelHook):
+    """On one block: compute it, or return its cached work (the SuperNet decides)."""
+
+    def __init__(self, net: "SuperNet", index: int):
+        super().__init__()
+        self.net = net
+        self.index = index
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.net.run_block(self.index, self.fn_ref.original_forward, args, kwargs)
+
+
+class SuperNet:
+    """Gated blocks of ``model`` for a sampler with the given ``timesteps`` (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, timesteps, blocks: list[str] | None = None, kinds=None):
+        self.model = _unwrap(model)
+        resolved = resolve_blocks(self.model, blocks)
+        self.names = [n for n, _ in resolved]
+        self.modules = [m for _, m in resolved]
+        self.kinds = list(kinds) if kinds is not None else [reuse_kind(self.model, n) for n in self.names]
+        self.timesteps = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
+        self.reuse: torch.Tensor | None = torch.zeros(len(self.timesteps), len(self.names), dtype=torch.bool)
+        self.gates: torch.Tensor | None = None
+        self.computed = [0] * len(self.names)  # block forwards really run, for accounting and tests
+        self.attached = False
+        self.reset()
+
+    # ---- modes --------------------------------------------------------------------------------
+    def use_table(self, reuse: torch.Tensor) -> None:
+        """Inference: ``reuse[t, b]`` True skips block b at step t (row 0 is ignored: step 0 runs in full)."""
+        reuse = torch.as_tensor(reuse, dtype=torch.bool).cpu()
+        if reuse.shape != (len(self.timesteps), len(self.names)):
+            raise ScheduleError(f"reuse table {tuple(reuse.shape)} does not match {len(self.timesteps)} steps x "
+                                f"{len(self.names)} blocks")
+        self.reuse, self.gates = reuse, None
+
+    def use_gates(self, gates: torch.Tensor) -> None:
+        """Search: ``gates[t, b] = (g_reuse, g_keep)``, hard one-hot values carrying gradients."""
+        if gates.shape != (len(self.timesteps), len(self.names), 2):
+            raise ScheduleError(f"gates {tuple(gates.shape)} do not match ({len(self.timesteps)}, {len(self.names)}, 2)")
+        self.gates, self.reuse = gates, None
+
+    def reset(self) -> None:
+        """Forget every cache: the next call starts a new generation."""
+        self.caches: list[dict[int, object]] = [{} for _ in self.names]
+        self.step: int | None = None
+        self.last_step: int | None = None
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def attach(self) -> "SuperNet":
+        registry = HookRegistry.check_if_exists_or_initialize(self.model)
+        if registry.get_hook(HOOK_NAME) is not None:
+            raise RuntimeError("a cache schedule is already applied to this model; disable it first")
+        registry.register_hook(_StepHook(self), HOOK_NAME)
+        for index, module in enumerate(self.modules):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_BlockHook(self, index), HOOK_NAME)
+        registry.invalidate_child_registries_cache()
+        self.attached = True
+        return self
+
+    def detach(self) -> None:
+        if not self.attached:
+            return
+        HookRegistry.check_if_exists_or_initialize(self.model).remove_hook(HOOK_NAME, recurse=True)
+        HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
+        self.attached = False
+        self.reset()
+
+    @staticmethod
+    def of(model: torch.nn.Module) -> "SuperNet | None":
+        """The SuperNet attached to ``model``, if any."""
+        registry = getattr(_unwrap(model), "_diffusers_hook", None)
+        hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+        return hook.net if hook is not None else None
+
+    # ---- per call -----------------------------------------------------------------------------
+    def step_index(self, timestep) -> int:
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        hits = ((self.timesteps - t).abs() <= 1e-4 * max(1.0, abs(t))).nonzero()
+        if len(hits) == 0:
+            ts = self.timesteps.tolist()
+            raise ScheduleError(f"timestep {t:g} is not one of the schedule's {len(ts)} timesteps "
+                                f"({ts[0]:g}, {ts[1] if len(ts) > 1 else ts[0]:g}, ..., {ts[-1]:g}): sample with the "
+                                "scheduler and number of steps the schedule was made for")
+        return int(hits[0])
+
+    def enter(self, timestep) -> None:
+        step = self.step_index(timestep)
+        if step == 0:
+            self.reset()
+        elif self.last_step is not None and step > self.last_step + 1:
+            raise ScheduleError(f"the sampler went from step {self.last_step} to step {step} of the schedule's "
+                                f"{len(self.timesteps)}: it runs other timesteps than the schedule was made for")
+        self.step = step
+        self.last_step = step if self.last_step is None else max(self.last_step, step)
+
+    def _cached(self, index: int, step: int):
+        earlier = [s for s in self.caches[index] if s < step]
+        return self.caches[index][max(earlier)] if earlier else None
+
+    def _remember(self, index: int, step: int, value) -> None:
+        cache = self.caches[index]
+        if step in cache:  # a checkpoint recomputation: keep what the forward pass stored
+            return
+        cache[step] = value
+        for old in [s for s in cache if s < step]:
+            if not any(leaf.requires_grad for leaf in _leaves(cache[old])):
+                del cache[old]
+
+    def run_block(self, index: int, forward, args, kwargs):
+        step = self.step
+        if step is None:  # called outside a model call (a user calling the block directly)
+            return forward(*args, **kwargs)
+        residual = self.kinds[index] != OUTPUT
+        x = args[0] if args else kwargs["hidden_states"]
+        cached = self._cached(index, step)
+        if cached is not None and _batch(cached) != x.shape[0]:
+            raise ScheduleError(f"block {self.names[index]} cached a batch of {_batch(cached)} but is called with "
+                                f"{x.shape[0]}: call the model once per step with both guidance branches batched")
+        if self.gates is None and cached is not None and bool(self.reuse[step, index]):
+            return _map(lambda c: x + c, cached) if residual else cached
+
+        out = forward(*args, **kwargs)
+        self.computed[index] += 1
+        work = _map(lambda o: o - x, out) if residual else out
+        if self.gates is not None and cached is not None:
+            g_reuse, g_keep = self.gates[step, index].to(x.dtype)
+            work = _map(lambda c, w: g_reuse * c + g_keep * w, cached, work)
+            out = _map(lambda w: x + w, work) if residual else work
+        self._remember(index, step, work)
+        return out

@@ -1,0 +1,216 @@
+"""DiP-GO's search: train the gate network by gradient descent, then freeze it into a schedule.
+
+Loss per iteration (Zhu et al. 2024, eq. 6-8), on a batch of fresh noise and cycled conditions:
+
+    L = 1 - SSIM(full model's final image, gated model's final image)
+        + alpha * mean_t sum_b gamma_b * g_keep[t, b]      (only while the kept MACs fraction > tau)
+
+gamma_b is block b's share of one call's MACs. The gated rollout is differentiated with a gradient
+policy: ``Checkpointed()`` (exact, memory of one step) by default, ``Shortcut()`` (one step's graph) as
+the cheap choice. The full model's images are made ``target_batch`` iterations at a time in one
+batched rollout (the same noise the iterations then use): cheaper on small models, where a call's cost
+is mostly overhead.
+
+Every iteration's noise and conditions derive from ``(seed, iteration)``, so a search killed after a
+checkpoint resumes to the same pruner as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import gradients as G
+from ..metrics import Timer, ssim
+from .blocks import BlockProfile, _unwrap, profile
+from .pruner import KEEP, Pruner
+from .schedule import CacheSchedule
+from .supernet import SuperNet
+
+CHECKPOINT = "search_checkpoint.pt"
+
+
+class SearchError(RuntimeError):
+    """The search cannot go on (a non-finite loss); the last checkpoint is left as it was."""
+
+
+@dataclass
+class SearchResult:
+    pruner: Pruner
+    profile: BlockProfile
+    timesteps: list[float]
+    history: dict = field(default_factory=dict)
+
+    def schedule(self, ratio: float) -> CacheSchedule:
+        """The static schedule at ``ratio`` (pruned MACs fraction) from the trained keep scores."""
+        with torch.no_grad():
+            scores = self.pruner.keep_scores()
+        sched = CacheSchedule.from_scores(scores, self.timesteps, self.profile, ratio)
+        sched.info["search"] = {k: v for k, v in self.history.get("settings", {}).items()}
+        return sched
+
+
+def _sample_shape(model) -> tuple[int, int, int]:
+    config = _unwrap(model).config
+    size = config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (config.in_channels, h, w)
+
+
+def _rows(conditions, index: torch.Tensor):
+    if conditions is None:
+        return None
+    if isinstance(conditions, dict):
+        return {k: _rows(v, index) for k, v in conditions.items()}
+    return conditions[index.to(conditions.device)]
+
+
+def _num_conditions(conditions) -> int:
+    if conditions is None:
+        return 1
+    if isinstance(conditions, dict):
+        sizes = {v.shape[0] for v in conditions.values() if isinstance(v, torch.Tensor)}
+        if len(sizes) != 1:
+            raise ValueError(f"conditions: tensors of different batch sizes {sorted(sizes)}")
+        return sizes.pop()
+    if not isinstance(conditions, torch.Tensor) or conditions.ndim == 0 or len(conditions) == 0:
+        raise ValueError("conditions must be a non-empty batch of conditioning (a tensor, a dict of tensors) or None")
+    return len(conditions)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300, batch_size: int = 4,
+                 lr: float = 0.1, momentum: float = 0.9, alpha: float = 1.0, tau: float | None = None,
+                 gradient: G.GradientPolicy | str | None = None, blocks: list[str] | None = None,
+                 sample_shape: tuple[int, ...] | None = None, seed: int = 0, target_batch: int = 8,
+                 pruner_kwargs: dict | None = None, checkpoint_dir: str | Path | None = None,
+                 checkpoint_every: int = 25, resume: bool = False, progress: bool = True,
+                 callback=None) -> SearchResult:
+    """Train a :class:`Pruner` for ``sampler`` (its model, scheduler, steps and guidance).
+
+    Args:
+        conditions: the conditioning rows to cycle through (e.g. ``m.encode(labels)``), or None.
+        ratio: the MACs fraction to prune; ``tau`` (default ``1 - ratio``) is the kept fraction below
+            which the sparsity term is dropped.
+        gradient: policy for the gated rollout (default ``Checkpointed()``).
+        checkpoint_dir / checkpoint_every / resume: a checkpoint (pruner, optimizer, LR schedule,
+            history, iteration) is written atomically every ``checkpoint_every`` iterations; with
+            ``resume`` the search continues from it.
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if iterations < 1 or batch_size < 1 or target_batch < 1:
+        raise ValueError("iterations, batch_size and target_batch must be >= 1")
+    policy = G.resolve(gradient) if gradient is not None else G.Checkpointed()
+    tau = 1.0 - ratio if tau is None else tau
+    n_cond = _num_conditions(conditions)
+    model = sampler.model
+    shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(model)
+    device = next(_unwrap(model).parameters()).device
+    timesteps = [float(t) for t in sampler.timesteps]
+    example = torch.zeros(1, *shape, device=device)
+    prof = profile(model, example, _rows(conditions, torch.tensor([0])), blocks)
+    gamma = prof.gamma.to(torch.float32).to(device)
+    other = float(prof.other_macs) / prof.total_macs
+
+    pruner = Pruner(len(timesteps), len(prof.blocks), blocks=list(prof.blocks), timesteps=timesteps,
+                    **(pruner_kwargs or {})).to(device)
+    optimizer = torch.optim.SGD(pruner.parameters(), lr=lr, momentum=momentum)
+    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
+    settings = {"ratio": ratio, "iterations": iterations, "batch_size": batch_size, "lr": lr, "momentum": momentum,
+                "alpha": alpha, "tau": tau, "gradient": repr(policy), "seed": seed,
+                "num_inference_steps": len(timesteps), "guidance_scale": sampler.guidance_scale}
+    history = {"settings": settings, "loss": [], "ssim": [], "macs_ratio": [], "seconds": []}
+    start = 0
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    if ckpt_path is not None:
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and ckpt_path.exists():
+            state = torch.load(ckpt_path, map_location=device, weights_only=False)
+            if state["settings"] != settings:
+                changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
+                raise ValueError(f"{ckpt_path}: checkpoint was made with other settings ({', '.join(changed)})")
+            pruner.load_state_dict(state["pruner"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            history, start = state["history"], state["iteration"]
+
+    perm = torch.randperm(n_cond, generator=torch.Generator().manual_seed(seed))
+
+    def batch_for(iteration: int):
+        noise = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration))
+        rows = perm[(iteration * batch_size + torch.arange(batch_size)) % n_cond]
+        return noise.to(device), _rows(conditions, rows)
+
+    net = SuperNet(model, timesteps, list(prof.blocks))
+    frozen = [p for p in _unwrap(model).parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    net.attach()
+    targets: dict[int, torch.Tensor] = {}
+    bar = tqdm(range(start, iterations), desc="pruner search", disable=not progress, initial=start, total=iterations)
+    try:
+        for it in bar:
+            if it not in targets:  # the full model's images for the next target_batch iterations, in one rollout
+                its = list(range(it, min(it + target_batch, iterations)))
+                pairs = [batch_for(j) for j in its]
+                noise = torch.cat([p[0] for p in pairs])
+                cond = None if conditions is None else _cat([p[1] for p in pairs])
+                net.use_table(torch.zeros(len(timesteps), len(prof.blocks), dtype=torch.bool))
+                full = sampler(noise, cond).detach()
+                targets = dict(zip(its, full.split(batch_size)))
+            with Timer() as timer:
+                noise, cond = batch_for(it)
+                gates = pruner.gates()
+                net.use_gates(gates)
+                images = sampler(noise, cond, gradient=policy, generator=torch.Generator().manual_seed(seed + it))
+                similarity = ssim(images, targets.pop(it)).mean()
+                keep = gates[..., KEEP]
+                kept = other + (keep @ gamma).mean()
+                sparsity = (keep @ gamma).mean() if float(kept) > tau else torch.zeros((), device=device)
+                loss = (1 - similarity) + alpha * sparsity
+                if not torch.isfinite(loss):
+                    raise SearchError(f"iteration {it}: non-finite loss {float(loss)} (SSIM {float(similarity)}); "
+                                      f"the last checkpoint is left as it was")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                lr_schedule.step()
+            history["loss"].append(float(loss))
+            history["ssim"].append(float(similarity))
+            history["macs_ratio"].append(float(kept))
+            history["seconds"].append(timer.seconds)
+            bar.set_postfix(ssim=f"{float(similarity):.3f}", macs=f"{float(kept):.3f}")
+            if callback is not None:
+                callback({"iteration": it, "loss": float(loss), "ssim": float(similarity), "macs_ratio": float(kept),
+                          "pruner": pruner})
+            done = it + 1
+            if ckpt_path is not None and (done % checkpoint_every == 0 or done == iterations):
+                _atomic_save({"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
+                              "lr_schedule": lr_schedule.state_dict(), "history": history, "iteration": done,
+                              "settings": settings}, ckpt_path)
+    finally:
+        net.detach()
+        for p in frozen:
+            p.requires_grad_(True)
+    return SearchResult(pruner.eval(), prof, timesteps, history)
+
+
+def _cat(conds):
+    if isinstance(conds[0], dict):
+        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(conds)
+
+
+def search(sampler, conditions, ratio: float = 0.8, **kwargs) -> CacheSchedule:
+    """Train a pruner (:func:`train_pruner`) and return the static schedule at ``ratio``."""
+    return train_pruner(sampler, conditions, ratio, **kwargs).schedule(ratio)
