@@ -3,6 +3,8 @@
     diffusion-shortcuts demo     [--out DIR]
     diffusion-shortcuts sample   --model digits-unet --labels 0-9 --n 100 [--seed 0] [--steps 50] --out DIR
     diffusion-shortcuts optimize --model digits-unet --reward digit:3 --gradient shortcut --iterations 100 --out DIR
+    diffusion-shortcuts prune    --model digits-unet --ratio 0.8 --out DIR
+    diffusion-shortcuts sample   --model digits-unet --schedule DIR/schedule.json --out DIR2
 
 Every verb writes ``DIR/metrics.json`` and PNGs, shows a progress bar on long work, and on bad input
 exits with status 2 and one line naming the problem.
@@ -88,10 +90,27 @@ def _load_generator(name: str):
     return model
 
 
+def load_schedule(path: str, model, steps: int):
+    """A schedule file, checked against the model and a sampler with ``steps`` steps (UsageError if not)."""
+    from .prune import CacheSchedule, ScheduleError, apply
+
+    try:
+        schedule = CacheSchedule.load(path)
+        with apply(model.model, schedule, model.sampler(steps)):
+            pass
+    except (ScheduleError, ValueError) as exc:
+        raise UsageError(f"--schedule: {exc}") from None
+    return schedule
+
+
 def sample_report(model_name: str, labels_text: str, n: int, seed: int, steps: int, guidance: float | None,
-                  out: Path, progress: bool = True, tag: str = "") -> dict:
+                  out: Path, progress: bool = True, tag: str = "", schedule_path: str | None = None) -> dict:
     """Sample n images cycling through labels, judge them with the eval classifier, write a grid."""
+    from contextlib import nullcontext
+
     import torch
+
+    from .prune import apply
 
     from . import zoo
     from .images import save_grid
@@ -103,13 +122,15 @@ def sample_report(model_name: str, labels_text: str, n: int, seed: int, steps: i
     labels = None
     if model.conditional:
         labels = cycled_labels(labels_text, model.num_classes, n)
-    with Timer() as timer:
+    schedule = load_schedule(schedule_path, model, steps) if schedule_path else None
+    with apply(model.model, schedule) if schedule is not None else nullcontext(), Timer() as timer:
         images = model.generate(labels, seed=seed, num_inference_steps=steps,
                                 guidance_scale=guidance, progress=progress,
                                 batch_size=min(n, 100))[:n]
     metrics = {"model": model_name, "n": n, "seed": seed, "num_inference_steps": steps,
                "guidance_scale": guidance if guidance is not None else model.guidance_scale,
-               "scheduler": type(model.scheduler).__name__, "seconds": timer.seconds}
+               "scheduler": type(model.scheduler).__name__, "seconds": timer.seconds,
+               "schedule": schedule_path, "macs_ratio": schedule.macs_ratio if schedule is not None else 1.0}
     if labels is not None and model.num_classes == 10:
         judge = zoo.load("digits-classifier-eval")
         metrics["accuracy"] = accuracy(judge, images, labels)
@@ -126,9 +147,55 @@ def sample_report(model_name: str, labels_text: str, n: int, seed: int, steps: i
 
 def cmd_sample(args) -> dict:
     out = prepare_out(args.out)
-    metrics = sample_report(args.model, args.labels, args.n, args.seed, args.steps, args.guidance, out)
+    metrics = sample_report(args.model, args.labels, args.n, args.seed, args.steps, args.guidance, out,
+                            schedule_path=args.schedule)
     write_metrics(out, metrics)
     return metrics
+
+
+def cmd_prune(args) -> dict:
+    """DiP-GO: search a cache schedule at --ratio, compare it with the full model, write everything."""
+    import torch
+
+    from . import gradients
+    from .images import grid, labelled, side_by_side
+    from .plots import schedule_heatmap
+    from .prune import SearchError, train_pruner
+    from .zoo.judge import compare_with_full
+
+    out = prepare_out(args.out)
+    model = _load_generator(args.model)
+    if not 0.0 < args.ratio < 1.0:
+        raise UsageError(f"--ratio must be in (0, 1), got {args.ratio}")
+    if args.iterations < 1 or args.samples < 1:
+        raise UsageError("--iterations and --samples must be at least 1")
+    try:
+        policy = gradients.resolve(args.gradient)
+    except ValueError as exc:
+        raise UsageError(f"--gradient: {exc}") from None
+    sampler = model.sampler(args.steps)
+    conditions = model.encode(torch.arange(model.num_classes)).detach() if model.conditional else None
+    try:
+        result = train_pruner(sampler, conditions, args.ratio, iterations=args.iterations, batch_size=args.batch_size,
+                              lr=args.lr, gradient=policy, seed=args.seed, checkpoint_dir=out, resume=args.resume)
+    except (SearchError, ValueError) as exc:
+        raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
+    schedule = result.schedule(args.ratio)
+    schedule.save(out / "schedule.json")
+    result.pruner.save_pretrained(out / "pruner")
+    schedule_heatmap(schedule, out / "heatmap.png", title=f"{args.model}, ratio {args.ratio}: computed (dark) / "
+                                                          f"reused (light), MACs {schedule.macs_ratio:.3f} of full")
+    metrics, full, pruned = compare_with_full(model, schedule, n=args.samples, seed=args.seed + 1)
+    show = slice(0, min(20, args.samples))
+    side_by_side([labelled(grid(full[show], nrow=10), "full model"),
+                  labelled(grid(pruned[show], nrow=10), f"schedule: {metrics['speedup']:.1f}x faster")]).save(
+        out / "full_vs_pruned.png")
+    history = result.history
+    return {"model": args.model, "ratio": args.ratio, "schedule": "schedule.json", "pruner": "pruner",
+            "heatmap": "heatmap.png", "picture": "full_vs_pruned.png",
+            "search_seconds": sum(history["seconds"]), "search_iterations": len(history["loss"]),
+            "search_settings": history["settings"], "within_tolerance": schedule.info["within_tolerance"],
+            "search_ssim": history["ssim"], "search_macs_ratio": history["macs_ratio"], **metrics}
 
 
 def parse_reward(text: str, model):
@@ -311,8 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--steps", type=int, default=50)
     sample.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    sample.add_argument("--schedule", default=None, help="a cache schedule JSON (from `prune`) to sample with")
     sample.add_argument("--out", required=True)
     sample.set_defaults(func=cmd_sample)
+
+    prune = verbs.add_parser("prune", help="learn a cache schedule (DiP-GO) and compare it with the full model")
+    prune.add_argument("--model", default="digits-unet")
+    prune.add_argument("--ratio", type=float, default=0.8, help="fraction of the MACs to prune")
+    prune.add_argument("--iterations", type=int, default=200)
+    prune.add_argument("--batch-size", type=int, default=2)
+    prune.add_argument("--lr", type=float, default=0.01)
+    prune.add_argument("--gradient", default="checkpointed", help="checkpointed, full or shortcut")
+    prune.add_argument("--steps", type=int, default=50)
+    prune.add_argument("--samples", type=int, default=1000, help="samples for the quality comparison")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--resume", action="store_true", help="continue a search killed in the same --out")
+    prune.add_argument("--out", required=True)
+    prune.set_defaults(func=cmd_prune)
     return parser
 
 

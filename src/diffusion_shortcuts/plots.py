@@ -1,4 +1,4 @@
-"""Curves a person would rather look at: reward against iteration and against seconds (matplotlib, Agg)."""
+"""Pictures a person would rather look at: reward curves, cache-schedule heatmaps (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -26,5 +26,27 @@ def reward_curves(histories: dict[str, dict], path: str | Path, title: str = "")
     ax_it.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def schedule_heatmap(schedule, path: str | Path, title: str = "") -> Path:
+    """Steps (rows, first step on top) x blocks (columns): dark = computed, light = reused from the cache."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keep = (~schedule.reuse).float().numpy()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * keep.shape[1], 1.5 + 0.09 * keep.shape[0]))
+    ax.imshow(keep, aspect="auto", cmap="Blues", vmin=-0.3, vmax=1.0, interpolation="nearest")
+    ax.set_xticks(range(keep.shape[1]), [b.replace("_blocks.", "") .replace("transformer", "block ")
+                                         for b in schedule.blocks], rotation=60, ha="right", fontsize=7)
+    ticks = list(range(0, keep.shape[0], max(1, keep.shape[0] // 10)))
+    ax.set_yticks(ticks, [f"{i} (t={schedule.timesteps[i]:g})" for i in ticks], fontsize=7)
+    ax.set_ylabel("step")
+    ax.set_title(title or f"computed (dark) / reused (light); MACs {schedule.macs_ratio:.3f} of full", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)

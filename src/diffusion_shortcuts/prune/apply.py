@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 
 from .blocks import model_id, resolve_blocks
-from .schedule import CacheSchedule
+from .schedule import CacheSchedule, ScheduleError
 from .supernet import SuperNet
 
 
@@ -20,7 +20,10 @@ def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None) -> Sup
     """
     if not isinstance(schedule, CacheSchedule):
         raise TypeError(f"schedule must be a CacheSchedule, got {type(schedule).__name__}")
-    names = [n for n, _ in resolve_blocks(model, schedule.blocks)]
+    try:
+        names = [n for n, _ in resolve_blocks(model, schedule.blocks)]
+    except ValueError as exc:
+        raise ScheduleError(f"the schedule's blocks do not fit this model: {exc}") from None
     schedule.check_model(model_id(model), names)
     if sampler is not None:
         if sampler.model is not model:

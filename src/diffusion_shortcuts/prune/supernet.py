@@ -20,7 +20,7 @@ Two modes:
 
 Caches are keyed by step and written once per generation. Gradient checkpointing recomputes a step's
 forward during backward: the recomputation then reads the same cache the forward read, and overwrites
-nothing. Cached values that do not require grad are dropped as soon as a newer one exists.
+nothing. Under ``torch.no_grad()`` (plain sampling) only the newest cached value per block is kept.
 """
 
 from __future__ import annotations
@@ -188,8 +188,8 @@ class SuperNet:
         if step in cache:  # a checkpoint recomputation: keep what the forward pass stored
             return
         cache[step] = value
-        for old in [s for s in cache if s < step]:
-            if not any(leaf.requires_grad for leaf in _leaves(cache[old])):
+        if not torch.is_grad_enabled():  # no backward (hence no recomputation) can need the older ones
+            for old in [s for s in cache if s < step]:
                 del cache[old]
 
     def run_block(self, index: int, forward, args, kwargs):

@@ -89,7 +89,7 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300, batch_size: int = 4,
-                 lr: float = 0.1, momentum: float = 0.9, alpha: float = 1.0, tau: float | None = None,
+                 lr: float = 0.01, optimizer: str = "adam", momentum: float = 0.9, alpha: float = 1.0, tau: float | None = None,
                  gradient: G.GradientPolicy | str | None = None, blocks: list[str] | None = None,
                  sample_shape: tuple[int, ...] | None = None, seed: int = 0, target_batch: int = 8,
                  pruner_kwargs: dict | None = None, checkpoint_dir: str | Path | None = None,
@@ -119,14 +119,21 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
     timesteps = [float(t) for t in sampler.timesteps]
     example = torch.zeros(1, *shape, device=device)
     prof = profile(model, example, _rows(conditions, torch.tensor([0])), blocks)
-    gamma = prof.gamma.to(torch.float32).to(device)
+    gamma = prof.gamma.to(device)
     other = float(prof.other_macs) / prof.total_macs
 
-    pruner = Pruner(len(timesteps), len(prof.blocks), blocks=list(prof.blocks), timesteps=timesteps,
-                    **(pruner_kwargs or {})).to(device)
-    optimizer = torch.optim.SGD(pruner.parameters(), lr=lr, momentum=momentum)
+    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        pruner = Pruner(len(timesteps), len(prof.blocks), blocks=list(prof.blocks), timesteps=timesteps,
+                        **(pruner_kwargs or {})).to(device)
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    optimizer_name = optimizer
+    optimizer = (torch.optim.Adam(pruner.parameters(), lr=lr) if optimizer == "adam"
+                 else torch.optim.SGD(pruner.parameters(), lr=lr, momentum=momentum))
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
-    settings = {"ratio": ratio, "iterations": iterations, "batch_size": batch_size, "lr": lr, "momentum": momentum,
+    settings = {"ratio": ratio, "iterations": iterations, "batch_size": batch_size, "optimizer": optimizer_name,
+                "lr": lr, "momentum": momentum,
                 "alpha": alpha, "tau": tau, "gradient": repr(policy), "seed": seed,
                 "num_inference_steps": len(timesteps), "guidance_scale": sampler.guidance_scale}
     history = {"settings": settings, "loss": [], "ssim": [], "macs_ratio": [], "seconds": []}
@@ -160,8 +167,9 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
     bar = tqdm(range(start, iterations), desc="pruner search", disable=not progress, initial=start, total=iterations)
     try:
         for it in bar:
-            if it not in targets:  # the full model's images for the next target_batch iterations, in one rollout
-                its = list(range(it, min(it + target_batch, iterations)))
+            if it not in targets:  # the full model's images for target_batch iterations, in one rollout
+                first = it - it % target_batch  # pools start at fixed iterations: a resumed run sees the same
+                its = list(range(first, min(first + target_batch, iterations)))
                 pairs = [batch_for(j) for j in its]
                 noise = torch.cat([p[0] for p in pairs])
                 cond = None if conditions is None else _cat([p[1] for p in pairs])
@@ -174,25 +182,25 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
                 net.use_gates(gates)
                 images = sampler(noise, cond, gradient=policy, generator=torch.Generator().manual_seed(seed + it))
                 similarity = ssim(images, targets.pop(it)).mean()
-                keep = gates[..., KEEP]
-                kept = other + (keep @ gamma).mean()
-                sparsity = (keep @ gamma).mean() if float(kept) > tau else torch.zeros((), device=device)
+                keep_macs = (gates[..., KEEP].double() @ gamma).mean()  # mean_t sum_b gamma_b g_keep[t, b]
+                kept = other + float(keep_macs.detach())  # the kept MACs fraction of the current hard gates
+                sparsity = keep_macs if kept > tau else torch.zeros((), dtype=keep_macs.dtype, device=device)
                 loss = (1 - similarity) + alpha * sparsity
                 if not torch.isfinite(loss):
-                    raise SearchError(f"iteration {it}: non-finite loss {float(loss)} (SSIM {float(similarity)}); "
-                                      f"the last checkpoint is left as it was")
+                    raise SearchError(f"iteration {it}: non-finite loss (SSIM {float(similarity.detach())}); "
+                                      "the last checkpoint is left as it was")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if loss.requires_grad:  # a one-step graph at step 0 (where no gate acts) gives nothing
+                    loss.backward()
+                    optimizer.step()
                 lr_schedule.step()
-            history["loss"].append(float(loss))
-            history["ssim"].append(float(similarity))
-            history["macs_ratio"].append(float(kept))
-            history["seconds"].append(timer.seconds)
-            bar.set_postfix(ssim=f"{float(similarity):.3f}", macs=f"{float(kept):.3f}")
+            record = {"loss": float(loss.detach()), "ssim": float(similarity.detach()), "macs_ratio": kept,
+                      "seconds": timer.seconds}
+            for key, value in record.items():
+                history[key].append(value)
+            bar.set_postfix(ssim=f"{record['ssim']:.3f}", macs=f"{kept:.3f}")
             if callback is not None:
-                callback({"iteration": it, "loss": float(loss), "ssim": float(similarity), "macs_ratio": float(kept),
-                          "pruner": pruner})
+                callback({"iteration": it, **record, "pruner": pruner})
             done = it + 1
             if ckpt_path is not None and (done % checkpoint_every == 0 or done == iterations):
                 _atomic_save({"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),

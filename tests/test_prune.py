@@ -1,0 +1,351 @@
+"""DiP-GO: gated blocks, cache schedules, MACs accounting, the pruner and the search."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_cond_unet, tiny_dit, tiny_unet
+from diffusers import DDIMScheduler
+
+import diffusion_shortcuts as ds
+from diffusion_shortcuts.metrics import count_macs
+from diffusion_shortcuts.prune import CacheSchedule, Pruner, ScheduleError, SuperNet, apply, profile
+
+STEPS = 6
+
+
+def ddim():
+    return DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+
+
+def unet_case(dtype=torch.float32, guidance=2.0, steps=STEPS):
+    model = tiny_cond_unet().to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    uncond = torch.randn(1, 3, 8, generator=gen, dtype=dtype)
+    sampler = ds.Sampler(model, ddim(), steps, guidance_scale=guidance, uncond=uncond)
+    noise = torch.randn(2, 1, 8, 8, generator=gen, dtype=dtype)
+    cond = torch.randn(2, 3, 8, generator=gen, dtype=dtype)
+    return sampler, noise, cond
+
+
+def dit_case(dtype=torch.float32, guidance=2.0, steps=STEPS):
+    model = tiny_dit(in_channels=2, learned_sigma=True, num_classes=10).to(dtype)
+    sampler = ds.Sampler(model, ddim(), steps, guidance_scale=guidance, uncond=torch.tensor([10]))
+    noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    return sampler, noise, torch.tensor([1, 7])
+
+
+CASES = {"unet": unet_case, "dit": dit_case}
+
+
+def schedule_for(sampler, noise, cond, reuse=None):
+    prof = profile(sampler.model, noise, cond)
+    if reuse is None:
+        return CacheSchedule.keep_all(sampler.timesteps, prof)
+    return CacheSchedule.from_table(reuse, sampler.timesteps, prof)
+
+
+def record_outputs(module, store):
+    """A plain forward hook: sees what the block returns, computed or reused."""
+    return module.register_forward_hook(lambda mod, args, out: store.append(out))
+
+
+# ---- blocks and profile -----------------------------------------------------------------------------
+def test_blocks_per_architecture():
+    assert ds.prune.default_block_names(tiny_cond_unet()) == ["down_blocks.0", "down_blocks.1", "mid_block",
+                                                              "up_blocks.0", "up_blocks.1"]
+    assert ds.prune.default_block_names(tiny_unet())[-1] == "up_blocks.1"
+    assert ds.prune.default_block_names(tiny_dit()) == ["transformer_blocks.0", "transformer_blocks.1"]
+    with pytest.raises(TypeError, match="supported: UNet2DConditionModel"):
+        ds.prune.default_block_names(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="no block.*nope"):
+        profile(tiny_cond_unet(), torch.zeros(1, 1, 8, 8), torch.zeros(1, 3, 8), blocks=["nope"])
+
+
+def test_profile_counts_each_block_and_the_rest():
+    sampler, noise, cond = unet_case()
+    prof = profile(sampler.model, noise, cond)
+    total, per_module = count_macs(ds.call_denoiser, sampler.model, noise[:1], torch.tensor(1), cond[:1])
+    assert prof.total_macs == total
+    assert prof.block_macs[0] == per_module["UNet2DConditionModel.down_blocks.0"] > 0
+    assert 0 < prof.other_macs < total and abs(float(prof.gamma.sum()) - sum(prof.block_macs) / total) < 1e-12
+    # a longer prompt costs more cross-attention: the profile depends on the conditioning's shape
+    longer = profile(sampler.model, noise, torch.randn(2, 7, 8))
+    assert longer.total_macs > prof.total_macs
+
+
+# ---- applying a schedule ----------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+def test_keep_everything_equals_unwrapped(case):
+    sampler, noise, cond = CASES[case]()
+    reference = sampler(noise, cond)
+    with apply(sampler.model, schedule_for(sampler, noise, cond), sampler) as net:
+        out = sampler(noise, cond)
+    assert torch.equal(out, reference)
+    assert net.computed == [STEPS] * len(net.names)
+    assert SuperNet.of(sampler.model) is None  # hooks removed on exit
+    assert torch.equal(sampler(noise, cond), reference)
+
+
+@pytest.mark.parametrize("case,block", [("unet", 1), ("unet", 3), ("dit", 1)])
+def test_reusing_one_block_at_one_step_equals_doing_it_by_hand(case, block):
+    sampler, noise, cond = CASES[case]()
+    step = 3
+    prof = profile(sampler.model, noise, cond)
+    reuse = torch.zeros(STEPS, len(prof.blocks), dtype=torch.bool)
+    reuse[step, block] = True
+    with apply(sampler.model, CacheSchedule.from_table(reuse, sampler.timesteps, prof), sampler):
+        scheduled = sampler(noise, cond)
+
+    # by hand: run the plain model to step `step`, remembering the block's input and output at step-1 ...
+    module = dict(sampler.model.named_modules())[prof.blocks[block]]
+    seen, latents = [], {}
+    hook = module.register_forward_hook(lambda mod, args, kwargs, out: seen.append((args, kwargs, out)),
+                                        with_kwargs=True)
+    sampler(noise, cond, callback=lambda d: latents.__setitem__(d["i"], d["x"]))
+    hook.remove()
+    args, kwargs, before = seen[step - 1]
+    # ... then at `step` the block returns that output (a UNet block) or adds that update (a transformer block)
+    original = module.forward
+
+    def reused(*a, **k):
+        module.forward = original
+        if case == "dit":
+            x_now = a[0] if a else k["hidden_states"]
+            x_then = args[0] if args else kwargs["hidden_states"]
+            return x_now + (before - x_then)
+        return before
+
+    module.forward = reused
+    try:
+        by_hand = sampler(latents[step - 1], cond, start_step=step)
+    finally:
+        module.forward = original
+    torch.testing.assert_close(scheduled, by_hand, rtol=0, atol=1e-6)
+    assert not torch.allclose(scheduled, sampler(noise, cond), atol=1e-6)  # the reuse changed something
+
+
+def test_generations_and_guidance_branches_keep_their_own_caches():
+    sampler, noise, cond = unet_case()
+    prof = profile(sampler.model, noise, cond)
+    sched = CacheSchedule.uniform(sampler.timesteps, prof, interval=2, keep_outer=1)
+    other_noise = torch.randn_like(noise)
+    with apply(sampler.model, sched, sampler):
+        sampler(noise, cond)
+        second = sampler(other_noise, cond)
+    with apply(sampler.model, sched, sampler):
+        fresh = sampler(other_noise, cond)
+    assert torch.equal(second, fresh)
+
+    # step 1 reuses the mid block: each half of the batch [uncond; cond] gets its own half of step 0's output
+    outputs = []
+    mid = sampler.model.mid_block
+    handle = record_outputs(mid, outputs)
+    with apply(sampler.model, sched, sampler):
+        sampler(noise, cond)
+    handle.remove()
+    assert sched.reuse[1, prof.blocks.index("mid_block")]
+    step0, step1 = outputs[0], outputs[1]
+    assert torch.equal(step1[:2], step0[:2]) and torch.equal(step1[2:], step0[2:])
+    assert not torch.allclose(step0[:2], step0[2:])  # the branches differ, so a swap would show
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reused_blocks_are_not_computed_and_macs_match_the_table(case):
+    sampler, noise, cond = CASES[case]()
+    prof = profile(sampler.model, noise, cond)
+    reuse = torch.rand(STEPS, len(prof.blocks), generator=torch.Generator().manual_seed(0)) < 0.5
+    reuse[0] = False
+    sched = CacheSchedule.from_table(reuse, sampler.timesteps, prof)
+    calls = [0] * len(prof.blocks)
+    modules = dict(sampler.model.named_modules())
+    inner = [next(m for n, m in modules[name].named_modules() if n.endswith(("conv1", "attn1.to_q")))
+             for name in prof.blocks]  # a layer each block runs first when it is computed
+    handles = [m.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, m in enumerate(inner)]
+    with apply(sampler.model, sched, sampler):
+        measured, _ = count_macs(sampler, noise, cond)
+    for h in handles:
+        h.remove()
+    assert calls == (~reuse).sum(0).tolist()
+    assert measured == sched.macs(batch=2, guidance=True)
+    assert 0 < sched.macs_ratio < 1
+
+
+# ---- mismatches and files ---------------------------------------------------------------------------
+def test_mismatched_schedules_fail_clearly(tmp_path):
+    sampler, noise, cond = unet_case()
+    sched = schedule_for(sampler, noise, cond)
+    shorter = ds.Sampler(sampler.model, ddim(), STEPS - 2, guidance_scale=2.0, uncond=sampler.uncond)
+    with pytest.raises(ScheduleError, match="schedule has 6 steps, the sampler 4"):
+        with apply(sampler.model, sched, shorter):
+            pass
+    with apply(sampler.model, sched):  # no sampler given: the first unknown timestep fails
+        with pytest.raises(ScheduleError, match="is not one of the schedule's 6 timesteps"):
+            ds.Sampler(sampler.model, ddim(), 5, 2.0, uncond=sampler.uncond)(noise, cond)
+    # a subset of the timesteps (every other step) is caught as a skipped step
+    skipping = CacheSchedule.keep_all(list(range(1000, 0, -100)), profile(sampler.model, noise, cond))
+    with apply(sampler.model, skipping):
+        with pytest.raises(ScheduleError, match="went from step 0 to step 2"):
+            _run_timesteps(sampler.model, noise, cond, [1000, 800])
+    other = tiny_cond_unet(cross_dim=16)
+    with pytest.raises(ScheduleError, match="made for model"):
+        apply(other, sched).__enter__()
+    dit_sampler, dit_noise, dit_cond = dit_case()
+    with pytest.raises(ScheduleError, match="blocks"):
+        apply(dit_sampler.model, sched).__enter__()
+
+
+def _run_timesteps(model, noise, cond, timesteps):
+    for t in timesteps:
+        ds.call_denoiser(model, torch.cat([noise, noise]), torch.tensor(t), torch.cat([cond, cond]))
+
+
+def test_schedule_and_pruner_files_round_trip_and_reject_corruption(tmp_path):
+    sampler, noise, cond = unet_case()
+    prof = profile(sampler.model, noise, cond)
+    sched = CacheSchedule.uniform(sampler.timesteps, prof, interval=3)
+    path = sched.save(tmp_path / "s.json")
+    loaded = CacheSchedule.load(path)
+    assert torch.equal(loaded.reuse, sched.reuse) and loaded.to_dict() == sched.to_dict()
+
+    (tmp_path / "garbage.json").write_text("{not json")
+    with pytest.raises(ScheduleError, match="invalid JSON"):
+        CacheSchedule.load(tmp_path / "garbage.json")
+    data = json.loads(path.read_text())
+    for key, value, message in [("version", 99, "version 99"), ("reuse", [[1, 0]], "malformed|table"),
+                                ("format", "x", "not a diffusion-shortcuts"), ("block_macs", [1], "blocks but")]:
+        broken = dict(data, **{key: value})
+        (tmp_path / "b.json").write_text(json.dumps(broken))
+        with pytest.raises(ScheduleError, match=message):
+            CacheSchedule.load(tmp_path / "b.json")
+    data["reuse"][0][0] = 1
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    with pytest.raises(ScheduleError, match="step 0 cannot reuse"):
+        CacheSchedule.load(tmp_path / "b.json")
+    with pytest.raises(ScheduleError, match="no such schedule"):
+        CacheSchedule.load(tmp_path / "missing.json")
+
+    pruner = Pruner(STEPS, len(prof.blocks), dim=8, heads=2)
+    torch.nn.init.normal_(pruner.head_weight)
+    pruner.save_pretrained(tmp_path / "pruner")
+    again = Pruner.from_pretrained(tmp_path / "pruner")
+    assert torch.equal(again(), pruner())
+    (tmp_path / "pruner" / "diffusion_pytorch_model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(Exception, match="(?i)safetensors|header|deserializ|error"):
+        Pruner.from_pretrained(tmp_path / "pruner")
+
+
+# ---- post-processing --------------------------------------------------------------------------------
+def test_bisection_lands_within_tolerance_and_never_prunes_step_0():
+    sampler, noise, cond = unet_case(steps=50)
+    prof = profile(sampler.model, noise, cond)
+    scores = torch.rand(50, len(prof.blocks), generator=torch.Generator().manual_seed(1))
+    previous = None
+    for ratio in (0.3, 0.5, 0.8):
+        sched = CacheSchedule.from_scores(scores, sampler.timesteps, prof, ratio)
+        assert abs(sched.pruned_fraction - ratio) <= 0.0125 and sched.info["within_tolerance"]
+        assert not sched.reuse[0].any()
+        if previous is not None:  # one global threshold: a higher ratio reuses a superset
+            assert (sched.reuse | previous.reuse).equal(sched.reuse)
+        previous = sched
+    # the lowest-scoring block-steps go first
+    sched = CacheSchedule.from_scores(scores, sampler.timesteps, prof, 0.3)
+    assert scores[1:][sched.reuse[1:]].max() < scores[1:][~sched.reuse[1:]].min()
+    # out of reach: report, don't pretend
+    impossible = CacheSchedule.from_scores(scores, sampler.timesteps, prof, 0.999)
+    assert not impossible.info["within_tolerance"]
+
+
+def test_uniform_schedule_is_deepcache_style():
+    sampler, noise, cond = unet_case(steps=10)
+    prof = profile(sampler.model, noise, cond)
+    sched = CacheSchedule.uniform(sampler.timesteps, prof, interval=3)
+    assert sched.reuse[:, 0].sum() == 0 and sched.reuse[:, -1].sum() == 0  # outermost blocks always run
+    assert [bool(r.any()) for r in sched.reuse] == [i % 3 != 0 for i in range(10)]
+    assert sched.reuse[1, 1:-1].all()
+
+
+# ---- gates and search -------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("policy", ["full", "checkpointed"])
+def test_gate_gradients_match_finite_differences(case, policy):
+    """The mix g_reuse * cache + g_keep * f(x), differentiated through every step and cache."""
+    sampler, noise, cond = CASES[case](dtype=torch.float64, steps=4)
+    n_blocks = len(ds.prune.default_block_names(sampler.model))
+    weights = torch.randn(noise.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    gates = torch.rand(4, n_blocks, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    gates[0] = torch.tensor([0.0, 1.0])
+    net = SuperNet(sampler.model, sampler.timesteps).attach()
+    try:
+        def loss(g, gradient=None):
+            net.use_gates(g)
+            return (sampler(noise, cond, gradient=gradient) * weights).sum()
+
+        g = gates.clone().requires_grad_(True)
+        loss(g, policy).backward()
+        eps = 1e-4  # central differences: error O(eps^2); smaller eps meets float32 timestep embeddings
+        for index in [(1, 0, 0), (2, n_blocks - 1, 1), (3, 1, 0), (2, 0, 1)]:
+            up, down = gates.clone(), gates.clone()
+            up[index] += eps
+            down[index] -= eps
+            numeric = (loss(up) - loss(down)) / (2 * eps)
+            torch.testing.assert_close(g.grad[index], numeric, rtol=1e-5, atol=1e-8)
+    finally:
+        net.detach()
+
+
+def test_pruner_starts_at_keep_everything_with_straight_through_gates():
+    pruner = Pruner(5, 3, dim=8, heads=2)
+    gates = pruner.gates()
+    assert torch.equal(gates.detach()[..., 1], torch.ones(5, 3))
+    gates[..., 0].sum().backward()  # straight-through: a gradient reaches the logits though gates are hard
+    assert pruner.head_bias.grad[1:].abs().sum() > 0
+    assert (pruner.keep_scores() > 0.5).all()
+
+
+def test_search_learns_to_reuse_and_resumes_exactly(tmp_path):
+    sampler, noise, cond = unet_case(steps=5)
+    conditions = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(9))
+    kwargs = dict(ratio=0.6, iterations=6, batch_size=2, lr=1.0, target_batch=4, sample_shape=(1, 8, 8),
+                  pruner_kwargs={"dim": 8, "heads": 2}, progress=False)
+    whole = ds.prune.train_pruner(sampler, conditions, **kwargs)
+    assert len(whole.history["loss"]) == 6
+    assert whole.history["macs_ratio"][-1] < whole.history["macs_ratio"][0] == 1.0  # sparsity pushed gates off
+
+    class Killed(Exception):
+        pass
+
+    def kill(info):
+        if info["iteration"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        ds.prune.train_pruner(sampler, conditions, checkpoint_dir=tmp_path, checkpoint_every=2, callback=kill,
+                              **kwargs)
+    assert torch.load(tmp_path / "search_checkpoint.pt", weights_only=False)["iteration"] == 2
+    resumed = ds.prune.train_pruner(sampler, conditions, checkpoint_dir=tmp_path, checkpoint_every=2,
+                                    resume=True, **kwargs)
+    for a, b in zip(resumed.pruner.parameters(), whole.pruner.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.history["loss"] == whole.history["loss"]
+    sched = resumed.schedule(0.5)
+    assert sched.reuse.shape == (5, 5) and not sched.reuse[0].any()
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        ds.prune.train_pruner(sampler, conditions, checkpoint_dir=tmp_path, resume=True, **dict(kwargs, lr=0.5))
+
+
+def test_search_stops_on_a_non_finite_loss_and_keeps_its_checkpoint(tmp_path):
+    sampler, noise, cond = unet_case(steps=3)
+    conditions = torch.randn(2, 3, 8)
+    kwargs = dict(ratio=0.5, iterations=4, batch_size=1, target_batch=1, sample_shape=(1, 8, 8),
+                  pruner_kwargs={"dim": 8, "heads": 2}, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+
+    def poison(info):
+        if info["iteration"] == 1:  # the next iteration's rollout meets a broken weight
+            sampler.model.conv_out.bias.data.fill_(float("nan"))
+
+    with pytest.raises(ds.prune.SearchError, match="iteration 2: non-finite loss"):
+        ds.prune.train_pruner(sampler, conditions, callback=poison, **kwargs)
+    state = torch.load(tmp_path / "search_checkpoint.pt", weights_only=False)
+    assert state["iteration"] == 2 and all(torch.isfinite(v).all() for v in state["pruner"].values())
