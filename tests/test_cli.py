@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_unet
 from diffusers import DDIMScheduler, DDPMPipeline
 
+import diffusion_shortcuts as ds
 from diffusion_shortcuts import cli
 
 
@@ -112,4 +113,47 @@ def test_optimize_reference_reward_with_mask(tmp_path, capsys):
                                            ("reference:/nonexistent.png", "cannot read image")])
 def test_optimize_bad_reward(tmp_path, capsys, reward, needle):
     code, _, err = run(["optimize", "--model", "digits-dit", "--reward", reward, "--out", str(tmp_path)], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_prune_writes_schedule_pruner_heatmap_metrics_and_sample_uses_it(tmp_path, capsys):
+    out = tmp_path / "p"
+    code, _, err = run(["prune", "--model", "digits-dit", "--ratio", "0.5", "--steps", "6", "--iterations", "3",
+                        "--samples", "20", "--gradient", "full", "--out", str(out)], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("macs_ratio", "speedup", "ssim", "psnr", "accuracy_full", "accuracy_pruned", "fid_full", "fid_pruned"):
+        assert key in metrics, key
+    schedule = ds.prune.CacheSchedule.load(out / "schedule.json")
+    assert metrics["macs_ratio"] == pytest.approx(schedule.macs_ratio)
+    assert schedule.num_steps == 6 and metrics["search_iterations"] == 3
+    assert ds.prune.Pruner.from_pretrained(out / "pruner").config.num_steps == 6
+    for picture in ("heatmap.png", "full_vs_pruned.png"):
+        assert (out / picture).stat().st_size > 100
+    # a killed search resumes; a finished one is not run again
+    code, _, err = run(["prune", "--model", "digits-dit", "--ratio", "0.5", "--steps", "6", "--iterations", "3",
+                        "--samples", "20", "--gradient", "full", "--resume", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["search_iterations"] == 3
+
+    code, _, err = run(["sample", "--model", "digits-dit", "--n", "10", "--steps", "6", "--schedule",
+                        str(out / "schedule.json"), "--out", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["macs_ratio"] == pytest.approx(schedule.macs_ratio)
+    # the schedule was made for 6 steps and the DiT: other steps or another model fail in one line
+    code, _, err = run(["sample", "--model", "digits-dit", "--n", "10", "--steps", "8", "--schedule",
+                        str(out / "schedule.json"), "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and "schedule has 6 steps, the sampler 8" in err
+    code, _, err = run(["sample", "--model", "digits-unet", "--n", "10", "--steps", "6", "--schedule",
+                        str(out / "schedule.json"), "--out", str(tmp_path / "s")], capsys)
+    assert code == 2 and "--schedule" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["prune", "--model", "digits-dit", "--ratio", "1.5"], "--ratio"),
+    (["prune", "--model", "digits-dit", "--gradient", "bogus"], "--gradient"),
+    (["sample", "--model", "digits-dit", "--schedule", "missing.json"], "no such schedule"),
+])
+def test_prune_bad_input(tmp_path, capsys, argv, needle):
+    code, _, err = run([*argv, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1

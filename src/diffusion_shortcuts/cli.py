@@ -91,14 +91,15 @@ def _load_generator(name: str):
 
 
 def load_schedule(path: str, model, steps: int):
-    """A schedule file, checked against the model and a sampler with ``steps`` steps (UsageError if not)."""
+    """A schedule file (or ``zoo``: the model's shipped 0.8 schedule), checked against the model and a
+    sampler with ``steps`` steps (UsageError if it does not fit)."""
     from .prune import CacheSchedule, ScheduleError, apply
 
     try:
-        schedule = CacheSchedule.load(path)
+        schedule = model.cache_schedule() if path == "zoo" else CacheSchedule.load(path)
         with apply(model.model, schedule, model.sampler(steps)):
             pass
-    except (ScheduleError, ValueError) as exc:
+    except (ScheduleError, ValueError, FileNotFoundError) as exc:
         raise UsageError(f"--schedule: {exc}") from None
     return schedule
 
@@ -183,6 +184,7 @@ def cmd_prune(args) -> dict:
     schedule = result.schedule(args.ratio)
     schedule.save(out / "schedule.json")
     result.pruner.save_pretrained(out / "pruner")
+    (out / "search.json").write_text(json.dumps(result.history) + "\n")
     schedule_heatmap(schedule, out / "heatmap.png", title=f"{args.model}, ratio {args.ratio}: computed (dark) / "
                                                           f"reused (light), MACs {schedule.macs_ratio:.3f} of full")
     metrics, full, pruned = compare_with_full(model, schedule, n=args.samples, seed=args.seed + 1)
@@ -378,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--steps", type=int, default=50)
     sample.add_argument("--guidance", type=float, default=None, help="default: the model's")
-    sample.add_argument("--schedule", default=None, help="a cache schedule JSON (from `prune`) to sample with")
+    sample.add_argument("--schedule", default=None, help="a cache schedule JSON (from `prune`) to sample with, or `zoo` for "
+                        "the model's shipped 0.8 schedule")
     sample.add_argument("--out", required=True)
     sample.set_defaults(func=cmd_sample)
 

@@ -96,6 +96,23 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def timed_pair(run_a, run_b, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of two callables timed alternately (a, b, a, b, ...) after one warm-up round each,
+    so that both see the same machine load; the ratio of the two is the figure to report."""
+    import statistics
+
+    times_a, times_b = [], []
+    for r in range(repeats + 1):
+        with Timer() as ta:
+            run_a()
+        with Timer() as tb:
+            run_b()
+        if r:
+            times_a.append(ta.seconds)
+            times_b.append(tb.seconds)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
 def peak_rss_mb() -> float:
     """This process's resident-memory high-water mark in MB (Linux reports KB): CPU peak memory."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

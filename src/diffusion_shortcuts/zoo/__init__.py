@@ -70,6 +70,35 @@ class ZooModel:
         """The unconditional conditioning (batch 1) used by classifier-free guidance."""
         return self.encode([self.null_label]) if self.conditional else None
 
+    @property
+    def dipgo_dir(self) -> Path | None:
+        """Where the DiP-GO search for this model is shipped (``dipgo/``: pruner, schedules, history)."""
+        return self.path / "dipgo" if self.path is not None else None
+
+    def cache_schedule(self, ratio: float = 0.8):
+        """The shipped DiP-GO cache schedule at ``ratio`` (``dipgo/schedule-RATIO.json``)."""
+        from ..prune import CacheSchedule
+
+        path = self.dipgo_dir / f"schedule-{ratio:g}.json" if self.dipgo_dir is not None else None
+        if path is None or not path.exists():
+            raise FileNotFoundError(f"{self.name} ships no cache schedule at ratio {ratio:g}; "
+                                    "make one with `diffusion-shortcuts prune`")
+        return CacheSchedule.load(path)
+
+    def dipgo(self):
+        """The shipped DiP-GO search (trained pruner and its history) as a :class:`~diffusion_shortcuts.prune.
+        SearchResult`, from which ``.schedule(ratio)`` gives a schedule at any ratio."""
+        from ..prune import Pruner, SearchResult, profile
+
+        folder = self.dipgo_dir
+        if folder is None or not (folder / "pruner").exists():
+            raise FileNotFoundError(f"{self.name} ships no DiP-GO pruner; train one with `diffusion-shortcuts prune`")
+        pruner = Pruner.from_pretrained(folder / "pruner").eval()
+        history = json.loads((folder / "search.json").read_text()) if (folder / "search.json").exists() else {}
+        cond = self.encode([0]) if self.conditional else None
+        prof = profile(self.model, self.noise(1), cond, pruner.config.blocks)
+        return SearchResult(pruner, prof, list(pruner.config.timesteps), history)
+
     @staticmethod
     def decode(x: torch.Tensor) -> torch.Tensor:
         """Model space [-1, 1] -> images in [0, 1] (not clamped, so that it stays differentiable)."""

@@ -8,12 +8,11 @@ of sampling a batch, timed alternately in one process (this machine is shared an
 
 from __future__ import annotations
 
-import statistics
 from contextlib import nullcontext
 
 import torch
 
-from ..metrics import Timer, accuracy, features, frechet_distance, psnr, ssim
+from ..metrics import accuracy, features, frechet_distance, psnr, ssim, timed_pair
 from . import ZooModel, load
 from .data import load_digits
 
@@ -55,17 +54,13 @@ def timed_speedup(m: ZooModel, schedule, batch: int = 16, repeats: int = 5, samp
     sampler = sampler or m.sampler()
     noise = m.noise(batch, torch.Generator().manual_seed(123))
     cond = m.encode(torch.arange(batch) % m.num_classes) if m.conditional else None
-    full, pruned = [], []
-    for r in range(repeats + 1):
-        with Timer() as t_full:
+
+    def pruned():
+        with apply(m.model, schedule, sampler):
             sampler(noise, cond)
-        with apply(m.model, schedule, sampler), Timer() as t_pruned:
-            sampler(noise, cond)
-        if r:  # the first round warms up
-            full.append(t_full.seconds)
-            pruned.append(t_pruned.seconds)
-    f, p = statistics.median(full), statistics.median(pruned)
-    return {"batch": batch, "seconds_full": f, "seconds_pruned": p, "speedup": f / p}
+
+    full, fast = timed_pair(lambda: sampler(noise, cond), pruned, repeats)
+    return {"batch": batch, "seconds_full": full, "seconds_pruned": fast, "speedup": full / fast}
 
 
 def compare_with_full(m: ZooModel, schedule, n: int = 1000, seed: int = 0, batch_size: int = 100,

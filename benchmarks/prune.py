@@ -1,0 +1,176 @@
+"""DiP-GO schedules against the honest baselines at matched MACs, side by side in one process per model.
+
+    python benchmarks/prune.py                      # both zoo generators, the shipped pruners
+    python benchmarks/prune.py --models digits-unet --samples 1000 --ratios 0.5 0.7 0.8 0.85
+
+For each model (DDIM 50 steps, the model's guidance) the full model's images (``--samples``, 100 per
+class, fixed seed) are the reference; every variant samples from the same noise and labels:
+- ``dipgo``: the schedule at each ratio, post-processed from the trained pruner shipped in the zoo
+  (one search at 0.8; the other ratios re-threshold its keep scores);
+- ``uniform``: DeepCache-style schedules (recompute all every n steps, else all but the outermost
+  blocks), n chosen for the MACs closest to the DiP-GO schedule's (it cannot go below the outer blocks' share);
+- ``ddim`` / ``dpm``: DDIM and DPM-Solver++ 2M with the same number of full denoiser calls;
+- on the DiT, diffusers' FirstBlockCache at a few thresholds (its cost depends on the data: MACs
+  counted on one batch).
+Figures: MACs ratio, speedup (batch 16, timed alternately with the full model), FID on
+digits-classifier features against the held-out set, accuracy by digits-classifier-eval, SSIM/PSNR to
+the full model's images. Results: benchmarks/results/prune.json and prune.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, emit, run_child, write_results  # noqa: E402
+
+
+def run_model(name: str, ratios: list[float], samples: int, batch: int, repeats: int, fbc_thresholds) -> dict:
+    import torch
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from tqdm.auto import tqdm
+
+    import diffusion_shortcuts as ds
+    from diffusion_shortcuts.metrics import count_macs, psnr, ssim, timed_pair
+    from diffusion_shortcuts.prune import CacheSchedule, apply, profile
+    from diffusion_shortcuts.zoo.judge import DigitJudge
+
+    torch.manual_seed(0)
+    m = ds.zoo.load(name)
+    judge = DigitJudge()
+    sampler = m.sampler()
+    labels = torch.arange(samples) % m.num_classes
+    noise = m.noise(samples, torch.Generator().manual_seed(0))
+    noise16, cond16 = m.noise(16, torch.Generator().manual_seed(1)), m.encode(torch.arange(16) % 10)
+    prof = profile(m.model, noise16, cond16)
+    search = m.dipgo()
+    keep_scores = search.keep_scores()
+
+    def generate(smp, context=nullcontext, desc=""):
+        out = []
+        with context():
+            for i in tqdm(range(0, samples, batch), desc=desc, leave=False):
+                out.append(smp(noise[i:i + batch], m.encode(labels[i:i + batch])).clamp(0, 1))
+        return torch.cat(out)
+
+    full_images = generate(sampler, desc="full")
+    rows = [{"method": "full", "ratio": 0.0, "macs_ratio": 1.0, "speedup": 1.0, **judge(full_images, labels),
+             "ssim": 1.0, "psnr": float("inf")}]
+
+    def measure(method: str, ratio: float, smp, context, macs_ratio: float, **extra):
+        images = generate(smp, context, desc=method)
+        with context():
+            full_s, variant_s = timed_pair(lambda: sampler(noise16, cond16), lambda: smp(noise16, cond16), repeats)
+        row = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio, "speedup": full_s / variant_s,
+               "seconds_full_batch16": full_s, "seconds_batch16": variant_s, **judge(images, labels),
+               "ssim": float(ssim(images, full_images).mean()), "psnr": float(psnr(images, full_images).mean()),
+               **extra}
+        rows.append(row)
+        print(f"{name} {method} r={ratio}: MACs {macs_ratio:.3f} speedup {row['speedup']:.2f} FID {row['fid']:.2f} "
+              f"acc {row['accuracy']:.3f} SSIM {row['ssim']:.3f}", flush=True)
+
+    uniform = {n: CacheSchedule.uniform(sampler.timesteps, prof, n) for n in range(2, 51)}
+    for ratio in ratios:
+        sched = CacheSchedule.from_scores(keep_scores, sampler.timesteps, prof, ratio)
+        measure("dipgo", ratio, sampler, lambda s=sched: apply(m.model, s, sampler), sched.macs_ratio,
+                within_tolerance=sched.info["within_tolerance"])
+        n, uni = min(uniform.items(), key=lambda kv: abs(kv[1].macs_ratio - sched.macs_ratio))
+        measure("uniform", ratio, sampler, lambda s=uni: apply(m.model, s, sampler), uni.macs_ratio, interval=n)
+        calls = max(1, round(sched.macs_ratio * sampler.num_inference_steps))
+        for method, scheduler in (("ddim", m.scheduler),
+                                  ("dpm", DPMSolverMultistepScheduler.from_config(m.scheduler.config,
+                                                                                  algorithm_type="dpmsolver++",
+                                                                                  solver_order=2))):
+            few = m.sampler(calls, scheduler=scheduler)
+            measure(method, ratio, few, nullcontext, calls / sampler.num_inference_steps, steps=calls)
+    if type(m.model).__name__ == "DiTTransformer2DModel":
+        for threshold in fbc_thresholds:
+            context = first_block_cache(m.model, threshold)
+            with context():
+                total, _ = count_macs(sampler, noise16, cond16)
+            full_total, _ = count_macs(sampler, noise16, cond16)
+            measure("first_block_cache", threshold, sampler, context, total / full_total, threshold=threshold)
+    return {"model": name, "samples": samples, "num_inference_steps": sampler.num_inference_steps,
+            "guidance_scale": sampler.guidance_scale, "search": search.history.get("settings", {}),
+            "search_seconds": sum(search.history.get("seconds", [])), "rows": rows,
+            "block_profile": {"blocks": list(prof.blocks), "block_macs": list(prof.block_macs),
+                              "total_macs": prof.total_macs}}
+
+
+def first_block_cache(model, threshold: float):
+    """diffusers' FirstBlockCache on a DiT, as a context. DiT is not a CacheMixin model, so the cache
+    context is set through diffusers' private ``_set_cache_context`` (imported here, so that a diffusers
+    change fails loudly rather than silently measuring the uncached model)."""
+    from contextlib import contextmanager
+
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+    @contextmanager
+    def context():
+        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
+        _set_cache_context(model, CacheContext("cond"))
+        try:
+            yield
+        finally:
+            registry = HookRegistry.check_if_exists_or_initialize(model)
+            for name in (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK):
+                registry.remove_hook(name, recurse=True)
+            registry.invalidate_child_registries_cache()
+    return context
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        methods = sorted({r["method"] for r in result["rows"]} - {"full"})
+        full = next(r for r in result["rows"] if r["method"] == "full")
+        for method in methods:
+            pts = sorted((r["speedup"], r["fid"]) for r in result["rows"] if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.axhline(full["fid"], color="gray", ls="--", lw=1, label="full model (50 steps)")
+        ax.set(xlabel="measured speedup (batch 16)", ylabel="FID (lower is better)", title=result["model"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["digits-unet", "digits-dit"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.7, 0.8, 0.85])
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds per variant")
+    parser.add_argument("--fbc-thresholds", nargs="+", type=float, default=[0.05, 0.1, 0.2])
+    parser.add_argument("--out", type=Path, default=RESULTS / "prune.json")
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from --out")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    common = ["--ratios", *map(str, args.ratios), "--samples", str(args.samples), "--batch", str(args.batch),
+              "--repeats", str(args.repeats), "--fbc-thresholds", *map(str, args.fbc_thresholds)]
+    if args.child:
+        return emit(run_model(args.model, args.ratios, args.samples, args.batch, args.repeats, args.fbc_thresholds))
+    if args.replot:
+        import json
+
+        return plot(json.loads(args.out.read_text())["results"], args.out.with_suffix(".png"))
+    results = [run_child(__file__, ["--model", name, *common]) for name in args.models]
+    write_results(args.out, "prune", {"ratios": args.ratios, "samples": args.samples, "results": results})
+    plot(results, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
