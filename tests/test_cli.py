@@ -63,11 +63,17 @@ def test_sample_from_a_local_diffusers_folder(tmp_path, capsys):
 
 
 def test_demo_writes_report(tmp_path, capsys):
-    code, _, err = run(["demo", "--n", "10", "--steps", "5", "--out", str(tmp_path)], capsys)
+    code, _, err = run(["demo", "--n", "10", "--steps", "50", "--iterations", "1", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"digits-unet", "digits-dit"}
-    assert (tmp_path / "demo.png").exists() and (tmp_path / "report.md").exists()
+    assert set(metrics["models"]) == {"digits-unet", "digits-dit", "digits-unet (schedule 0.8)",
+                                      "digits-dit (schedule 0.8)"}
+    for name in ("digits-unet", "digits-dit"):
+        pruned = metrics["models"][f"{name} (schedule 0.8)"]
+        assert pruned["macs_ratio"] < 0.25 and pruned["speedup"] > 0
+    for picture in ("demo.png", "demo_pruned.png", "report.md"):
+        assert (tmp_path / picture).exists()
+    assert "schedule 0.8" in (tmp_path / "report.md").read_text()
 
 
 def test_console_script_help():

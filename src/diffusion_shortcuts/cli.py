@@ -187,17 +187,19 @@ def cmd_prune(args) -> dict:
     (out / "search.json").write_text(json.dumps(result.history) + "\n")
     schedule_heatmap(schedule, out / "heatmap.png", title=f"{args.model}, ratio {args.ratio}: computed (dark) / "
                                                           f"reused (light), MACs {schedule.macs_ratio:.3f} of full")
-    metrics, full, pruned = compare_with_full(model, schedule, n=args.samples, seed=args.seed + 1)
+    metrics, full, pruned = compare_with_full(model, schedule, n=args.samples, seed=args.seed + 1, sampler=sampler)
     show = slice(0, min(20, args.samples))
     side_by_side([labelled(grid(full[show], nrow=10), "full model"),
                   labelled(grid(pruned[show], nrow=10), f"schedule: {metrics['speedup']:.1f}x faster")]).save(
         out / "full_vs_pruned.png")
     history = result.history
-    return {"model": args.model, "ratio": args.ratio, "schedule": "schedule.json", "pruner": "pruner",
+    metrics = {"model": args.model, "ratio": args.ratio, "schedule": "schedule.json", "pruner": "pruner",
             "heatmap": "heatmap.png", "picture": "full_vs_pruned.png",
             "search_seconds": sum(history["seconds"]), "search_iterations": len(history["loss"]),
             "search_settings": history["settings"], "within_tolerance": schedule.info["within_tolerance"],
             "search_ssim": history["ssim"], "search_macs_ratio": history["macs_ratio"], **metrics}
+    write_metrics(out, metrics)
+    return metrics
 
 
 def parse_reward(text: str, model):
@@ -318,13 +320,25 @@ def cmd_demo(args) -> dict:
     out = prepare_out(args.out)
     report = {"models": {}}
     panels = []
+    pruned_panels = []
     for name in ("digits-unet", "digits-dit"):
         m = sample_report(name, "0-9", args.n, args.seed, args.steps, None, out, tag=f"_{name}")
         report["models"][name] = m
         panels.append(labelled(Image.open(out / m["grid"]), f"{name}: accuracy {m.get('accuracy', 0):.0%}, "
                                                             f"{m['seconds']:.1f}s"))
+        # the compute shortcut: the same seeds through the shipped DiP-GO schedule (ratio 0.8)
+        p = sample_report(name, "0-9", args.n, args.seed, args.steps, None, out, tag=f"_{name}_pruned",
+                          schedule_path="zoo")
+        p["speedup"] = m["seconds"] / p["seconds"]
+        report["models"][f"{name} (schedule 0.8)"] = p
+        pruned_panels.append(side_by_side([
+            labelled(Image.open(out / m["grid"]), f"{name}, full: {m['seconds']:.1f}s"),
+            labelled(Image.open(out / p["grid"]), f"schedule 0.8: {p['seconds']:.1f}s ({p['speedup']:.1f}x), "
+                                                  f"accuracy {p.get('accuracy', 0):.0%}")]))
     side_by_side(panels).save(out / "demo.png")
+    side_by_side(pruned_panels).save(out / "demo_pruned.png")
     report["picture"] = "demo.png"
+    report["picture_pruned"] = "demo_pruned.png"
     # The DiT's unconditional samples are the cleaner start; the sphere prior keeps the noise on the
     # Gaussian shell, without which the steered samples drift into adversarial noise for the reward classifier.
     report["sdo"] = run_optimize(SDO_DEMO_MODEL, f"digit:{args.digit}", "shortcut", args.iterations, 8, 0.05,
@@ -334,6 +348,14 @@ def cmd_demo(args) -> dict:
              "| model | accuracy (digits-classifier-eval) | seconds | steps |", "|---|---|---|---|"]
     for name, m in report["models"].items():
         lines.append(f"| {name} | {m.get('accuracy', float('nan')):.3f} | {m['seconds']:.1f} | {m['num_inference_steps']} |")
+    lines += ["", "## The compute shortcut: the shipped DiP-GO schedules (ratio 0.8)", "",
+              "![full and pruned](demo_pruned.png)", "",
+              "| model | MACs of full | speedup (same seeds, this run) | accuracy full | accuracy pruned |",
+              "|---|---|---|---|---|"]
+    for name in ("digits-unet", "digits-dit"):
+        full, pruned = report["models"][name], report["models"][f"{name} (schedule 0.8)"]
+        lines.append(f"| {name} | {pruned['macs_ratio']:.3f} | {pruned['speedup']:.2f}x | "
+                     f"{full.get('accuracy', float('nan')):.3f} | {pruned.get('accuracy', float('nan')):.3f} |")
     sdo = report["sdo"]
     lines += ["", f"## The gradient shortcut: steering unconditional samples to a {args.digit}", "",
               "![before and after](before_after_sdo.png)", "", "![reward curve](curve_sdo.png)", "",

@@ -65,22 +65,23 @@ def timed_speedup(m: ZooModel, schedule, batch: int = 16, repeats: int = 5, samp
 
 def compare_with_full(m: ZooModel, schedule, n: int = 1000, seed: int = 0, batch_size: int = 100,
                       judge: DigitJudge | None = None, speed_batch: int = 16, progress: bool = True,
-                      full_images: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                      full_images: torch.Tensor | None = None, sampler=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Quality and speed of ``schedule`` against the full model, from the same seeds and labels.
 
     Returns (metrics, full images, pruned images). Pass ``full_images`` (made by an earlier call with
-    the same n and seed) to skip regenerating them.
+    the same n and seed) to skip regenerating them. ``sampler`` defaults to ``m.sampler()``.
     """
+    sampler = sampler or m.sampler()
     judge = judge or DigitJudge()
     labels = torch.arange(n) % m.num_classes if m.conditional else None
     noise = m.noise(n, torch.Generator().manual_seed(seed))
     if full_images is None:
-        full_images = _generate(m, labels, noise, batch_size, progress=progress, desc="full model")
-    pruned = _generate(m, labels, noise, batch_size, schedule, progress=progress, desc="with schedule")
+        full_images = _generate(m, labels, noise, batch_size, sampler=sampler, progress=progress, desc="full model")
+    pruned = _generate(m, labels, noise, batch_size, schedule, sampler, progress=progress, desc="with schedule")
     full_q, pruned_q = judge(full_images, labels), judge(pruned, labels)
     metrics = {"samples": n, "seed": seed, "macs_ratio": schedule.macs_ratio,
                "ssim": float(ssim(pruned, full_images).mean()), "psnr": float(psnr(pruned, full_images).mean()),
                **{f"{k}_full": v for k, v in full_q.items()}, **{f"{k}_pruned": v for k, v in pruned_q.items()},
                "accuracy_judge": "digits-classifier-eval", "fid_features": "digits-classifier",
-               **timed_speedup(m, schedule, speed_batch)}
+               **timed_speedup(m, schedule, speed_batch, sampler=sampler)}
     return metrics, full_images, pruned
