@@ -1,7 +1,7 @@
 """DiP-GO schedules against the honest baselines at matched MACs, side by side in one process per model.
 
     python benchmarks/prune.py                      # both zoo generators, the shipped pruners
-    python benchmarks/prune.py --models digits-unet --samples 1000 --ratios 0.5 0.7 0.8 0.85
+    python benchmarks/prune.py --models digits-unet    # one model; the other's earlier results are kept
 
 For each model (DDIM 50 steps, the model's guidance) the full model's images (``--samples``, 100 per
 class, fixed seed) are the reference; every variant samples from the same noise and labels:
@@ -164,10 +164,13 @@ def main() -> None:
     if args.child:
         return emit(run_model(args.model, args.ratios, args.samples, args.batch, args.repeats, args.fbc_thresholds))
     if args.replot:
-        import json
-
         return plot(json.loads(args.out.read_text())["results"], args.out.with_suffix(".png"))
+    import json
+
     results = [run_child(__file__, ["--model", name, *common]) for name in args.models]
+    if args.out.exists():  # keep the other models' results from an earlier run (one model at a time is fine)
+        earlier = json.loads(args.out.read_text())["results"]
+        results = [r for r in earlier if r["model"] not in args.models] + results
     write_results(args.out, "prune", {"ratios": args.ratios, "samples": args.samples, "results": results})
     plot(results, args.out.with_suffix(".png"))
 

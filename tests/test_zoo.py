@@ -66,3 +66,16 @@ def test_frechet_distance_closed_form():
     expected = 3 * 1.0 + (1 - 2) ** 2 + (2 - 1) ** 2 + 0.0
     assert frechet_distance(a, b) == pytest.approx(expected, rel=0.05)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["digits-unet", "digits-dit"])
+def test_shipped_dipgo_schedules_fit_their_models(name):
+    m = ds.zoo.load(name)
+    schedule = m.cache_schedule(0.8)
+    assert abs(schedule.pruned_fraction - 0.8) <= 0.0125 and not schedule.reuse[0].any()
+    with ds.prune.apply(m.model, schedule, m.sampler()):
+        pass
+    search = m.dipgo()  # the shipped pruner re-thresholded gives the shipped schedule back
+    assert torch.equal(search.schedule(0.8).reuse, schedule.reuse)
+    with pytest.raises(FileNotFoundError, match="no cache schedule at ratio 0.3"):
+        m.cache_schedule(0.3)

@@ -185,8 +185,8 @@ def cmd_prune(args) -> dict:
     schedule.save(out / "schedule.json")
     result.pruner.save_pretrained(out / "pruner")
     (out / "search.json").write_text(json.dumps(result.history) + "\n")
-    schedule_heatmap(schedule, out / "heatmap.png", title=f"{args.model}, ratio {args.ratio}: computed (dark) / "
-                                                          f"reused (light), MACs {schedule.macs_ratio:.3f} of full")
+    schedule_heatmap(schedule, out / "heatmap.png", title=f"{args.model}, ratio {args.ratio}: MACs "
+                                                          f"{schedule.macs_ratio:.3f} of full\ncomputed (dark) / reused (light)")
     metrics, full, pruned = compare_with_full(model, schedule, n=args.samples, seed=args.seed + 1, sampler=sampler)
     show = slice(0, min(20, args.samples))
     side_by_side([labelled(grid(full[show], nrow=10), "full model"),
