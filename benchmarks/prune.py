@@ -47,7 +47,8 @@ def run_model(name: str, ratios: list[float], samples: int, batch: int, repeats:
     noise16, cond16 = m.noise(16, torch.Generator().manual_seed(1)), m.encode(torch.arange(16) % 10)
     prof = profile(m.model, noise16, cond16)
     search = m.dipgo()
-    keep_scores = search.keep_scores()
+    with torch.no_grad():
+        keep_scores = search.pruner.keep_scores()
 
     def generate(smp, context=nullcontext, desc=""):
         out = []
@@ -62,8 +63,12 @@ def run_model(name: str, ratios: list[float], samples: int, batch: int, repeats:
 
     def measure(method: str, ratio: float, smp, context, macs_ratio: float, **extra):
         images = generate(smp, context, desc=method)
-        with context():
-            full_s, variant_s = timed_pair(lambda: sampler(noise16, cond16), lambda: smp(noise16, cond16), repeats)
+
+        def variant():
+            with context():
+                smp(noise16, cond16)
+
+        full_s, variant_s = timed_pair(lambda: sampler(noise16, cond16), variant, repeats)
         row = {"method": method, "ratio": ratio, "macs_ratio": macs_ratio, "speedup": full_s / variant_s,
                "seconds_full_batch16": full_s, "seconds_batch16": variant_s, **judge(images, labels),
                "ssim": float(ssim(images, full_images).mean()), "psnr": float(psnr(images, full_images).mean()),
@@ -113,10 +118,13 @@ def first_block_cache(model, threshold: float):
     @contextmanager
     def context():
         apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
-        _set_cache_context(model, CacheContext("cond"))
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+        # a generation's reset clears the context, so set it before every call, as pipelines do
+        handle = model.register_forward_pre_hook(lambda *_: _set_cache_context(model, CacheContext("cond")))
         try:
             yield
         finally:
+            handle.remove()
             registry = HookRegistry.check_if_exists_or_initialize(model)
             for name in (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK):
                 registry.remove_hook(name, recurse=True)
