@@ -349,3 +349,29 @@ def test_search_stops_on_a_non_finite_loss_and_keeps_its_checkpoint(tmp_path):
         ds.prune.train_pruner(sampler, conditions, callback=poison, **kwargs)
     state = torch.load(tmp_path / "search_checkpoint.pt", weights_only=False)
     assert state["iteration"] == 2 and all(torch.isfinite(v).all() for v in state["pruner"].values())
+
+
+def test_search_with_the_one_step_shortcut_gradient():
+    sampler, noise, cond = unet_case(steps=4)
+    result = ds.prune.train_pruner(sampler, torch.randn(2, 3, 8), ratio=0.5, iterations=3, batch_size=1,
+                                   gradient=ds.gradients.Shortcut(step=2), sample_shape=(1, 8, 8),
+                                   pruner_kwargs={"dim": 8, "heads": 2}, progress=False)
+    assert len(result.history["ssim"]) == 3
+    initial = Pruner(4, 5, dim=8, heads=2)
+    assert not torch.equal(result.pruner.head_bias, initial.head_bias)  # the gates moved
+
+
+def test_sdo_through_a_pruned_model_checkpointing_recomputes_the_same_caches():
+    sampler, noise, cond = unet_case(dtype=torch.float64, steps=5)
+    prof = profile(sampler.model, noise, cond)
+    sched = CacheSchedule.uniform(sampler.timesteps, prof, interval=2)
+    grads = {}
+    with apply(sampler.model, sched, sampler):
+        for policy in ("full", "checkpointed"):
+            x = noise.clone().requires_grad_(True)
+            sampler(x, cond, gradient=policy).square().sum().backward()
+            grads[policy] = x.grad
+    torch.testing.assert_close(grads["checkpointed"], grads["full"], rtol=1e-10, atol=1e-12)
+    x = noise.clone().requires_grad_(True)
+    sampler(x, cond, gradient="full").square().sum().backward()  # unpruned: a different gradient
+    assert not torch.allclose(x.grad, grads["full"])
