@@ -154,6 +154,26 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def table(results: list[dict]) -> str:
+    """The markdown rows BENCHMARKS.md shows, per model."""
+    lines = []
+    for result in results:
+        lines += [f"{result['model']} ({result['samples']} samples, DDIM {result['num_inference_steps']} steps, "
+                  f"guidance {result['guidance_scale']}):", "",
+                  "| target ratio | method | MACs of full | speedup | FID | accuracy | SSIM to full | PSNR |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(result["rows"], key=lambda r: (r["method"] != "full", r["method"] == "first_block_cache",
+                                                        r["ratio"], r["method"])):
+            label = {"dipgo": "DiP-GO", "uniform": f"uniform (n={r.get('interval')})", "ddim": f"DDIM {r.get('steps')} steps",
+                     "dpm": f"DPM-Solver++ {r.get('steps')} steps",
+                     "first_block_cache": f"FirstBlockCache (threshold {r.get('threshold')})"}.get(r["method"], r["method"])
+            ratio = "-" if r["method"] in ("full", "first_block_cache") else f"{r['ratio']:g}"
+            lines.append(f"| {ratio} | {label} | {r['macs_ratio']:.3f} | {r['speedup']:.2f}x | {r['fid']:.1f} | "
+                         f"{r['accuracy']:.3f} | {r['ssim']:.3f} | {r['psnr']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["digits-unet", "digits-dit"])
@@ -163,24 +183,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds per variant")
     parser.add_argument("--fbc-thresholds", nargs="+", type=float, default=[0.05, 0.1, 0.2])
     parser.add_argument("--out", type=Path, default=RESULTS / "prune.json")
-    parser.add_argument("--replot", action="store_true", help="redraw the plot from --out")
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from --out and print the table")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     common = ["--ratios", *map(str, args.ratios), "--samples", str(args.samples), "--batch", str(args.batch),
               "--repeats", str(args.repeats), "--fbc-thresholds", *map(str, args.fbc_thresholds)]
+    import json
+
     if args.child:
         return emit(run_model(args.model, args.ratios, args.samples, args.batch, args.repeats, args.fbc_thresholds))
     if args.replot:
-        return plot(json.loads(args.out.read_text())["results"], args.out.with_suffix(".png"))
-    import json
-
+        results = json.loads(args.out.read_text())["results"]
+        plot(results, args.out.with_suffix(".png"))
+        return print(table(results))
     results = [run_child(__file__, ["--model", name, *common]) for name in args.models]
     if args.out.exists():  # keep the other models' results from an earlier run (one model at a time is fine)
         earlier = json.loads(args.out.read_text())["results"]
         results = [r for r in earlier if r["model"] not in args.models] + results
     write_results(args.out, "prune", {"ratios": args.ratios, "samples": args.samples, "results": results})
     plot(results, args.out.with_suffix(".png"))
+    print(table(results))
 
 
 if __name__ == "__main__":
