@@ -104,6 +104,9 @@ def write_card(name: str, folder: Path, figures: dict) -> None:
     if "fid" in figures:
         lines += ["", "FID is on `digits-classifier` features (not Inception), so it is comparable only with other "
                       "figures on the same features; the floor is the FID of the held-out set against the training set."]
+    if (folder / "dipgo" / "README.md").exists():
+        lines += ["", "A DiP-GO cache schedule at ratio 0.8 ships beside it: [dipgo/README.md](dipgo/README.md) "
+                      "(`m.cache_schedule(0.8)`, `diffusion-shortcuts sample --schedule zoo`)."]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 
