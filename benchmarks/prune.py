@@ -133,22 +133,31 @@ def first_block_cache(model, threshold: float):
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Quality against measured speedup: FID (top; off-scale points drawn at the top edge) and SSIM to
+    the full model's images (bottom), one column per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
-    for ax, result in zip(axes[0], results):
-        methods = sorted({r["method"] for r in result["rows"]} - {"full"})
+    fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 7), squeeze=False)
+    for column, result in enumerate(results):
+        fid_ax, ssim_ax = axes[0][column], axes[1][column]
         full = next(r for r in result["rows"] if r["method"] == "full")
-        for method in methods:
-            pts = sorted((r["speedup"], r["fid"]) for r in result["rows"] if r["method"] == method)
-            ax.plot(*zip(*pts), marker="o", label=method)
-        ax.axhline(full["fid"], color="gray", ls="--", lw=1, label="full model (50 steps)")
-        ax.set(xlabel="measured speedup (batch 16)", ylabel="FID (lower is better)", title=result["model"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        top = 2.5 * full["fid"]
+        for method in sorted({r["method"] for r in result["rows"]} - {"full"}):
+            rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["speedup"])
+            speed = [r["speedup"] for r in rows]
+            fid_ax.plot(speed, [min(r["fid"], top) for r in rows], marker="o", label=method)
+            ssim_ax.plot(speed, [r["ssim"] for r in rows], marker="o", label=method)
+        fid_ax.axhline(full["fid"], color="gray", ls="--", lw=1, label="full model (50 steps)")
+        fid_ax.set(ylim=(0, top * 1.05), ylabel=f"FID (lower is better; clipped at {top:.0f})",
+                   title=f"{result['model']}, {result['samples']} samples")
+        ssim_ax.set(ylim=(max(0.8, min(r["ssim"] for r in result["rows"]) - 0.01), 1.001),
+                    xlabel="measured speedup (batch 16)", ylabel="SSIM to the full model's images")
+        for ax in (fid_ax, ssim_ax):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
