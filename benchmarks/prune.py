@@ -140,6 +140,8 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from diffusion_shortcuts.plots import save_figure
+
     fig, axes = plt.subplots(2, len(results), figsize=(5.5 * len(results), 7), squeeze=False)
     for column, result in enumerate(results):
         fid_ax, ssim_ax = axes[0][column], axes[1][column]
@@ -158,9 +160,7 @@ def plot(results: list[dict], path: Path) -> None:
         for ax in (fid_ax, ssim_ax):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(results: list[dict]) -> str:

@@ -6,6 +6,16 @@ from itertools import accumulate
 from pathlib import Path
 
 
+def save_figure(fig, path: str | Path, dpi: int = 90) -> Path:
+    """Lay out, write and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def reward_curves(histories: dict[str, dict], path: str | Path, title: str = "") -> Path:
     """One line per run: mean reward against iteration (left) and against cumulative seconds (right)."""
     import matplotlib
@@ -24,10 +34,7 @@ def reward_curves(histories: dict[str, dict], path: str | Path, title: str = "")
     for ax in (ax_it, ax_s):
         ax.grid(alpha=0.3)
     ax_it.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def schedule_heatmap(schedule, path: str | Path, title: str = "") -> Path:
@@ -46,7 +53,4 @@ def schedule_heatmap(schedule, path: str | Path, title: str = "") -> Path:
     ax.set_yticks(ticks, [f"{i} (t={schedule.timesteps[i]:g})" for i in ticks], fontsize=7)
     ax.set_ylabel("step")
     ax.set_title(title or f"computed (dark) / reused (light); MACs {schedule.macs_ratio:.3f} of full", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
