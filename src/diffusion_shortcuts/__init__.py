@@ -1,9 +1,10 @@
 """diffusion-shortcuts: one-step gradients through diffusion sampling (SDO) and learned block caching (DiP-GO)."""
 
 from . import gradients, prune, rewards, zoo
-from .optimize import OptimizationError, OptimizeResult, optimize_latents
+from .optimize import (FinetuneError, FinetuneResult, OptimizationError, OptimizeResult, add_lora, finetune,
+                       optimize_latents)
 from .sampling import Sampler, call_denoiser
 
 __all__ = ["Sampler", "call_denoiser", "gradients", "prune", "rewards", "zoo", "optimize_latents", "OptimizeResult",
-           "OptimizationError"]
+           "OptimizationError", "finetune", "add_lora", "FinetuneResult", "FinetuneError"]
 __version__ = "0.1.0"

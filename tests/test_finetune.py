@@ -1,0 +1,80 @@
+"""Reward fine-tuning (issue 6, first part): LoRA through peft, any gradient policy, exact resume."""
+
+import pytest
+import torch
+from conftest import tiny_cond_unet, tiny_dit
+from diffusers import DDIMScheduler
+
+import diffusion_shortcuts as ds
+from diffusion_shortcuts import FinetuneError, add_lora, finetune
+
+
+def brightness(images, cond):
+    return images.mean(dim=(1, 2, 3))
+
+
+def unet_sampler():
+    model = tiny_cond_unet()
+    return ds.Sampler(model, DDIMScheduler(num_train_timesteps=1000, clip_sample=False), 4, guidance_scale=2.0,
+                      uncond=torch.zeros(1, 3, 8), decode=lambda x: x / 2 + 0.5)
+
+
+def test_lora_is_injected_through_peft_in_both_ways():
+    unet_names = add_lora(tiny_cond_unet(), rank=2)
+    dit = tiny_dit()
+    dit_names = add_lora(dit, rank=2, target_modules=("to_q", "to_v"))
+    assert unet_names and all("lora_" in n for n in unet_names)
+    assert dit_names and all(p.dtype == torch.float32 for n, p in dit.named_parameters() if n in dit_names)
+    with pytest.raises(ValueError, match="not found|no LoRA target"):
+        add_lora(tiny_cond_unet(), target_modules=("nothing_here",))
+
+
+@pytest.mark.parametrize("policy", [ds.gradients.Shortcut(step="random"), ds.gradients.Truncated(1), "full"])
+def test_finetune_raises_the_reward_and_touches_only_the_adapter(policy):
+    sampler = unet_sampler()
+    add_lora(sampler.model, rank=2)
+    frozen = {n: p.detach().clone() for n, p in sampler.model.named_parameters() if "lora_" not in n}
+    conditions = torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(0))
+    result = finetune(sampler, brightness, conditions, (1, 8, 8), gradient=policy, iterations=12, batch_size=2,
+                      lr=0.05, progress=False)
+    rewards = result.history["reward"]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3
+    for n, p in sampler.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_finetune_resumes_to_the_same_weights_and_stops_on_non_finite(tmp_path):
+    def run(**kwargs):
+        sampler = unet_sampler()
+        add_lora(sampler.model, rank=2)
+        return finetune(sampler, brightness, torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1)),
+                        (1, 8, 8), iterations=6, batch_size=2, lr=0.05, progress=False, **kwargs)
+
+    whole = run()
+
+    class Killed(Exception):
+        pass
+
+    def kill(info):
+        if info["iteration"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(checkpoint_dir=tmp_path, checkpoint_every=2, callback=kill)
+    resumed = run(checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
+    for n, p in whole.trainable.items():
+        assert torch.equal(p, resumed.trainable[n]), n
+    assert resumed.history["reward"] == whole.history["reward"]
+
+    def nan_after_two(images, cond):
+        nan_after_two.calls += 1
+        return brightness(images, cond) * (float("nan") if nan_after_two.calls > 2 else 1.0)
+
+    nan_after_two.calls = 0
+    sampler = unet_sampler()
+    add_lora(sampler.model, rank=2)
+    with pytest.raises(FinetuneError, match="iteration 2: non-finite reward"):
+        finetune(sampler, nan_after_two, torch.randn(1, 3, 8), (1, 8, 8), iterations=4, batch_size=1, progress=False,
+                 checkpoint_dir=tmp_path / "nan", checkpoint_every=1)
+    assert torch.load(tmp_path / "nan" / "finetune_checkpoint.pt", weights_only=False)["iteration"] == 2
