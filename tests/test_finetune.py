@@ -78,3 +78,19 @@ def test_finetune_resumes_to_the_same_weights_and_stops_on_non_finite(tmp_path):
         finetune(sampler, nan_after_two, torch.randn(1, 3, 8), (1, 8, 8), iterations=4, batch_size=1, progress=False,
                  checkpoint_dir=tmp_path / "nan", checkpoint_every=1)
     assert torch.load(tmp_path / "nan" / "finetune_checkpoint.pt", weights_only=False)["iteration"] == 2
+
+
+def test_the_adapter_saves_alone_and_loads_onto_the_base_model(tmp_path):
+    from diffusion_shortcuts.optimize import load_lora, save_lora
+
+    sampler = unet_sampler()
+    add_lora(sampler.model, rank=2)
+    finetune(sampler, brightness, torch.randn(2, 3, 8), (1, 8, 8), iterations=2, batch_size=1, lr=0.05,
+             progress=False)
+    path = save_lora(sampler.model, tmp_path / "adapter.safetensors")
+    base = tiny_cond_unet()
+    load_lora(base, path, rank=2)
+    x, t, c = torch.randn(1, 1, 8, 8), torch.tensor(500), torch.randn(1, 3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(base(x, t, c).sample, sampler.model(x, t, c).sample)
+        assert not torch.allclose(tiny_cond_unet()(x, t, c).sample, base(x, t, c).sample)

@@ -60,6 +60,29 @@ def add_lora(model: torch.nn.Module, rank: int = 4, alpha: float | None = None,
     return names
 
 
+def save_lora(model: torch.nn.Module, path: str | Path) -> Path:
+    """The adapter alone, as safetensors (peft's state-dict naming)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, str(path))
+    return Path(path)
+
+
+def load_lora(model: torch.nn.Module, path: str | Path, rank: int, alpha: float | None = None,
+              target_modules=LORA_TARGETS) -> torch.nn.Module:
+    """Put an adapter saved by :func:`save_lora` onto a base model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    add_lora(model, rank, alpha, target_modules)
+    result = set_peft_model_state_dict(model, load_file(str(path)))
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{path}: adapter keys the model does not have: {result.unexpected_keys[:3]}")
+    return model
+
+
 def _select(model, params) -> dict[str, torch.nn.Parameter]:
     named = dict(model.named_parameters())
     if params == "all":
