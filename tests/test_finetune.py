@@ -94,3 +94,42 @@ def test_the_adapter_saves_alone_and_loads_onto_the_base_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(base(x, t, c).sample, sampler.model(x, t, c).sample)
         assert not torch.allclose(tiny_cond_unet()(x, t, c).sample, base(x, t, c).sample)
+
+
+def test_cli_finetune_killed_by_a_signal_resumes_to_the_same_adapter(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "diffusion_shortcuts.cli", "finetune", "--model", "digits-dit", "--reward",
+                "digit:3", "--rank", "2", "--iterations", "6", "--batch-size", "1", "--steps", "4",
+                "--checkpoint-every", "1", "--lr", "0.01", "--out", str(out), *extra]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed / "finetune_checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.exists():
+            try:
+                if torch.load(checkpoint, weights_only=False)["iteration"] >= 2:
+                    break
+            except Exception:  # caught mid-rename: try again
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter.safetensors").exists()  # really killed before the end
+    subprocess.run(command(killed, "--resume"), check=True, env=env, capture_output=True)
+    a, b = load_file(str(tmp_path / "whole" / "adapter.safetensors")), load_file(str(killed / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["reward"] == json.loads((tmp_path / "whole" / "metrics.json").read_text())["reward"]

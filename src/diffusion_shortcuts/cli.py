@@ -4,6 +4,7 @@
     diffusion-shortcuts sample   --model digits-unet --labels 0-9 --n 100 [--seed 0] [--steps 50] --out DIR
     diffusion-shortcuts optimize --model digits-unet --reward digit:3 --gradient shortcut --iterations 100 --out DIR
     diffusion-shortcuts prune    --model digits-unet --ratio 0.8 --out DIR
+    diffusion-shortcuts finetune --model digits-unet --reward digit:3 --params lora --rank 4 --out DIR
     diffusion-shortcuts sample   --model digits-unet --schedule DIR/schedule.json --out DIR2
 
 Every verb writes ``DIR/metrics.json`` and PNGs, shows a progress bar on long work, and on bad input
@@ -311,6 +312,64 @@ def cmd_optimize(args) -> dict:
     return metrics
 
 
+def parse_gradient(text: str):
+    """A policy name, or ``sdo`` (= ``Shortcut(step="random")``), ``truncated:K``, ``random_truncated:K``."""
+    from . import gradients
+
+    name, _, arg = text.partition(":")
+    try:
+        if name == "sdo":
+            return gradients.Shortcut(step="random")
+        if name in ("truncated", "random_truncated") and arg:
+            return (gradients.Truncated if name == "truncated" else gradients.RandomTruncated)(int(arg))
+        return gradients.resolve(text)
+    except ValueError as exc:
+        raise UsageError(f"--gradient: {exc}") from None
+
+
+def cmd_finetune(args) -> dict:
+    """Fine-tune a zoo generator's LoRA adapter (or all weights) against a reward; resumable."""
+    import torch
+
+    from .images import grid, labelled, side_by_side
+    from .optimize import FinetuneError, add_lora, finetune, save_lora
+    from .plots import reward_curves
+
+    out = prepare_out(args.out)
+    model = _load_generator(args.model)
+    reward = parse_reward(args.reward, model)
+    policy = parse_gradient(args.gradient)
+    if args.iterations < 1 or args.batch_size < 1 or args.rank < 1:
+        raise UsageError("--iterations, --batch-size and --rank must be at least 1")
+    sampler = model.sampler(args.steps)
+    conditions = model.encode(torch.arange(model.num_classes)).detach() if model.conditional else None
+    show_noise = model.noise(10, torch.Generator().manual_seed(10_000 + args.seed))
+    show_cond = model.encode(torch.arange(10) % model.num_classes) if model.conditional else None
+    before = sampler(show_noise, show_cond).clamp(0, 1)
+    if args.params == "lora":
+        add_lora(model.model, rank=args.rank, seed=args.seed)
+    try:
+        result = finetune(sampler, reward, conditions, model.sample_shape, params=args.params, gradient=policy,
+                          iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          checkpoint_dir=out, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    except (FinetuneError, ValueError) as exc:
+        raise UsageError(f"{exc} (checkpoint: {out / 'finetune_checkpoint.pt'})") from None
+    if args.params == "lora":
+        save_lora(model.model, out / "adapter.safetensors")
+    else:
+        model.model.save_pretrained(out / "model")
+    after = sampler(show_noise, show_cond).clamp(0, 1)
+    side_by_side([labelled(grid(before, nrow=10), "base model"), labelled(grid(after, nrow=10), "fine-tuned")]).save(
+        out / "before_after.png")
+    reward_curves({args.gradient: result.history}, out / "curve.png", title=f"{args.model}, {args.reward}")
+    metrics = {"model": args.model, "reward_spec": args.reward, "params": args.params, "rank": args.rank,
+               "gradient": repr(policy), "num_inference_steps": args.steps, **result.history["settings"],
+               "reward": result.history["reward"], "seconds_per_iteration": result.history["seconds"],
+               "weights": "adapter.safetensors" if args.params == "lora" else "model"}
+    write_metrics(out, metrics)
+    return metrics
+
+
 def cmd_demo(args) -> dict:
     """The embedded default: the zoo's generators sampled and judged; a short report."""
     from PIL import Image
@@ -406,6 +465,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "the model's shipped 0.8 schedule")
     sample.add_argument("--out", required=True)
     sample.set_defaults(func=cmd_sample)
+
+    tune = verbs.add_parser("finetune", help="fine-tune LoRA or all weights against a reward (SDO by default)")
+    tune.add_argument("--model", default="digits-unet")
+    tune.add_argument("--reward", required=True, help="digit:N or reference:IMAGE.png[:MASK.png]")
+    tune.add_argument("--params", choices=["lora", "all"], default="lora")
+    tune.add_argument("--rank", type=int, default=4)
+    tune.add_argument("--gradient", default="sdo", help="sdo, full, checkpointed, truncated:K, random_truncated:K")
+    tune.add_argument("--iterations", type=int, default=100, help="the total, also when resuming")
+    tune.add_argument("--batch-size", type=int, default=4)
+    tune.add_argument("--lr", type=float, default=1e-3)
+    tune.add_argument("--steps", type=int, default=50)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--checkpoint-every", type=int, default=10)
+    tune.add_argument("--resume", action="store_true", help="continue a killed run in the same --out")
+    tune.add_argument("--out", required=True)
+    tune.set_defaults(func=cmd_finetune)
 
     prune = verbs.add_parser("prune", help="learn a cache schedule (DiP-GO) and compare it with the full model")
     prune.add_argument("--model", default="digits-unet")

@@ -39,17 +39,19 @@ class FinetuneResult:
 
 
 def add_lora(model: torch.nn.Module, rank: int = 4, alpha: float | None = None,
-             target_modules=LORA_TARGETS) -> list[str]:
+             target_modules=LORA_TARGETS, seed: int = 0) -> list[str]:
     """Inject a LoRA adapter through peft (``add_adapter`` where the model has it, ``inject_adapter_in_model``
-    where not); returns the names of the adapter's parameters, kept in float32."""
+    where not), initialised from ``seed``; returns the names of the adapter's parameters, kept in float32."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules),
                         init_lora_weights="gaussian")
-    if hasattr(model, "add_adapter"):
-        model.add_adapter(config)
-    else:
-        inject_adapter_in_model(config, model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hasattr(model, "add_adapter"):
+            model.add_adapter(config)
+        else:
+            inject_adapter_in_model(config, model)
     names = [n for n, p in model.named_parameters() if "lora_" in n]
     if not names:
         raise ValueError(f"no LoRA target modules {list(target_modules)} in {type(model).__name__}")
