@@ -133,3 +133,37 @@ def test_cli_finetune_killed_by_a_signal_resumes_to_the_same_adapter(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["reward"] == json.loads((tmp_path / "whole" / "metrics.json").read_text())["reward"]
+
+
+def test_two_processes_under_accelerate_equal_one_process_with_the_doubled_batch(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = str(Path(__file__).parent / "finetune_distributed.py")
+    # accelerate's multi-process CPU launch: torchrun through --multi_gpu, with ACCELERATE_USE_CPU (gloo)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+    subprocess.run([*launch, "--num_processes", "2", script, str(tmp_path / "two"), "1"], check=True, env=env,
+                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, script, str(tmp_path / "one"), "2"], check=True, env=env, capture_output=True,
+                   timeout=300)
+    rank0, rank1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    initial = tiny_cond_unet()
+    add_lora(initial, rank=2)
+    initial = dict(initial.named_parameters())
+    moved = 0.0
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key  # the processes never drift apart
+        # plain SGD, so a sum instead of a mean over processes would double the step and show here
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-6)
+        moved = max(moved, float((single[key] - initial[key].detach()).abs().max()))
+    assert moved > 1e-3

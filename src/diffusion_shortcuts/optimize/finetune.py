@@ -5,8 +5,7 @@ randomly chosen step, arXiv 2505.07477; ``Truncated(k)`` is DRaFT-K, ``RandomTru
 takes one optimizer step on ``-mean reward``. Noise, conditions and the policy's random step derive from
 ``(seed, iteration)``, so a run resumed from its checkpoint reaches the same weights as one never stopped.
 
-First part of issue 6: single process. Still to come there: accelerate, held-out evaluation, EMA and the
-base-sample regulariser, the CLI verb and the benchmark.
+Still to come (issue 6): held-out evaluation, EMA and the base-sample regulariser, the benchmark.
 """
 
 from __future__ import annotations
@@ -106,9 +105,9 @@ def _select(model, params) -> dict[str, torch.nn.Parameter]:
 
 def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...], params="lora",
              gradient: G.GradientPolicy | str | None = None, iterations: int = 100, batch_size: int = 4,
-             lr: float = 1e-3, grad_clip: float | None = 1.0, seed: int = 0,
+             lr: float = 1e-3, optimizer: str = "adamw", grad_clip: float | None = 1.0, seed: int = 0,
              checkpoint_dir: str | Path | None = None, checkpoint_every: int = 10, resume: bool = False,
-             progress: bool = True, callback=None) -> FinetuneResult:
+             progress: bool = True, callback=None, accelerator=None) -> FinetuneResult:
     """Fine-tune ``sampler.model`` in place to raise ``reward(images, cond)``.
 
     Args:
@@ -117,15 +116,27 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
         params: ``"lora"`` (the model's adapter, see :func:`add_lora`), ``"all"``, or a callable
             ``(name, param) -> bool``.
         gradient: the policy (default ``Shortcut(step="random")``, SDO).
+        accelerator: an ``accelerate.Accelerator`` (made here when None). Under ``accelerate launch
+            --num_processes P`` every process draws the same global batch of ``batch_size * P`` samples,
+            samples its own slice, and the gradients are averaged across processes: P processes reach the
+            weights one process reaches with the P-fold batch. Only the main process writes checkpoints.
     """
+    from accelerate import Accelerator
+
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
     policy = G.resolve(gradient) if gradient is not None else G.Shortcut(step="random")
     if iterations < 1 or batch_size < 1:
         raise ValueError("iterations and batch_size must be >= 1")
     model = sampler.model
     trainable = _select(model, params)
-    optimizer = torch.optim.AdamW(trainable.values(), lr=lr, weight_decay=0.0)
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    optimizer_name = optimizer
+    optimizer = (torch.optim.AdamW(trainable.values(), lr=lr, weight_decay=0.0) if optimizer == "adamw"
+                 else torch.optim.SGD(trainable.values(), lr=lr))
     settings = {"params": params if isinstance(params, str) else "callable", "gradient": repr(policy),
-                "iterations": iterations, "batch_size": batch_size, "lr": lr, "seed": seed}
+                "iterations": iterations, "batch_size": batch_size, "lr": lr, "optimizer": optimizer_name, "seed": seed}
     history = {"settings": settings, "reward": [], "seconds": []}
     start = 0
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
@@ -143,11 +154,15 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
             history, start = state["history"], state["iteration"]
     n_cond = len(conditions) if conditions is not None else 1
     model.train(False)
-    for it in tqdm(range(start, iterations), desc="finetune", disable=not progress, initial=start, total=iterations):
+    device = next(iter(trainable.values())).device
+    bar = tqdm(range(start, iterations), desc="finetune", disable=not progress or not accelerator.is_main_process,
+               initial=start, total=iterations)
+    for it in bar:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + it)
-        noise = torch.randn((batch_size, *noise_shape), generator=gen)
-        rows = (it * batch_size + torch.arange(batch_size)) % n_cond
-        cond = conditions[rows] if conditions is not None else None
+        mine = slice(rank * batch_size, (rank + 1) * batch_size)
+        noise = torch.randn((batch_size * world, *noise_shape), generator=gen)[mine].to(device)
+        rows = ((it * batch_size * world + torch.arange(batch_size * world)) % n_cond)[mine]
+        cond = conditions[rows.to(conditions.device)] if conditions is not None else None
         with Timer() as timer:
             images = sampler(noise, cond, gradient=policy, generator=gen)
             rewards = check_reward_output(reward(images, cond), len(images), "reward")
@@ -156,18 +171,23 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
                 raise FinetuneError(f"iteration {it}: non-finite reward; the last checkpoint is left as it was")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:  # the mean over processes: the gradient of the mean reward of the global batch
+                for p in trainable.values():
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
             grads = [p.grad for p in trainable.values() if p.grad is not None]
             if any(not torch.isfinite(g).all() for g in grads):
                 raise FinetuneError(f"iteration {it}: non-finite gradient; the last checkpoint is left as it was")
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(trainable.values(), grad_clip)
             optimizer.step()
-        history["reward"].append(float(rewards.detach().mean()))
+        mean_reward = rewards.detach().mean()
+        history["reward"].append(float(accelerator.reduce(mean_reward, reduction="mean") if world > 1 else mean_reward))
         history["seconds"].append(timer.seconds)
         if callback is not None:
             callback({"iteration": it, "reward": history["reward"][-1]})
         done = it + 1
-        if ckpt is not None and (done % checkpoint_every == 0 or done == iterations):
+        if ckpt is not None and accelerator.is_main_process and (done % checkpoint_every == 0 or done == iterations):
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"params": {n: p.detach().clone() for n, p in trainable.items()},
                         "optimizer": optimizer.state_dict(), "history": history, "iteration": done,
