@@ -49,3 +49,15 @@ def tiny_vae(latent_channels: int = 4, seed: int = 0):
 @pytest.fixture
 def cond_unet():
     return tiny_cond_unet()
+
+
+class Killed(Exception):
+    """Raised from a progress callback to stop a run mid-way, as a kill would."""
+
+
+def kill_at(iteration: int):
+    """A callback that raises :class:`Killed` when the run reaches ``iteration``."""
+    def callback(info):
+        if info["iteration"] == iteration:
+            raise Killed
+    return callback

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_cond_unet, tiny_dit
+from conftest import Killed, kill_at, tiny_cond_unet, tiny_dit
 from diffusers import DDIMScheduler
 
 import diffusion_shortcuts as ds
@@ -53,15 +53,8 @@ def test_finetune_resumes_to_the_same_weights_and_stops_on_non_finite(tmp_path):
 
     whole = run()
 
-    class Killed(Exception):
-        pass
-
-    def kill(info):
-        if info["iteration"] == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(checkpoint_dir=tmp_path, checkpoint_every=2, callback=kill)
+        run(checkpoint_dir=tmp_path, checkpoint_every=2, callback=kill_at(3))
     resumed = run(checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
     for n, p in whole.trainable.items():
         assert torch.equal(p, resumed.trainable[n]), n

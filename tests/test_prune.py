@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_cond_unet, tiny_dit, tiny_unet
+from conftest import Killed, kill_at, tiny_cond_unet, tiny_dit, tiny_unet
 from diffusers import DDIMScheduler
 
 import diffusion_shortcuts as ds
@@ -313,15 +313,8 @@ def test_search_learns_to_reuse_and_resumes_exactly(tmp_path):
     assert len(whole.history["loss"]) == 6
     assert whole.history["macs_ratio"][-1] < whole.history["macs_ratio"][0] == 1.0  # sparsity pushed gates off
 
-    class Killed(Exception):
-        pass
-
-    def kill(info):
-        if info["iteration"] == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        ds.prune.train_pruner(sampler, conditions, checkpoint_dir=tmp_path, checkpoint_every=2, callback=kill,
+        ds.prune.train_pruner(sampler, conditions, checkpoint_dir=tmp_path, checkpoint_every=2, callback=kill_at(3),
                               **kwargs)
     assert torch.load(tmp_path / "search_checkpoint.pt", weights_only=False)["iteration"] == 2
     resumed = ds.prune.train_pruner(sampler, conditions, checkpoint_dir=tmp_path, checkpoint_every=2,
