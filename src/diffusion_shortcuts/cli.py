@@ -159,7 +159,6 @@ def cmd_prune(args) -> dict:
     """DiP-GO: search a cache schedule at --ratio, compare it with the full model, write everything."""
     import torch
 
-    from . import gradients
     from .images import grid, labelled, side_by_side
     from .plots import schedule_heatmap
     from .prune import SearchError, train_pruner
@@ -171,10 +170,7 @@ def cmd_prune(args) -> dict:
         raise UsageError(f"--ratio must be in (0, 1), got {args.ratio}")
     if args.iterations < 1 or args.samples < 1:
         raise UsageError("--iterations and --samples must be at least 1")
-    try:
-        policy = gradients.resolve(args.gradient)
-    except ValueError as exc:
-        raise UsageError(f"--gradient: {exc}") from None
+    policy = parse_gradient(args.gradient)
     sampler = model.sampler(args.steps)
     conditions = model.encode(torch.arange(model.num_classes)).detach() if model.conditional else None
     try:
@@ -250,7 +246,7 @@ def run_optimize(model_name: str, reward_text: str, gradient: str, iterations: i
     import torch
     from safetensors.torch import save_file
 
-    from . import gradients, zoo
+    from . import zoo
     from .images import grid, labelled, side_by_side
     from .metrics import accuracy
     from .optimize import OptimizationError, optimize_latents
@@ -258,10 +254,7 @@ def run_optimize(model_name: str, reward_text: str, gradient: str, iterations: i
 
     model = _load_generator(model_name)
     reward = parse_reward(reward_text, model)
-    try:
-        policy = gradients.resolve(gradient)
-    except ValueError as exc:
-        raise UsageError(f"--gradient: {exc}") from None
+    policy = parse_gradient(gradient)
     if iterations < 1 or n < 1:
         raise UsageError(f"--iterations and --n must be at least 1, got {iterations} and {n}")
     if labels_text == "null":
