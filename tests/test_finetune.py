@@ -45,11 +45,14 @@ def test_finetune_raises_the_reward_and_touches_only_the_adapter(policy):
 
 
 def test_finetune_resumes_to_the_same_weights_and_stops_on_non_finite(tmp_path):
-    def run(**kwargs):
+    conditions = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1))
+    heldout = ds.HeldOut.per_condition(conditions, 2, (1, 8, 8), every=2)
+
+    def run(**kwargs):  # with every stateful option: EMA, warm-up, held-out evaluation, base regulariser
         sampler = unet_sampler()
         add_lora(sampler.model, rank=2)
-        return finetune(sampler, brightness, torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1)),
-                        (1, 8, 8), iterations=6, batch_size=2, lr=0.05, progress=False, **kwargs)
+        return finetune(sampler, brightness, conditions, (1, 8, 8), iterations=6, batch_size=2, lr=0.05,
+                        progress=False, ema=0.8, warmup=2, heldout=heldout, base_weight=0.5, **kwargs)
 
     whole = run()
 
@@ -59,6 +62,8 @@ def test_finetune_resumes_to_the_same_weights_and_stops_on_non_finite(tmp_path):
     for n, p in whole.trainable.items():
         assert torch.equal(p, resumed.trainable[n]), n
     assert resumed.history["reward"] == whole.history["reward"]
+    assert [e["reward"] for e in resumed.history["eval"]] == [e["reward"] for e in whole.history["eval"]]
+    assert [e["iteration"] for e in whole.history["eval"]] == [0, 2, 4, 6]
 
     def nan_after_two(images, cond):
         nan_after_two.calls += 1
@@ -160,3 +165,121 @@ def test_two_processes_under_accelerate_equal_one_process_with_the_doubled_batch
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-6)
         moved = max(moved, float((single[key] - initial[key].detach()).abs().max()))
     assert moved > 1e-3
+
+
+def test_diversity_is_the_mean_within_group_pairwise_rms_distance():
+    from diffusion_shortcuts.metrics import diversity
+
+    images = torch.rand(7, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    by_hand = []
+    for g in (0, 1, 2):
+        members = [images[i] for i in range(7) if groups[i] == g]
+        pairs = [(a - b).square().mean().sqrt() for i, a in enumerate(members) for b in members[i + 1:]]
+        by_hand.append(sum(pairs) / len(pairs))
+    assert diversity(images, groups) == pytest.approx(float(sum(by_hand) / 3), rel=1e-6)
+    assert diversity(images[:1].expand(3, -1, -1, -1), torch.zeros(3, dtype=torch.long)) == 0.0
+    with pytest.raises(ValueError, match="no group has two"):
+        diversity(images[:2], torch.tensor([0, 1]))
+
+
+def test_heldout_evaluation_measures_the_final_model_on_fixed_noise_and_stops_on_request():
+    labels = torch.tensor([0, 1, 2])
+    encoder = torch.nn.Embedding(3, 24).requires_grad_(False)
+
+    def encode(rows):
+        return encoder(rows).view(-1, 3, 8)
+
+    def judged(images, conditions):
+        return {"mean_label": float(conditions.float().mean())}
+
+    heldout = ds.HeldOut.per_condition(labels, 3, (1, 8, 8), every=2, judge=judged)
+    assert heldout.groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    sampler = unet_sampler()
+    add_lora(sampler.model, rank=2)
+    seen = []
+
+    def label_brightness(images, cond):  # the reward sees the labels, the sampler their encoding
+        seen.append(cond)
+        return images.mean(dim=(1, 2, 3)) * (1 + cond.float())
+
+    result = finetune(sampler, label_brightness, labels, (1, 8, 8), encode=encode, iterations=20, batch_size=2,
+                      lr=0.05, heldout=heldout, progress=False, callback=lambda info: info["iteration"] == 4)
+    evals = result.history["eval"]
+    assert len(result.history["reward"]) == 5 and [e["iteration"] for e in evals] == [0, 2, 4, 5]
+    assert all(c.dtype == torch.long for c in seen)
+    with torch.no_grad():
+        final = sampler(heldout.noise, encode(heldout.conditions))
+    assert evals[-1]["reward"] == pytest.approx(float(label_brightness(final, heldout.conditions).mean()), rel=1e-5)
+    assert evals[-1]["reward"] > evals[0]["reward"] and evals[-1]["mean_label"] == 1.0
+    assert evals[-1]["diversity"] > 0 and evals[-1]["seconds"] == pytest.approx(sum(result.history["seconds"]))
+    with pytest.raises(ValueError, match="2 conditions for 9 noise"):
+        ds.HeldOut(heldout.noise, labels[:2])
+
+
+def test_ema_weights_follow_the_closed_form_average_of_the_trajectory():
+    sampler = unet_sampler()
+    add_lora(sampler.model, rank=2)
+    names = [n for n, _ in sampler.model.named_parameters() if "lora_" in n]
+    params = dict(sampler.model.named_parameters())
+    trajectory = [{n: params[n].detach().clone() for n in names}]
+
+    def record(info):
+        trajectory.append({n: params[n].detach().clone() for n in names})
+
+    decay = 0.7
+    result = finetune(sampler, brightness, torch.randn(2, 3, 8), (1, 8, 8), iterations=5, batch_size=1, lr=0.05,
+                      ema=decay, progress=False, callback=record)
+    # diffusers' EMAModel: decay 0 at the first update, then min(decay, (1 + k) / (10 + k)) at update k + 1
+    average = trajectory[0]
+    for k, weights in enumerate(trajectory[1:]):
+        d = 0.0 if k == 0 else min(decay, (1 + k) / (10 + k))
+        average = {n: d * average[n] + (1 - d) * weights[n] for n in names}
+    for n in names:
+        torch.testing.assert_close(result.trainable[n].detach(), average[n])
+    assert not torch.equal(average[names[1]], trajectory[-1][names[1]])
+
+
+def test_base_regulariser_pulls_toward_the_base_models_samples_from_the_same_noise():
+    """Two SGD iterations under Full reproduced by hand: loss = -mean reward + w * mean (x - x_base)^2 with
+    x_base sampled by the INITIAL weights (not the current ones) from the same noise and conditions."""
+    conditions = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(2))
+    w, lr = 3.0, 0.2
+
+    def trained(base_weight):
+        sampler = unet_sampler()
+        add_lora(sampler.model, rank=2)
+        finetune(sampler, brightness, conditions, (1, 8, 8), gradient="full", iterations=2, batch_size=2, lr=lr,
+                 optimizer="sgd", grad_clip=None, base_weight=base_weight, progress=False)
+        return {n: p.detach() for n, p in sampler.model.named_parameters() if "lora_" in n}
+
+    sampler, base_sampler = unet_sampler(), unet_sampler()
+    add_lora(sampler.model, rank=2)
+    lora = {n: p for n, p in sampler.model.named_parameters() if "lora_" in n}
+    for it in range(2):
+        gen = torch.Generator().manual_seed(it)
+        noise = torch.randn((2, 1, 8, 8), generator=gen)
+        x = sampler(noise, conditions, gradient=ds.gradients.Full())
+        with torch.no_grad():
+            x_base = base_sampler(noise, conditions)
+        loss = -brightness(x, None).mean() + w * (x - x_base).square().mean()
+        grads = torch.autograd.grad(loss, list(lora.values()), allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(lora.values(), grads):
+                if g is not None:
+                    p -= lr * g
+    regularised, plain = trained(w), trained(0.0)
+    for n, p in lora.items():
+        torch.testing.assert_close(regularised[n], p.detach(), rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(regularised[n], plain[n]) for n in lora)
+
+
+def test_digit_class_takes_each_images_label_from_the_condition():
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([3, 1, 4, 1])
+    reward = ds.rewards.DigitClass(None)
+    torch.testing.assert_close(reward(images, labels), ds.rewards.DigitClass(labels)(images))
+    with pytest.raises(ValueError, match="takes the labels from the condition"):
+        reward(images)
+    with pytest.raises(ValueError, match="3 labels for 4 images"):
+        reward(images, labels[:3])

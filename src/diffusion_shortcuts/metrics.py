@@ -116,3 +116,17 @@ def timed_pair(run_a, run_b, repeats: int = 5) -> tuple[float, float]:
 def peak_rss_mb() -> float:
     """This process's resident-memory high-water mark in MB (Linux reports KB): CPU peak memory."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def diversity(images: torch.Tensor, groups: torch.Tensor) -> float:
+    """Mean pairwise root-mean-square pixel distance between images of the same group, averaged over the
+    groups with at least two images: how different the samples of one condition are. It falls toward 0
+    when fine-tuning collapses a condition onto one image (reward hacking)."""
+    if len(images) != len(groups):
+        raise ValueError(f"diversity: {len(images)} images but {len(groups)} group ids")
+    flat = images.flatten(1).double()
+    per_group = [torch.pdist(flat[groups == g]).mean() / flat.shape[1] ** 0.5
+                 for g in groups.unique() if int((groups == g).sum()) >= 2]
+    if not per_group:
+        raise ValueError("diversity: no group has two images")
+    return float(torch.stack(per_group).mean())

@@ -2,7 +2,8 @@
 and LoRA adapters (``finetune.py``)."""
 
 from .finetune import FinetuneError, FinetuneResult, add_lora, finetune, load_lora, save_lora
+from .heldout import HeldOut
 from .latents import OptimizationError, OptimizeResult, optimize_latents
 
 __all__ = ["OptimizationError", "OptimizeResult", "optimize_latents", "FinetuneError", "FinetuneResult", "add_lora",
-           "finetune", "load_lora", "save_lora"]
+           "finetune", "load_lora", "save_lora", "HeldOut"]

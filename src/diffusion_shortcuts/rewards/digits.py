@@ -8,21 +8,38 @@ import torch
 
 
 class DigitClass:
-    """``log p(target | image)`` under the zoo's ``digits-classifier`` (never the eval classifier)."""
+    """``log p(target | image)`` under the zoo's ``digits-classifier`` (never the eval classifier).
 
-    def __init__(self, target: int | torch.Tensor, classifier=None):
+    ``target=None`` takes each image's own label from the condition passed with it, ``reward(images,
+    labels)``: the reward that makes a class-conditional model draw its classes more clearly.
+    """
+
+    def __init__(self, target: int | torch.Tensor | None, classifier=None):
         from .. import zoo
 
         self.classifier = classifier if classifier is not None else zoo.load("digits-classifier")
-        target = torch.as_tensor(target, dtype=torch.long)
-        if ((target < 0) | (target > 9)).any():
-            raise ValueError(f"DigitClass: target must be a digit 0-9, got {target.tolist()}")
+        if target is not None:
+            target = torch.as_tensor(target, dtype=torch.long)
+            _check_digits(target)
         self.target = target
-        self.name = f"digit:{target.tolist()}"
+        self.name = "digit:label" if target is None else f"digit:{target.tolist()}"
 
     def __call__(self, images: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        target = self.target.expand(images.shape[0]) if self.target.ndim == 0 else self.target
+        if self.target is None:
+            if cond is None:
+                raise ValueError("DigitClass(None) takes the labels from the condition, but none was given")
+            target = _check_digits(torch.as_tensor(cond, dtype=torch.long).reshape(-1))
+            if len(target) != len(images):
+                raise ValueError(f"DigitClass(None): {len(target)} labels for {len(images)} images")
+        else:
+            target = self.target.expand(images.shape[0]) if self.target.ndim == 0 else self.target
         return self.classifier.log_prob(images, target.to(images.device))
+
+
+def _check_digits(target: torch.Tensor) -> torch.Tensor:
+    if ((target < 0) | (target > 9)).any():
+        raise ValueError(f"DigitClass: target must be a digit 0-9, got {target.tolist()}")
+    return target
 
 
 class Reference:
