@@ -163,3 +163,13 @@ def test_prune_writes_schedule_pruner_heatmap_metrics_and_sample_uses_it(tmp_pat
 def test_prune_bad_input(tmp_path, capsys, argv, needle):
     code, _, err = run([*argv, "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["finetune", "--model", "digits-dit", "--reward", "label", "--eval-samples", "1"], "--eval-samples"),
+    (["finetune", "--model", "digits-dit", "--reward", "bold"], "known: label"),
+    (["finetune", "--model", "digits-dit", "--reward", "label", "--ema", "1.5"], "ema"),
+])
+def test_finetune_bad_input(tmp_path, capsys, argv, needle):
+    code, _, err = run([*argv, "--iterations", "1", "--steps", "2", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1

@@ -106,8 +106,9 @@ def test_cli_finetune_killed_by_a_signal_resumes_to_the_same_adapter(tmp_path):
 
     def command(out, *extra):
         return [sys.executable, "-m", "diffusion_shortcuts.cli", "finetune", "--model", "digits-dit", "--reward",
-                "digit:3", "--rank", "2", "--iterations", "6", "--batch-size", "1", "--steps", "4",
-                "--checkpoint-every", "1", "--lr", "0.01", "--out", str(out), *extra]
+                "label", "--rank", "2", "--iterations", "6", "--batch-size", "1", "--steps", "4", "--ema", "0.9",
+                "--eval-every", "3", "--eval-samples", "2", "--checkpoint-every", "1", "--lr", "0.01",
+                "--out", str(out), *extra]
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     subprocess.run(command(tmp_path / "whole"), check=True, env=env, capture_output=True)
@@ -130,7 +131,14 @@ def test_cli_finetune_killed_by_a_signal_resumes_to_the_same_adapter(tmp_path):
     a, b = load_file(str(tmp_path / "whole" / "adapter.safetensors")), load_file(str(killed / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     metrics = json.loads((killed / "metrics.json").read_text())
-    assert metrics["reward"] == json.loads((tmp_path / "whole" / "metrics.json").read_text())["reward"]
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    def figures(evaluations):  # everything but the clock
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in evaluations]
+
+    assert metrics["reward"] == whole["reward"] and figures(metrics["heldout"]) == figures(whole["heldout"])
+    assert [e["iteration"] for e in metrics["heldout"]] == [0, 3, 6]
+    assert all(0 <= e["accuracy"] <= 1 and e["diversity"] > 0 for e in metrics["heldout"])
+    assert (killed / "heldout.png").stat().st_size > 1000
 
 
 def test_two_processes_under_accelerate_equal_one_process_with_the_doubled_batch(tmp_path):

@@ -200,10 +200,15 @@ def cmd_prune(args) -> dict:
 
 
 def parse_reward(text: str, model):
-    """'digit:3' -> DigitClass(3); 'reference:IMG[:MASK]' -> Reference(image, mask) (PNG files)."""
+    """'label' -> DigitClass(None) (each sample's own class); 'digit:3' -> DigitClass(3);
+    'reference:IMG[:MASK]' -> Reference(image, mask) (PNG files)."""
     from . import rewards
 
     kind, _, rest = text.partition(":")
+    if kind == "label":
+        if not model.conditional:
+            raise UsageError(f"--reward label: {text!r} needs a class-conditional model")
+        return rewards.DigitClass(None)
     if kind == "digit":
         try:
             digit = int(rest)
@@ -222,7 +227,7 @@ def parse_reward(text: str, model):
             return rewards.Reference(image, mask)
         except ValueError as exc:
             raise UsageError(f"--reward: {exc}") from None
-    raise UsageError(f"--reward {text!r}: unknown reward; known: digit:N, reference:IMAGE[:MASK]")
+    raise UsageError(f"--reward {text!r}: unknown reward; known: label, digit:N, reference:IMAGE[:MASK]")
 
 
 def read_image(path: str, shape: tuple[int, int, int]):
@@ -321,43 +326,68 @@ def parse_gradient(text: str):
 
 
 def cmd_finetune(args) -> dict:
-    """Fine-tune a zoo generator's LoRA adapter (or all weights) against a reward; resumable."""
+    """Fine-tune a zoo generator's LoRA adapter (or all weights) against a reward; resumable; judged on a
+    held-out set by digits-classifier-eval (never a reward), with the diversity of each class's samples."""
     import torch
 
     from .images import grid, labelled, side_by_side
-    from .optimize import FinetuneError, add_lora, finetune, save_lora
-    from .plots import reward_curves
+    from .metrics import accuracy
+    from .optimize import FinetuneError, HeldOut, add_lora, finetune, save_lora
+    from .plots import heldout_curves, reward_curves
+    from .zoo import load
 
     out = prepare_out(args.out)
     model = _load_generator(args.model)
     reward = parse_reward(args.reward, model)
     policy = parse_gradient(args.gradient)
-    if args.iterations < 1 or args.batch_size < 1 or args.rank < 1:
-        raise UsageError("--iterations, --batch-size and --rank must be at least 1")
-    sampler = model.sampler(args.steps)
-    conditions = model.encode(torch.arange(model.num_classes)).detach() if model.conditional else None
-    show_noise = model.noise(10, torch.Generator().manual_seed(10_000 + args.seed))
-    show_cond = model.encode(torch.arange(10) % model.num_classes) if model.conditional else None
-    before = sampler(show_noise, show_cond).clamp(0, 1)
+    if min(args.iterations, args.batch_size, args.rank, args.eval_every) < 1 or args.eval_samples < 2:
+        raise UsageError("--iterations, --batch-size, --rank and --eval-every must be at least 1, --eval-samples 2")
+    sampler = model.sampler(args.steps, args.guidance)
+    labels = torch.arange(model.num_classes) if model.conditional else None
+    encode = model.encode if model.conditional else None
+    eval_classifier = load("digits-classifier-eval")
+
+    def judge(images, conditions):
+        return {"accuracy": accuracy(eval_classifier, images, conditions)}
+
+    if labels is not None:
+        heldout = HeldOut.per_condition(labels, args.eval_samples, model.sample_shape, seed=10_000 + args.seed,
+                                        every=args.eval_every, judge=judge)
+        show = heldout.noise[:: args.eval_samples], heldout.conditions[:: args.eval_samples]
+    else:
+        heldout = HeldOut(model.noise(10 * args.eval_samples, torch.Generator().manual_seed(10_000 + args.seed)),
+                          every=args.eval_every)
+        show = heldout.noise[:10], None
+
+    def samples():
+        with torch.no_grad():
+            return sampler(show[0], encode(show[1]) if encode else None).clamp(0, 1)
+
+    before = samples()
     if args.params == "lora":
         add_lora(model.model, rank=args.rank, seed=args.seed)
     try:
-        result = finetune(sampler, reward, conditions, model.sample_shape, params=args.params, gradient=policy,
+        result = finetune(sampler, reward, labels, model.sample_shape, params=args.params, gradient=policy,
                           iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          checkpoint_dir=out, checkpoint_every=args.checkpoint_every, resume=args.resume)
+                          encode=encode, ema=args.ema, base_weight=args.base_weight, warmup=args.warmup,
+                          heldout=heldout, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
+                          resume=args.resume)
     except (FinetuneError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'finetune_checkpoint.pt'})") from None
     if args.params == "lora":
         save_lora(model.model, out / "adapter.safetensors")
     else:
         model.model.save_pretrained(out / "model")
-    after = sampler(show_noise, show_cond).clamp(0, 1)
+    after = samples()
     side_by_side([labelled(grid(before, nrow=10), "base model"), labelled(grid(after, nrow=10), "fine-tuned")]).save(
         out / "before_after.png")
     reward_curves({args.gradient: result.history}, out / "curve.png", title=f"{args.model}, {args.reward}")
-    metrics = {"model": args.model, "reward_spec": args.reward, "params": args.params, "rank": args.rank,
-               "gradient": repr(policy), "num_inference_steps": args.steps, **result.history["settings"],
-               "reward": result.history["reward"], "seconds_per_iteration": result.history["seconds"],
+    heldout_curves(result.history["eval"], out / "heldout.png", title=f"{args.model}, {args.reward}, held out")
+    metrics = {"model": args.model, "reward_spec": args.reward, "rank": args.rank, "gradient_policy": repr(policy),
+               "num_inference_steps": args.steps, "guidance_scale": sampler.guidance_scale,
+               **result.history["settings"], "reward": result.history["reward"],
+               "seconds_per_iteration": result.history["seconds"], "heldout": result.history["eval"],
+               "accuracy_judge": "digits-classifier-eval",
                "weights": "adapter.safetensors" if args.params == "lora" else "model"}
     write_metrics(out, metrics)
     return metrics
@@ -461,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = verbs.add_parser("finetune", help="fine-tune LoRA or all weights against a reward (SDO by default)")
     tune.add_argument("--model", default="digits-unet")
-    tune.add_argument("--reward", required=True, help="digit:N or reference:IMAGE.png[:MASK.png]")
+    tune.add_argument("--reward", required=True, help="label (each sample's own class), digit:N or "
+                      "reference:IMAGE.png[:MASK.png]")
     tune.add_argument("--params", choices=["lora", "all"], default="lora")
     tune.add_argument("--rank", type=int, default=4)
     tune.add_argument("--gradient", default="sdo", help="sdo, full, checkpointed, truncated:K, random_truncated:K")
@@ -469,7 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=int, default=4)
     tune.add_argument("--lr", type=float, default=1e-3)
     tune.add_argument("--steps", type=int, default=50)
+    tune.add_argument("--guidance", type=float, default=None, help="default: the model's")
     tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--ema", type=float, default=None, help="EMA decay of the trained weights, e.g. 0.99")
+    tune.add_argument("--base-weight", type=float, default=0.0,
+                      help="weight on the distance to the base model's samples from the same noise")
+    tune.add_argument("--warmup", type=int, default=0, help="iterations of learning-rate warm-up")
+    tune.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every K iterations")
+    tune.add_argument("--eval-samples", type=int, default=5, help="held-out samples per class (diversity needs 2)")
     tune.add_argument("--checkpoint-every", type=int, default=10)
     tune.add_argument("--resume", action="store_true", help="continue a killed run in the same --out")
     tune.add_argument("--out", required=True)

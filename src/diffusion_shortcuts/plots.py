@@ -37,6 +37,25 @@ def reward_curves(histories: dict[str, dict], path: str | Path, title: str = "")
     return save_figure(fig, path)
 
 
+def heldout_curves(evaluations: list[dict], path: str | Path, title: str = "") -> Path:
+    """Held-out figures of a fine-tuning run against iteration: the reward, every judge figure (e.g. eval
+    accuracy) and diversity, one panel each, so that a rising reward with falling diversity (collapse) shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["reward"] + [k for k in evaluations[0] if k not in ("iteration", "seconds", "reward", "reward_std",
+                                                                 "diversity")] + ["diversity"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
+    iterations = [e["iteration"] for e in evaluations]
+    for ax, key in zip(axes[0], keys):
+        ax.plot(iterations, [e[key] for e in evaluations], marker=".")
+        ax.set(xlabel="iteration", ylabel=key, title=title if key == "reward" else "")
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
 def schedule_heatmap(schedule, path: str | Path, title: str = "") -> Path:
     """Steps (rows, first step on top) x blocks (columns): dark = computed, light = reused from the cache."""
     import matplotlib
