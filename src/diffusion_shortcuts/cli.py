@@ -182,8 +182,7 @@ def cmd_prune(args) -> dict:
     schedule.save(out / "schedule.json")
     result.pruner.save_pretrained(out / "pruner")
     (out / "search.json").write_text(json.dumps(result.history) + "\n")
-    schedule_heatmap(schedule, out / "heatmap.png", title=f"{args.model}, ratio {args.ratio}: MACs "
-                                                          f"{schedule.macs_ratio:.3f} of full\ncomputed (dark) / reused (light)")
+    schedule_heatmap(schedule, out / "heatmap.png", label=f"{args.model}, ratio {args.ratio}")
     metrics, full, pruned = compare_with_full(model, schedule, n=args.samples, seed=args.seed + 1, sampler=sampler)
     show = slice(0, min(20, args.samples))
     side_by_side([labelled(grid(full[show], nrow=10), "full model"),

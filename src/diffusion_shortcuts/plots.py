@@ -56,8 +56,11 @@ def heldout_curves(evaluations: list[dict], path: str | Path, title: str = "") -
     return save_figure(fig, path)
 
 
-def schedule_heatmap(schedule, path: str | Path, title: str = "") -> Path:
-    """Steps (rows, first step on top) x blocks (columns): dark = computed, light = reused from the cache."""
+def schedule_heatmap(schedule, path: str | Path, label: str = "", title: str = "") -> Path:
+    """Steps (rows, first step on top) x blocks (columns): dark = computed, light = reused from the cache.
+
+    The title says ``label`` (e.g. the model and ratio), the MACs kept and the legend, on two lines;
+    ``title`` replaces it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,5 +74,6 @@ def schedule_heatmap(schedule, path: str | Path, title: str = "") -> Path:
     ticks = list(range(0, keep.shape[0], max(1, keep.shape[0] // 10)))
     ax.set_yticks(ticks, [f"{i} (t={schedule.timesteps[i]:g})" for i in ticks], fontsize=7)
     ax.set_ylabel("step")
-    ax.set_title(title or f"computed (dark) / reused (light); MACs {schedule.macs_ratio:.3f} of full", fontsize=8)
+    ax.set_title(title or f"{label + ': ' if label else ''}MACs {schedule.macs_ratio:.3f} of full\n"
+                          "computed (dark) / reused (light)", fontsize=8)
     return save_figure(fig, path, dpi=100)
