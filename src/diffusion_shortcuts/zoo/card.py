@@ -20,6 +20,7 @@ import torch
 from . import ZOO_DIR, ZooModel, load
 from .architectures import dit_config, unet_config
 from .data import load_digits
+from .judge import DigitJudge
 from ..metrics import Timer, accuracy, features, frechet_distance
 
 
@@ -34,13 +35,12 @@ def _median_seconds(fn, repeats: int = 5) -> float:
 
 
 def measure_generator(m: ZooModel, per_class: int = 100, seed: int = 0) -> dict:
-    judge, reward_clf = load("digits-classifier-eval"), load("digits-classifier")
+    judge = DigitJudge()
     labels = torch.arange(10).repeat_interleave(per_class)
     with Timer() as t:
         images = m.generate(labels, seed=seed, progress=True)
     heldout, heldout_labels = load_digits("heldout")
     train, _ = load_digits("train")
-    heldout_feats = features(reward_clf, (heldout + 1) / 2)
     sampler = m.sampler()
     x16 = m.noise(16, torch.Generator().manual_seed(1))
     cond16 = m.encode(torch.arange(16) % 10)
@@ -49,11 +49,11 @@ def measure_generator(m: ZooModel, per_class: int = 100, seed: int = 0) -> dict:
         sampling = _median_seconds(lambda: sampler(x16, cond16), repeats=3)
     return {
         "samples": len(labels), "num_inference_steps": m.num_inference_steps, "guidance_scale": m.guidance_scale,
-        "accuracy": accuracy(judge, images, labels), "accuracy_judge": "digits-classifier-eval",
-        "fid": frechet_distance(features(reward_clf, images), heldout_feats),
-        "fid_floor_heldout_vs_train": frechet_distance(heldout_feats, features(reward_clf, (train + 1) / 2)),
+        **judge(images, labels), "accuracy_judge": "digits-classifier-eval",
+        "fid_floor_heldout_vs_train": frechet_distance(judge.heldout_features,
+                                                       features(judge.feature_classifier, (train + 1) / 2)),
         "fid_features": "digits-classifier penultimate layer",
-        "heldout_accuracy_of_judge": accuracy(judge, (heldout + 1) / 2, heldout_labels),
+        "heldout_accuracy_of_judge": accuracy(judge.eval_classifier, (heldout + 1) / 2, heldout_labels),
         "seconds_1000_samples": t.seconds,
         "seconds_forward_batch16_with_guidance": forward, "seconds_ddim50_16_images": sampling,
         "parameters": sum(p.numel() for p in m.model.parameters()),
