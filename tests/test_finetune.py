@@ -29,7 +29,8 @@ def test_lora_is_injected_through_peft_in_both_ways():
         add_lora(tiny_cond_unet(), target_modules=("nothing_here",))
 
 
-@pytest.mark.parametrize("policy", [ds.gradients.Shortcut(step="random"), ds.gradients.Truncated(1), "full"])
+@pytest.mark.parametrize("policy", [ds.gradients.Shortcut(step="random"), ds.gradients.Truncated(1), "full",
+                                    "checkpointed", ds.gradients.RandomTruncated(3)])
 def test_finetune_raises_the_reward_and_touches_only_the_adapter(policy):
     sampler = unet_sampler()
     add_lora(sampler.model, rank=2)
@@ -291,3 +292,18 @@ def test_digit_class_takes_each_images_label_from_the_condition():
         reward(images)
     with pytest.raises(ValueError, match="3 labels for 4 images"):
         reward(images, labels[:3])
+
+
+def test_cli_full_weight_tuning_saves_a_loadable_model(tmp_path, capsys):
+    from diffusers import DiTTransformer2DModel
+
+    from diffusion_shortcuts import cli
+
+    code = cli.main(["finetune", "--model", "digits-dit", "--reward", "label", "--params", "all", "--iterations", "2",
+                     "--batch-size", "2", "--steps", "3", "--eval-samples", "2", "--lr", "1e-3",
+                     "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    saved = DiTTransformer2DModel.from_pretrained(tmp_path / "model")
+    base = ds.zoo.load("digits-dit").model
+    moved = [n for n, p in saved.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert len(moved) > 10 and not (tmp_path / "adapter.safetensors").exists()
