@@ -120,7 +120,8 @@ def summarise(results: list[dict]) -> list[dict]:
                "reward_start": first["reward"], "reward_end": last["reward"],
                "accuracy_start": first["accuracy"], "accuracy_end": last["accuracy"],
                "diversity_start": first["diversity"], "diversity_end": last["diversity"],
-               "seconds_end": last["seconds"]}
+               "seconds_end": last["seconds"],
+               "budget_in_rollouts": last["seconds"] / r["seconds_nograd_rollout"]}
         if full is not None and full["peak_mb_above_rollout"] > 0:
             row["memory_vs_full"] = r["peak_mb_above_rollout"] / full["peak_mb_above_rollout"]
         rows.append(row)
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "sdo_finetune.json")
     parser.add_argument("--replot", action="store_true", help="redraw the plot and table from --out")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the configurations run now in an existing --out (a re-run after noise)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--policy", help=argparse.SUPPRESS)
@@ -199,6 +202,10 @@ def main() -> None:
     combos = [(c, p) for c in args.configs for p in args.policies]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(child, combos))
+    if args.merge and args.out.exists():
+        old = json.loads(args.out.read_text())["results"]
+        rerun = {(r["config"], r["policy"]): r for r in results}
+        results = [rerun.pop((r["config"], r["policy"]), r) for r in old] + list(rerun.values())
     summary = summarise(results)
     write_results(args.out, "sdo_finetune", {"budget_seconds": args.budget, "batch": args.batch, "steps": args.steps,
                                              "rank": args.rank, "seed": args.seed, "jobs": args.jobs,
