@@ -202,13 +202,16 @@ def main() -> None:
     combos = [(c, p) for c in args.configs for p in args.policies]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(child, combos))
+    earlier_commands = []
     if args.merge and args.out.exists():
-        old = json.loads(args.out.read_text())["results"]
+        old = json.loads(args.out.read_text())
+        earlier_commands = old.get("earlier_commands", []) + [old["command"]]
         rerun = {(r["config"], r["policy"]): r for r in results}
-        results = [rerun.pop((r["config"], r["policy"]), r) for r in old] + list(rerun.values())
+        results = [rerun.pop((r["config"], r["policy"]), r) for r in old["results"]] + list(rerun.values())
     summary = summarise(results)
     write_results(args.out, "sdo_finetune", {"budget_seconds": args.budget, "batch": args.batch, "steps": args.steps,
                                              "rank": args.rank, "seed": args.seed, "jobs": args.jobs,
+                                             "earlier_commands": earlier_commands,
                                              "summary": summary, "results": results})
     plot(results, args.out.with_suffix(".png"))
     print_table(summary)
