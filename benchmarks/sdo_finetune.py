@@ -8,7 +8,7 @@ rank-4 LoRA, digits-unet with all weights, digits-dit with a rank-4 LoRA.
 
 Policies Full, Checkpointed, Truncated(1) (DRaFT-1), Truncated(5) (DRaFT-5), RandomTruncated (AlignProp)
 and Shortcut(random) (SDO), each in its own process and each given the same wall-clock training budget
-(evaluation not counted). Per process:
+(evaluation not counted); ``--policies shortcut+base=0.5 full+ema=0.9`` adds the regularisers. Per process:
 
 - cost: a no-grad rollout of the training batch and one policy iteration (sampling with the policy's
   graph, reward, backward) timed alternately, median of 3 after a warm-up; peak RSS above the baseline
@@ -40,9 +40,17 @@ CONFIGS = {"unet-lora": ("digits-unet", "lora", 1e-3), "unet-all": ("digits-unet
 
 
 def policy_of(name: str):
+    """A policy name with optional regularisers: ``shortcut``, ``full+base=0.5``, ``shortcut+ema=0.9``."""
     from diffusion_shortcuts.cli import parse_gradient
 
-    return parse_gradient("sdo" if name == "shortcut" else name)
+    policy, *options = name.split("+")
+    regularisers = {"base_weight": 0.0, "ema": None}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in ("base", "ema"):
+            raise ValueError(f"unknown regulariser {option!r} in {name!r}; known: base=W, ema=D")
+        regularisers["base_weight" if key == "base" else "ema"] = float(value)
+    return parse_gradient("sdo" if policy == "shortcut" else policy), regularisers
 
 
 def probe_cost(sampler, policy, reward, noise, cond, labels, params) -> dict:
@@ -88,7 +96,7 @@ def run_one(config: str, policy_name: str, budget: float, batch: int, steps: int
     else:
         trainable = [p.requires_grad_(True) for p in m.model.parameters()]
     reward = ds.rewards.DigitClass(None)
-    policy = policy_of(policy_name)
+    policy, regularisers = policy_of(policy_name)
     labels = torch.arange(batch) % 10
     noise = m.noise(batch, torch.Generator().manual_seed(99))
     cost = probe_cost(sampler, policy, reward, noise, m.encode(labels), labels, trainable)
@@ -100,7 +108,7 @@ def run_one(config: str, policy_name: str, budget: float, batch: int, steps: int
                                        judge=lambda images, lab: {"accuracy": accuracy(judge_model, images, lab)})
     result = ds.finetune(sampler, reward, torch.arange(10), m.sample_shape, params=params, gradient=policy,
                          iterations=100_000, batch_size=batch, lr=lr, seed=seed, encode=m.encode, heldout=heldout,
-                         progress=False, callback=lambda info: info["seconds"] >= budget)
+                         progress=False, **regularisers, callback=lambda info: info["seconds"] >= budget)
     history = result.history
     return {"config": config, "model": model_name, "params": params, "lr": lr, "policy": policy_name,
             "gradient": repr(policy), "budget_seconds": budget, "batch": batch, "steps": steps, "rank": rank,
