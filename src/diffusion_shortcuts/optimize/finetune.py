@@ -267,6 +267,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
         mean_reward = rewards.detach().mean()
         history["reward"].append(float(accelerator.reduce(mean_reward, reduction="mean") if world > 1 else mean_reward))
         history["seconds"].append(timer.seconds)
+        bar.set_postfix(reward=f"{history['reward'][-1]:.4g}", refresh=False)
         done = it + 1
         stop = callback is not None and callback({"iteration": it, "reward": history["reward"][-1],
                                                   "seconds": sum(history["seconds"])}) is True
