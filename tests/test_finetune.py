@@ -237,7 +237,7 @@ def test_ema_weights_follow_the_closed_form_average_of_the_trajectory():
         trajectory.append({n: params[n].detach().clone() for n in names})
 
     decay = 0.7
-    result = finetune(sampler, brightness, torch.randn(2, 3, 8), (1, 8, 8), iterations=5, batch_size=1, lr=0.05,
+    result = finetune(sampler, brightness, torch.randn(2, 3, 8), iterations=5, batch_size=1, lr=0.05,  # shape from config
                       ema=decay, progress=False, callback=record)
     # diffusers' EMAModel: decay 0 at the first update, then min(decay, (1 + k) / (10 + k)) at update k + 1
     average = trajectory[0]
@@ -307,3 +307,11 @@ def test_cli_full_weight_tuning_saves_a_loadable_model(tmp_path, capsys):
     base = ds.zoo.load("digits-dit").model
     moved = [n for n, p in saved.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert len(moved) > 10 and not (tmp_path / "adapter.safetensors").exists()
+
+
+def test_the_noise_shape_comes_from_the_models_config():
+    from diffusion_shortcuts.sampling import sample_shape
+
+    assert sample_shape(tiny_cond_unet()) == (1, 8, 8) and sample_shape(tiny_dit()) == (2, 8, 8)
+    with pytest.raises(ValueError, match="pass the shape"):
+        sample_shape(torch.nn.Linear(2, 2))

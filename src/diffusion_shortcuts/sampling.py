@@ -29,6 +29,35 @@ Cond = torch.Tensor | dict[str, Any] | None
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under accelerate/DDP wrappers (``.module``) and torch.compile (``._orig_mod``)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def sample_shape(model) -> tuple[int, int, int]:
+    """One sample's (C, H, W) for a diffusers denoiser, from its config's ``in_channels`` and ``sample_size``."""
+    config = getattr(unwrap(model), "config", None)
+    if config is None or not hasattr(config, "sample_size") or not hasattr(config, "in_channels"):
+        raise ValueError(f"cannot tell the sample shape of {type(model).__name__} (no config.sample_size and "
+                         "config.in_channels): pass the shape")
+    size = config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (config.in_channels, h, w)
+
+
+def take_rows(conditions, index: torch.Tensor):
+    """Rows ``index`` of a condition batch: a tensor, a dict of them (added conditions), a list (prompts)."""
+    if conditions is None:
+        return None
+    if isinstance(conditions, dict):
+        return {k: take_rows(v, index) for k, v in conditions.items()}
+    if isinstance(conditions, torch.Tensor):
+        return conditions[index.to(conditions.device)]
+    return [conditions[int(i)] for i in index]
+
+
 def _batch_of(cond: Cond) -> int | None:
     if isinstance(cond, torch.Tensor):
         return cond.shape[0] if cond.ndim > 0 else None

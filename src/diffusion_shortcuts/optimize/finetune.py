@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .. import gradients as G
 from ..metrics import Timer
 from ..rewards.base import check_reward_output
-from .heldout import HeldOut, take
+from ..sampling import sample_shape, take_rows
+from .heldout import HeldOut
 
 CHECKPOINT = "finetune_checkpoint.pt"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -144,7 +145,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...], params="lora",
+def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...] | None = None, params="lora",
              gradient: G.GradientPolicy | str | None = None, iterations: int = 100, batch_size: int = 4,
              lr: float = 1e-3, optimizer: str = "adamw", grad_clip: float | None = 1.0, warmup: int = 0,
              seed: int = 0, encode: Callable | None = None, base_weight: float = 0.0, ema: float | None = None,
@@ -156,7 +157,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
         conditions: conditions cycled through (a tensor batch or a list), or None. The reward receives
             them as given; the sampler receives ``encode(conditions)`` when ``encode`` is set (labels or
             prompts -> embeddings), else the conditions themselves.
-        noise_shape: one sample's latent shape (C, H, W).
+        noise_shape: one sample's latent shape (C, H, W); default: from the model's config.
         params: ``"lora"`` (the model's adapter, see :func:`add_lora`), ``"all"``, or a callable
             ``(name, param) -> bool``.
         gradient: the policy (default ``Shortcut(step="random")``, SDO).
@@ -187,6 +188,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     model = sampler.model
+    noise_shape = tuple(noise_shape) if noise_shape is not None else sample_shape(model)
     trainable = _select(model, params)
     base = {n: p.detach().clone() for n, p in trainable.items()} if base_weight else None
     settings = {"params": params if isinstance(params, str) else "callable", "gradient": repr(policy),
@@ -236,7 +238,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
         mine = slice(rank * batch_size, (rank + 1) * batch_size)
         noise = torch.randn((batch_size * world, *noise_shape), generator=gen)[mine].to(device)
         rows = ((it * batch_size * world + torch.arange(batch_size * world)) % n_cond)[mine]
-        cond = take(conditions, rows)
+        cond = take_rows(conditions, rows)
         model_cond = encode(cond) if encode is not None and cond is not None else cond
         with Timer() as timer:
             if base is not None:  # the base model's samples from the same noise, condition and scheduler noise

@@ -15,15 +15,7 @@ import torch
 
 from ..metrics import diversity
 from ..rewards.base import check_reward_output
-
-
-def take(conditions, index: torch.Tensor):
-    """Rows ``index`` of a condition batch: a tensor, or a list (prompts, labels)."""
-    if conditions is None:
-        return None
-    if isinstance(conditions, torch.Tensor):
-        return conditions[index.to(conditions.device)]
-    return [conditions[int(i)] for i in index]
+from ..sampling import take_rows
 
 
 @dataclass
@@ -64,7 +56,7 @@ class HeldOut:
             raise ValueError("HeldOut.per_condition: diversity needs at least 2 samples per condition")
         index = torch.arange(len(conditions)).repeat_interleave(samples)
         noise = torch.randn((len(index), *noise_shape), generator=torch.Generator().manual_seed(seed))
-        return cls(noise, take(conditions, index), index, **kwargs)
+        return cls(noise, take_rows(conditions, index), index, **kwargs)
 
     @torch.no_grad()
     def evaluate(self, sampler, reward, encode: Callable | None = None) -> dict:
@@ -73,7 +65,7 @@ class HeldOut:
         images, rewards = [], []
         for start in range(0, len(self.noise), self.batch_size):
             index = torch.arange(start, min(start + self.batch_size, len(self.noise)))
-            cond = take(self.conditions, index)
+            cond = take_rows(self.conditions, index)
             x = sampler(self.noise[index].to(device), encode(cond) if encode is not None and cond is not None else cond)
             rewards.append(check_reward_output(reward(x, cond), len(x), "reward").float().cpu())
             images.append(x.float().cpu())

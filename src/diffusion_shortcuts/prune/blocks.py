@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..metrics import count_macs
-from ..sampling import call_denoiser
+from ..sampling import call_denoiser, unwrap
 
 OUTPUT, RESIDUAL = "output", "residual"
 
@@ -32,15 +32,8 @@ _TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 SUPPORTED = _UNETS + _TRANSFORMERS
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under accelerate/DDP wrappers (``.module``) and torch.compile (``._orig_mod``)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
-
-
 def check_supported(model: torch.nn.Module) -> str:
-    kind = type(_unwrap(model)).__name__
+    kind = type(unwrap(model)).__name__
     if kind not in SUPPORTED:
         raise TypeError(f"pruning does not know the blocks of {kind}; supported: {', '.join(SUPPORTED)} "
                         "(or name the blocks yourself with blocks=[...])")
@@ -49,7 +42,7 @@ def check_supported(model: torch.nn.Module) -> str:
 
 def default_block_names(model: torch.nn.Module) -> list[str]:
     """The gateable blocks in forward order (UNet: down, mid, up; transformers: each block)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     kind = check_supported(model)
     if kind in _UNETS:
         names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
@@ -60,13 +53,13 @@ def default_block_names(model: torch.nn.Module) -> list[str]:
 
 def reuse_kind(model: torch.nn.Module, name: str) -> str:
     """``"residual"`` for blocks on a transformer's residual stream, else ``"output"``."""
-    return RESIDUAL if type(_unwrap(model)).__name__ in _TRANSFORMERS and name.startswith("transformer_blocks.") \
+    return RESIDUAL if type(unwrap(model)).__name__ in _TRANSFORMERS and name.startswith("transformer_blocks.") \
         else OUTPUT
 
 
 def resolve_blocks(model: torch.nn.Module, names: list[str] | None = None) -> list[tuple[str, torch.nn.Module]]:
     """``(name, module)`` for the named blocks (default: :func:`default_block_names`); unknown names fail."""
-    model = _unwrap(model)
+    model = unwrap(model)
     names = default_block_names(model) if names is None else list(names)
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules or not n]
@@ -80,7 +73,7 @@ def resolve_blocks(model: torch.nn.Module, names: list[str] | None = None) -> li
 
 def model_id(model: torch.nn.Module) -> str:
     """An identity of the model's architecture: class name and a hash of its configuration."""
-    model = _unwrap(model)
+    model = unwrap(model)
     config = dict(getattr(model, "config", {}) or {})
     text = json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str)
     return f"{type(model).__name__}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
@@ -133,7 +126,7 @@ def profile(model: torch.nn.Module, sample: torch.Tensor, cond=None, blocks: lis
     ``cond`` matters where it changes the cost (a prompt's token count in cross-attention); only its
     first row is used.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     names = [n for n, _ in resolve_blocks(model, blocks)]
     key = (model_id(model), tuple(sample.shape[1:]), _shape_key(cond), tuple(names))
     if key not in _PROFILES:

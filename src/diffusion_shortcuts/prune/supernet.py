@@ -30,7 +30,8 @@ import inspect
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from .blocks import OUTPUT, _unwrap, resolve_blocks, reuse_kind
+from ..sampling import unwrap
+from .blocks import OUTPUT, resolve_blocks, reuse_kind
 from .schedule import ScheduleError
 
 HOOK_NAME = "diffusion_shortcuts.prune"
@@ -98,7 +99,7 @@ class SuperNet:
     """Gated blocks of ``model`` for a sampler with the given ``timesteps`` (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, timesteps, blocks: list[str] | None = None, kinds=None):
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         resolved = resolve_blocks(self.model, blocks)
         self.names = [n for n, _ in resolved]
         self.modules = [m for _, m in resolved]
@@ -154,7 +155,7 @@ class SuperNet:
     @staticmethod
     def of(model: torch.nn.Module) -> "SuperNet | None":
         """The SuperNet attached to ``model``, if any."""
-        registry = getattr(_unwrap(model), "_diffusers_hook", None)
+        registry = getattr(unwrap(model), "_diffusers_hook", None)
         hook = registry.get_hook(HOOK_NAME) if registry is not None else None
         return hook.net if hook is not None else None
 

@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from .. import gradients as G
 from ..metrics import Timer, ssim
-from .blocks import BlockProfile, _unwrap, profile
+from ..sampling import sample_shape as shape_from_config
+from ..sampling import take_rows, unwrap
+from .blocks import BlockProfile, profile
 from .pruner import KEEP, Pruner
 from .schedule import CacheSchedule
 from .supernet import SuperNet
@@ -52,21 +54,6 @@ class SearchResult:
         sched = CacheSchedule.from_scores(scores, self.timesteps, self.profile, ratio)
         sched.info["search"] = {k: v for k, v in self.history.get("settings", {}).items()}
         return sched
-
-
-def _sample_shape(model) -> tuple[int, int, int]:
-    config = _unwrap(model).config
-    size = config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (config.in_channels, h, w)
-
-
-def _rows(conditions, index: torch.Tensor):
-    if conditions is None:
-        return None
-    if isinstance(conditions, dict):
-        return {k: _rows(v, index) for k, v in conditions.items()}
-    return conditions[index.to(conditions.device)]
 
 
 def _num_conditions(conditions) -> int:
@@ -114,11 +101,11 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
     tau = 1.0 - ratio if tau is None else tau
     n_cond = _num_conditions(conditions)
     model = sampler.model
-    shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(model)
-    device = next(_unwrap(model).parameters()).device
+    shape = tuple(sample_shape) if sample_shape is not None else shape_from_config(model)
+    device = next(unwrap(model).parameters()).device
     timesteps = [float(t) for t in sampler.timesteps]
     example = torch.zeros(1, *shape, device=device)
-    prof = profile(model, example, _rows(conditions, torch.tensor([0])), blocks)
+    prof = profile(model, example, take_rows(conditions, torch.tensor([0])), blocks)
     gamma = prof.gamma.to(device)
     other = float(prof.other_macs) / prof.total_macs
 
@@ -156,10 +143,10 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
     def batch_for(iteration: int):
         noise = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration))
         rows = perm[(iteration * batch_size + torch.arange(batch_size)) % n_cond]
-        return noise.to(device), _rows(conditions, rows)
+        return noise.to(device), take_rows(conditions, rows)
 
     net = SuperNet(model, timesteps, list(prof.blocks))
-    frozen = [p for p in _unwrap(model).parameters() if p.requires_grad]
+    frozen = [p for p in unwrap(model).parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     net.attach()

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..sampling import sample_shape as _sample_shape
 from .architectures import NULL_LABEL, NUM_CLASSES, DigitClassifier, LabelEncoder
 
 ZOO_DIR = Path(__file__).parent
@@ -41,8 +42,7 @@ class ZooModel:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        size = self.model.config.sample_size
-        return (self.model.config.in_channels, size, size)
+        return _sample_shape(self.model)
 
     @property
     def conditional(self) -> bool:
