@@ -49,17 +49,21 @@ def test_finetune_resumes_to_the_same_weights_and_stops_on_non_finite(tmp_path):
     conditions = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1))
     heldout = ds.HeldOut.per_condition(conditions, 2, (1, 8, 8), every=2)
 
-    def run(**kwargs):  # with every stateful option: EMA, warm-up, held-out evaluation, base regulariser
-        sampler = unet_sampler()
-        add_lora(sampler.model, rank=2)
+    def run(sampler=None, **kwargs):  # with every stateful option: EMA, warm-up, held-out evaluation, base regulariser
+        if sampler is None:
+            sampler = unet_sampler()
+            add_lora(sampler.model, rank=2)
         return finetune(sampler, brightness, conditions, (1, 8, 8), iterations=6, batch_size=2, lr=0.05,
                         progress=False, ema=0.8, warmup=2, heldout=heldout, base_weight=0.5, **kwargs)
 
     whole = run()
 
+    crashed = unet_sampler()
+    add_lora(crashed.model, rank=2)
     with pytest.raises(Killed):
-        run(checkpoint_dir=tmp_path, checkpoint_every=2, callback=kill_at(3))
-    resumed = run(checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
+        run(crashed, checkpoint_dir=tmp_path, checkpoint_every=2, callback=kill_at(3))
+    # resumed in the same process on the model the crash left half-trained: the base comes from the checkpoint
+    resumed = run(crashed, checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
     for n, p in whole.trainable.items():
         assert torch.equal(p, resumed.trainable[n]), n
     assert resumed.history["reward"] == whole.history["reward"]

@@ -162,7 +162,8 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
             ``(name, param) -> bool``.
         gradient: the policy (default ``Shortcut(step="random")``, SDO).
         warmup: iterations of linear learning-rate warm-up (diffusers' ``constant_with_warmup``).
-        base_weight: weight of ``mean (x - x_base)^2``, the distance to the base model's samples.
+        base_weight: weight of ``mean (x - x_base)^2``, the distance to the base model's samples. The
+            starting values of the trained parameters are kept (one more copy of them, also in checkpoints).
         ema: decay of an exponential moving average of the trained weights (e.g. 0.99), or None. With it,
             held-out evaluation uses the EMA weights and the model ends with them.
         heldout: a :class:`HeldOut` set evaluated before the first iteration, every ``heldout.every``
@@ -214,6 +215,8 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
             if averaged is not None:
                 averaged.load_state_dict(state["ema"])
             torch.set_rng_state(state["rng"])
+            if base is not None:  # the weights the run started from, not whatever the model holds now
+                base = state["base"]
             history, start = state["history"], state["iteration"]
     n_cond = len(conditions) if conditions is not None else 1
     model.train(False)
@@ -279,7 +282,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
             _save_checkpoint(ckpt, {"params": {n: p.detach().clone() for n, p in trainable.items()},
                                     "optimizer": opt.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                                     "ema": averaged.state_dict() if averaged is not None else None,
-                                    "rng": torch.get_rng_state(), "history": history, "iteration": done,
+                                    "rng": torch.get_rng_state(), "base": base, "history": history, "iteration": done,
                                     "settings": settings})
         if stop:
             break
