@@ -319,3 +319,15 @@ def test_the_noise_shape_comes_from_the_models_config():
     assert sample_shape(tiny_cond_unet()) == (1, 8, 8) and sample_shape(tiny_dit()) == (2, 8, 8)
     with pytest.raises(ValueError, match="pass the shape"):
         sample_shape(torch.nn.Linear(2, 2))
+
+
+def test_conditions_are_counted_by_rows_whatever_their_container():
+    from diffusion_shortcuts.sampling import count_rows
+
+    rows = torch.randn(3, 4, 8)
+    assert count_rows(rows) == 3 and count_rows({"a": rows, "b": rows[:, 0]}) == 3  # not the number of keys
+    assert count_rows(["a cat", "a dog"]) == 2 and count_rows(None) == 1
+    with pytest.raises(ValueError, match="different batch sizes"):
+        count_rows({"a": rows, "b": rows[:2]})
+    with pytest.raises(ValueError, match="non-empty batch"):
+        count_rows([])

@@ -47,6 +47,21 @@ def sample_shape(model) -> tuple[int, int, int]:
     return (config.in_channels, h, w)
 
 
+def count_rows(conditions) -> int:
+    """How many conditions a batch holds (1 for None): a tensor's length, a dict's common tensor length,
+    a list's length (prompts, labels); an empty batch or a dict of unequal lengths is refused."""
+    if conditions is None:
+        return 1
+    if isinstance(conditions, dict):
+        sizes = {v.shape[0] for v in conditions.values() if isinstance(v, torch.Tensor)}
+        if len(sizes) != 1:
+            raise ValueError(f"conditions: tensors of different batch sizes {sorted(sizes)}")
+        return sizes.pop()
+    if isinstance(conditions, (torch.Tensor, list, tuple)) and getattr(conditions, "ndim", 1) > 0 and len(conditions):
+        return len(conditions)
+    raise ValueError("conditions must be a non-empty batch (a tensor, a dict of tensors, a list) or None")
+
+
 def take_rows(conditions, index: torch.Tensor):
     """Rows ``index`` of a condition batch: a tensor, a dict of them (added conditions), a list (prompts)."""
     if conditions is None:

@@ -14,7 +14,6 @@ iterations so that reward hacking (collapse) shows.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import gradients as G
+from ..checkpoints import load_matching, save_atomically
 from ..metrics import Timer
 from ..rewards.base import check_reward_output
-from ..sampling import sample_shape, take_rows
+from ..sampling import count_rows, sample_shape, take_rows
 from .heldout import HeldOut
 
 CHECKPOINT = "finetune_checkpoint.pt"
@@ -129,22 +129,6 @@ def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Te
                 p.copy_(saved[n])
 
 
-def _ema_values(ema, names) -> dict[str, torch.Tensor]:
-    return dict(zip(names, ema.shadow_params))
-
-
-def _checked_settings(state: dict, settings: dict, path: Path) -> None:
-    if state["settings"] != settings:
-        changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-        raise ValueError(f"{path}: checkpoint was made with other settings ({', '.join(changed)})")
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...] | None = None, params="lora",
              gradient: G.GradientPolicy | str | None = None, iterations: int = 100, batch_size: int = 4,
              lr: float = 1e-3, optimizer: str = "adamw", grad_clip: float | None = 1.0, warmup: int = 0,
@@ -154,7 +138,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
     """Fine-tune ``sampler.model`` in place to raise ``reward(images, conditions)``.
 
     Args:
-        conditions: conditions cycled through (a tensor batch or a list), or None. The reward receives
+        conditions: conditions cycled through (a tensor batch, a dict of them or a list), or None. The reward receives
             them as given; the sampler receives ``encode(conditions)`` when ``encode`` is set (labels or
             prompts -> embeddings), else the conditions themselves.
         noise_shape: one sample's latent shape (C, H, W); default: from the model's config.
@@ -205,8 +189,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         if resume and ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
-            _checked_settings(state, settings, ckpt)
+            state = load_matching(ckpt, settings)
             with torch.no_grad():
                 for n, p in trainable.items():
                     p.copy_(state["params"][n])
@@ -218,15 +201,14 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
             if base is not None:  # the weights the run started from, not whatever the model holds now
                 base = state["base"]
             history, start = state["history"], state["iteration"]
-    n_cond = len(conditions) if conditions is not None else 1
+    n_cond = count_rows(conditions)
     model.train(False)
     device = next(iter(trainable.values())).device
-    names = list(trainable)
 
     def evaluate(done: int) -> None:
         if heldout is None or not accelerator.is_main_process:
             return
-        with swapped_in(trainable, _ema_values(averaged, names)) if averaged is not None else nullcontext():
+        with swapped_in(trainable, dict(zip(trainable, averaged.shadow_params))) if averaged is not None else nullcontext():
             figures = heldout.evaluate(sampler, reward, encode)
         history["eval"].append({"iteration": done, "seconds": sum(history["seconds"]), **figures})
 
@@ -234,7 +216,6 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
         evaluate(0)
     bar = tqdm(range(start, iterations), desc="finetune", disable=not progress or not accelerator.is_main_process,
                initial=start, total=iterations)
-    done = start
     for it in bar:
         step_seed = seed * 1_000_003 + it
         gen = torch.Generator().manual_seed(step_seed)
@@ -279,11 +260,11 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
         if done % (heldout.every if heldout else iterations) == 0 or done == iterations or stop:
             evaluate(done)
         if ckpt is not None and accelerator.is_main_process and (done % checkpoint_every == 0 or done == iterations):
-            _save_checkpoint(ckpt, {"params": {n: p.detach().clone() for n, p in trainable.items()},
-                                    "optimizer": opt.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                                    "ema": averaged.state_dict() if averaged is not None else None,
-                                    "rng": torch.get_rng_state(), "base": base, "history": history, "iteration": done,
-                                    "settings": settings})
+            save_atomically({"params": {n: p.detach().clone() for n, p in trainable.items()},
+                             "optimizer": opt.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                             "ema": averaged.state_dict() if averaged is not None else None,
+                             "rng": torch.get_rng_state(), "base": base, "history": history, "iteration": done,
+                             "settings": settings}, ckpt)
         if stop:
             break
     bar.close()

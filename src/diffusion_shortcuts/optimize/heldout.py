@@ -15,7 +15,7 @@ import torch
 
 from ..metrics import diversity
 from ..rewards.base import check_reward_output
-from ..sampling import take_rows
+from ..sampling import count_rows, take_rows
 
 
 @dataclass
@@ -42,8 +42,8 @@ class HeldOut:
 
     def __post_init__(self):
         n = len(self.noise)
-        if self.conditions is not None and len(self.conditions) != n:
-            raise ValueError(f"HeldOut: {len(self.conditions)} conditions for {n} noise samples")
+        if self.conditions is not None and count_rows(self.conditions) != n:
+            raise ValueError(f"HeldOut: {count_rows(self.conditions)} conditions for {n} noise samples")
         if self.groups is not None and len(self.groups) != n:
             raise ValueError(f"HeldOut: {len(self.groups)} group ids for {n} noise samples")
         if self.every < 1 or self.batch_size < 1:
@@ -54,7 +54,7 @@ class HeldOut:
         """``samples`` seeded noises for each of ``conditions`` (grouped by condition for diversity)."""
         if samples < 2:
             raise ValueError("HeldOut.per_condition: diversity needs at least 2 samples per condition")
-        index = torch.arange(len(conditions)).repeat_interleave(samples)
+        index = torch.arange(count_rows(conditions)).repeat_interleave(samples)
         noise = torch.randn((len(index), *noise_shape), generator=torch.Generator().manual_seed(seed))
         return cls(noise, take_rows(conditions, index), index, **kwargs)
 

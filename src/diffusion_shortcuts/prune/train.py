@@ -17,7 +17,6 @@ checkpoint resumes to the same pruner as an uninterrupted one.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import gradients as G
+from ..checkpoints import load_matching, save_atomically
 from ..metrics import Timer, ssim
 from ..sampling import sample_shape as shape_from_config
-from ..sampling import take_rows, unwrap
+from ..sampling import count_rows, take_rows, unwrap
 from .blocks import BlockProfile, profile
 from .pruner import KEEP, Pruner
 from .schedule import CacheSchedule
@@ -56,25 +56,6 @@ class SearchResult:
         return sched
 
 
-def _num_conditions(conditions) -> int:
-    if conditions is None:
-        return 1
-    if isinstance(conditions, dict):
-        sizes = {v.shape[0] for v in conditions.values() if isinstance(v, torch.Tensor)}
-        if len(sizes) != 1:
-            raise ValueError(f"conditions: tensors of different batch sizes {sorted(sizes)}")
-        return sizes.pop()
-    if not isinstance(conditions, torch.Tensor) or conditions.ndim == 0 or len(conditions) == 0:
-        raise ValueError("conditions must be a non-empty batch of conditioning (a tensor, a dict of tensors) or None")
-    return len(conditions)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300, batch_size: int = 4,
                  lr: float = 0.01, optimizer: str = "adam", momentum: float = 0.9, alpha: float = 1.0, tau: float | None = None,
                  gradient: G.GradientPolicy | str | None = None, blocks: list[str] | None = None,
@@ -99,7 +80,9 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
         raise ValueError("iterations, batch_size and target_batch must be >= 1")
     policy = G.resolve(gradient) if gradient is not None else G.Checkpointed()
     tau = 1.0 - ratio if tau is None else tau
-    n_cond = _num_conditions(conditions)
+    if isinstance(conditions, (list, tuple)):  # the sampler takes them as they are: embeddings, not labels
+        raise ValueError("conditions must be a non-empty batch of conditioning (a tensor, a dict of tensors) or None")
+    n_cond = count_rows(conditions)
     model = sampler.model
     shape = tuple(sample_shape) if sample_shape is not None else shape_from_config(model)
     device = next(unwrap(model).parameters()).device
@@ -129,10 +112,7 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
     if ckpt_path is not None:
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         if resume and ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location=device, weights_only=False)
-            if state["settings"] != settings:
-                changed = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-                raise ValueError(f"{ckpt_path}: checkpoint was made with other settings ({', '.join(changed)})")
+            state = load_matching(ckpt_path, settings, map_location=device)
             pruner.load_state_dict(state["pruner"])
             optimizer.load_state_dict(state["optimizer"])
             lr_schedule.load_state_dict(state["lr_schedule"])
@@ -190,9 +170,9 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
                 callback({"iteration": it, **record, "pruner": pruner})
             done = it + 1
             if ckpt_path is not None and (done % checkpoint_every == 0 or done == iterations):
-                _atomic_save({"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
-                              "lr_schedule": lr_schedule.state_dict(), "history": history, "iteration": done,
-                              "settings": settings}, ckpt_path)
+                save_atomically({"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "lr_schedule": lr_schedule.state_dict(), "history": history, "iteration": done,
+                                 "settings": settings}, ckpt_path)
     finally:
         net.detach()
         for p in frozen:
