@@ -73,13 +73,34 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
-def count_macs(fn, *args, **kwargs) -> tuple[int, dict[str, int]]:
+def _attention_ops() -> list:
+    """The fused attention kernels torch may dispatch ``scaled_dot_product_attention`` to."""
+    aten = torch.ops.aten
+    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    return [getattr(aten, name) for name in names if hasattr(aten, name)]
+
+
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of softmax(Q K^T) V: two batched matrix products, 2 FLOPs per multiply-accumulate."""
+    b, h, s_q, d = query
+    s_k, d_v = key[-2], value[-1]
+    return 2 * b * h * s_q * s_k * (d + d_v)
+
+
+def count_macs(fn, *args, attention: bool = True, **kwargs) -> tuple[int, dict[str, int]]:
     """Multiply-accumulates of ``fn(*args, **kwargs)``: the total and per module path.
 
-    Counted by torch's ``FlopCounterMode`` (matmuls, convolutions, attention; elementwise ops are free),
-    halved to MACs. Module paths are as the counter names them: ``"UNet2DConditionModel.down_blocks.0"``.
+    Counted by torch's ``FlopCounterMode`` (matmuls, convolutions; elementwise ops are free), halved to
+    MACs. Module paths are as the counter names them: ``"UNet2DConditionModel.down_blocks.0"``.
+    ``attention``: count the two matrix products inside fused ``scaled_dot_product_attention`` kernels
+    (Q K^T and the product with V). torch counts none for the CPU kernel and some for the GPU ones; with
+    ``attention=False`` none are counted anywhere, which is how DiP-GO's published MACs table was
+    counted (the "paper-compatible" figure); ``True`` is the full cost.
     """
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    formula = _attention_flops if attention else (lambda *a, out_shape=None, **k: 0)
+    mapping = {op: formula for op in _attention_ops()}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
         fn(*args, **kwargs)
     per_module = {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}
     return counter.get_total_flops() // 2, per_module

@@ -2,10 +2,12 @@
 
 diffusers' pipelines run under ``torch.no_grad()``; every optimizer here needs the loop itself, with
 control over which network calls keep their autograd graph. ``Sampler`` runs a diffusers scheduler
-(DDIM, DDPM, Euler, DPM-Solver++, flow-matching Euler, ...) over a denoiser (UNet2DConditionModel,
-UNet2DModel, DiTTransformer2DModel, PixArtTransformer2DModel, or any callable ``f(x, t, cond)``),
-with classifier-free guidance, DiT's learned-variance split and an optional decoder (a VAE), and a
-gradient policy from :mod:`diffusion_shortcuts.gradients` deciding what the backward pass sees.
+(DDIM, DDPM, Euler, DPM-Solver++, flow-matching Euler, ...) over a denoiser of any registered model
+family (:mod:`diffusion_shortcuts.families`: pixel UNets, Stable Diffusion 1.x/2.x and SDXL, DiT,
+PixArt, SD3, Flux), with classifier-free or embedded guidance, learned-variance splits and an optional
+decoder (a VAE), and a gradient policy from :mod:`diffusion_shortcuts.gradients` deciding what the
+backward pass sees. Latents are always ``(B, C, H, W)``; the family packs them where its model wants
+tokens.
 
 With ``gradient=None`` the whole loop runs under ``torch.no_grad()`` and matches diffusers' own
 pipelines for the same scheduler, noise and steps.
@@ -16,138 +18,34 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from . import conditions as C
 from . import gradients as G
+from .conditions import Cond
+from .families import CFG, EMBEDDED, family_of, sample_shape, unwrap
 
-Cond = torch.Tensor | dict[str, Any] | None
-
+__all__ = ["Sampler", "call_denoiser", "sample_shape", "unwrap"]
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under accelerate/DDP wrappers (``.module``) and torch.compile (``._orig_mod``)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
-
-
-def sample_shape(model) -> tuple[int, int, int]:
-    """One sample's (C, H, W) for a diffusers denoiser, from its config's ``in_channels`` and ``sample_size``."""
-    config = getattr(unwrap(model), "config", None)
-    if config is None or not hasattr(config, "sample_size") or not hasattr(config, "in_channels"):
-        raise ValueError(f"cannot tell the sample shape of {type(model).__name__} (no config.sample_size and "
-                         "config.in_channels): pass the shape")
-    size = config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (config.in_channels, h, w)
-
-
-def count_rows(conditions) -> int:
-    """How many conditions a batch holds (1 for None): a tensor's length, a dict's common tensor length,
-    a list's length (prompts, labels); an empty batch or a dict of unequal lengths is refused."""
-    if conditions is None:
-        return 1
-    if isinstance(conditions, dict):
-        sizes = {v.shape[0] for v in conditions.values() if isinstance(v, torch.Tensor)}
-        if len(sizes) != 1:
-            raise ValueError(f"conditions: tensors of different batch sizes {sorted(sizes)}")
-        return sizes.pop()
-    if isinstance(conditions, (torch.Tensor, list, tuple)) and getattr(conditions, "ndim", 1) > 0 and len(conditions):
-        return len(conditions)
-    raise ValueError("conditions must be a non-empty batch (a tensor, a dict of tensors, a list) or None")
-
-
-def take_rows(conditions, index: torch.Tensor):
-    """Rows ``index`` of a condition batch: a tensor, a dict of them (added conditions), a list (prompts)."""
-    if conditions is None:
-        return None
-    if isinstance(conditions, dict):
-        return {k: take_rows(v, index) for k, v in conditions.items()}
-    if isinstance(conditions, torch.Tensor):
-        return conditions[index.to(conditions.device)]
-    return [conditions[int(i)] for i in index]
-
-
-def _batch_of(cond: Cond) -> int | None:
-    if isinstance(cond, torch.Tensor):
-        return cond.shape[0] if cond.ndim > 0 else None
-    if isinstance(cond, dict):
-        sizes = {v.shape[0] for v in cond.values() if isinstance(v, torch.Tensor) and v.ndim > 0}
-        return sizes.pop() if len(sizes) == 1 else (None if not sizes else -1)
-    return None
-
-
-def _expand(cond: Cond, batch: int) -> Cond:
-    if isinstance(cond, torch.Tensor) and cond.ndim > 0 and cond.shape[0] == 1 and batch != 1:
-        return cond.expand(batch, *cond.shape[1:])
-    if isinstance(cond, dict):
-        return {k: _expand(v, batch) for k, v in cond.items()}
-    return cond
-
-
-def _concat(a: Cond, b: Cond) -> Cond:
-    if isinstance(a, dict):
-        return {k: _concat(a[k], b[k]) for k in a}
-    if isinstance(a, torch.Tensor):
-        return torch.cat([a, b.to(a.device)])
-    return a
-
-
-def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """One call of a diffusers denoiser (or any ``f(x, t, cond)``) returning its output tensor.
-
-    ``cond`` is what the model takes as conditioning: ``encoder_hidden_states`` for UNet2DConditionModel
-    and PixArt, ``class_labels`` for DiT and class-conditional UNet2DModel; a dict is passed as
-    keyword arguments as it is.
-    """
+def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None = None
+                  ) -> torch.Tensor:
+    """One call of a registered denoiser at scheduler timestep ``t``, as its model family calls it
+    (:mod:`diffusion_shortcuts.families`); returns the output tensor shaped like ``x`` (plus any
+    learned-variance channels). ``guidance`` is the scale of families with embedded guidance (Flux)."""
     t_batch = t.reshape(-1).expand(x.shape[0]) if t.ndim <= 1 else t
-    kind = type(model).__name__
-    kwargs = dict(cond) if isinstance(cond, dict) else {}
-    if kind == "DiTTransformer2DModel":
-        if not kwargs:
-            kwargs["class_labels"] = cond
-        out = model(x, timestep=t_batch, **kwargs)
-    elif kind == "PixArtTransformer2DModel":
-        if not kwargs:
-            kwargs["encoder_hidden_states"] = cond
-        kwargs.setdefault("added_cond_kwargs", {"resolution": None, "aspect_ratio": None})
-        out = model(x, timestep=t_batch, **kwargs)
-    elif kind == "UNet2DConditionModel":
-        if not kwargs:
-            kwargs["encoder_hidden_states"] = cond
-        out = model(x, t_batch, **kwargs)
-    elif kind == "UNet2DModel":
-        if not kwargs and cond is not None:
-            kwargs["class_labels"] = cond
-        out = model(x, t_batch, **kwargs)
-    else:
-        out = model(x, t_batch, **kwargs) if kwargs else model(x, t_batch, cond)
-    if hasattr(out, "sample"):
-        out = out.sample
-    elif isinstance(out, tuple):
-        out = out[0]
-    return out
+    return family_of(model).call(model, x, t_batch, cond, guidance)
 
 
 def _scale_input(sched, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The scheduler's input preconditioning (Euler's 1/sqrt(sigma^2+1)); flow matching has none."""
     scale = getattr(sched, "scale_model_input", None)
     return scale(x, t) if scale is not None else x
-
-
-def _spatial_multiple(model) -> int:
-    kind = type(model).__name__
-    config = getattr(model, "config", None)
-    if kind in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
-        return int(config.patch_size)
-    if kind in ("UNet2DConditionModel", "UNet2DModel"):
-        return 2 ** (len(config.down_block_types) - 1)
-    return 1
 
 
 class Sampler:
@@ -158,6 +56,7 @@ class Sampler:
         scheduler: a diffusers scheduler; it is copied per call, never mutated.
         num_inference_steps: N, the number of denoising steps.
         guidance_scale: classifier-free guidance weight w: ``eps = eps_u + w (eps_c - eps_u)``; 1 = none.
+            For families with embedded guidance (Flux-dev) it is the model's guidance input instead.
         decode: latents -> images (e.g. a VAE decoder, or ``x / 2 + 0.5`` for pixel models);
             None returns the final latents. Keep it differentiable: rewards are taken on its output.
         encode: images -> latents, the inverse of ``decode``, used by :meth:`invert`.
@@ -166,16 +65,23 @@ class Sampler:
         eta: DDIM's eta (0 = deterministic); noise for eta > 0 is drawn once per call from the call's
             generator, so the same generator state gives the same sample and the same gradient.
         progress: show a progress bar per call.
+        sample_shape: one latent's (C, H, W) that :attr:`timesteps` is set for (flow-matching schedulers
+            shift their timesteps with the resolution); default: the model configuration's size.
+        pipeline: the diffusers pipeline behind the sampler, for :meth:`encode_prompt`.
     """
 
     def __init__(self, model: Callable, scheduler, num_inference_steps: int = 50, guidance_scale: float = 1.0,
                  decode: Callable | None = None, encode: Callable | None = None, uncond: Cond = None,
-                 eta: float = 0.0, progress: bool = False):
+                 eta: float = 0.0, progress: bool = False, sample_shape: tuple[int, int, int] | None = None,
+                 pipeline=None):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-        if guidance_scale != 1.0 and uncond is None:
+        self.family = family_of(model)
+        if guidance_scale != 1.0 and uncond is None and self.family.guidance == CFG:
             raise ValueError(f"guidance_scale={guidance_scale} needs uncond (the unconditional conditioning)")
         self.model = model
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else self._default_shape(model)
+        self.pipeline = pipeline
         self.scheduler = scheduler
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = float(guidance_scale)
@@ -187,33 +93,45 @@ class Sampler:
         self._warned_clip = False
         self._step_params = set(inspect.signature(scheduler.step).parameters)
 
+    def _default_shape(self, model) -> tuple[int, int, int] | None:
+        try:
+            return tuple(self.family.latent_shape(model))
+        except (AttributeError, ValueError):
+            return None
+
     # ---- schedule -------------------------------------------------------------------------------
-    def fresh_scheduler(self, device: torch.device | str | None = None):
-        """A copy of the scheduler with its timesteps set for this sampler (state of its own)."""
+    def fresh_scheduler(self, device: torch.device | str | None = None, latent_shape: tuple[int, ...] | None = None):
+        """A copy of the scheduler with its timesteps set for this sampler and latents of ``latent_shape``
+        (default: :attr:`sample_shape`), as the family's stock pipeline sets them (state of its own)."""
         sched = copy.deepcopy(self.scheduler)
-        sched.set_timesteps(self.num_inference_steps, device=device)
+        shape = latent_shape if latent_shape is not None else (1, *(self.sample_shape or (1, 1, 1)))
+        self.family.prepare_timesteps(sched, self.num_inference_steps, device, shape, self.model)
         return sched
 
     @property
     def timesteps(self) -> torch.Tensor:
+        """The timesteps of a generation at :attr:`sample_shape`."""
         return self.fresh_scheduler().timesteps
 
     # ---- one network evaluation -----------------------------------------------------------------
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond = None) -> torch.Tensor:
         """The guided model output eps_theta(x, t, c) that the scheduler step consumes.
 
-        Learned-variance channels (DiT, PixArt: twice the latent channels) are split off.
+        Classifier-free guidance batches ``[uncond; cond]`` in one call; embedded guidance (Flux) passes
+        the scale to the model. Learned-variance channels (DiT, PixArt: twice the latent channels) are
+        split off.
         """
         uncond = self.uncond if uncond is None else uncond
-        guided = self.guidance_scale != 1.0
+        guided = self.guidance_scale != 1.0 and self.family.guidance == CFG
+        embedded = self.guidance_scale if self.family.guidance == EMBEDDED else None
         if guided:
             batch = x.shape[0]
             x_in = torch.cat([x, x])
-            cond_in = _concat(_expand(uncond, batch), _expand(cond, batch))
+            cond_in = C.concat(C.expand(uncond, batch), C.expand(cond, batch))
         else:
-            x_in, cond_in = x, _expand(cond, x.shape[0])
-        out = call_denoiser(self.model, x_in, t, cond_in)
-        if out.shape[1] == 2 * x.shape[1]:
+            x_in, cond_in = x, C.expand(cond, x.shape[0])
+        out = call_denoiser(self.model, x_in, t, cond_in, embedded)
+        if self.family.learned_sigma and out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]
         if guided:
             out_u, out_c = out.chunk(2)
@@ -225,20 +143,15 @@ class Sampler:
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be a (B, C, H, W) tensor, got {shape}")
-        config = getattr(self.model, "config", None)
-        channels = getattr(config, "in_channels", None)
+        channels = self.sample_shape[0] if self.sample_shape is not None else None
         if channels is not None and latents.shape[1] != channels:
             raise ValueError(f"latents have {latents.shape[1]} channels but the model takes {channels}: "
                              f"shape {tuple(latents.shape)}")
-        multiple = _spatial_multiple(self.model)
+        multiple = self.family.spatial_multiple(self.model)
         if latents.shape[2] % multiple or latents.shape[3] % multiple:
             raise ValueError(f"latents spatial size {tuple(latents.shape[2:])} must be a multiple of {multiple} "
-                             f"for {type(self.model).__name__}")
-        batch = _batch_of(cond)
-        if batch == -1:
-            raise ValueError("cond: its tensors have different batch sizes")
-        if batch is not None and batch not in (1, latents.shape[0]):
-            raise ValueError(f"cond has batch {batch} but latents have batch {latents.shape[0]}")
+                             f"for {type(unwrap(self.model)).__name__}")
+        C.check_fits(cond, latents.shape[0])
         if not isinstance(start_step, int) or not 0 <= start_step < self.num_inference_steps:
             raise ValueError(f"start_step must be an int in [0, {self.num_inference_steps - 1}], got {start_step!r}")
         if policy is not None and not self._warned_clip and self.scheduler.config.get("clip_sample", False):
@@ -267,13 +180,13 @@ class Sampler:
     def _reset_model_state(self) -> None:
         """Start a generation: reset the model's stateful diffusers hooks (block caches such as a cache
         schedule's or FirstBlockCache's), as diffusers' pipelines do after each call."""
-        registry = getattr(self.model, "_diffusers_hook", None)
+        registry = getattr(unwrap(self.model), "_diffusers_hook", None)
         if registry is not None:
             registry.reset_stateful_hooks()
 
     def _run(self, latents, cond, policy, start_step, generator, uncond, callback, return_latents):
         self._reset_model_state()
-        sched = self.fresh_scheduler(latents.device)
+        sched = self.fresh_scheduler(latents.device, tuple(latents.shape))
         timesteps = sched.timesteps[start_step:]
         if hasattr(sched, "set_begin_index"):
             sched.set_begin_index(start_step)
@@ -338,7 +251,7 @@ class Sampler:
         the given image. Requires a scheduler with ``alphas_cumprod`` and epsilon prediction.
         """
         self._reset_model_state()
-        sched = self.fresh_scheduler(images_or_latents.device)
+        sched = self.fresh_scheduler(images_or_latents.device, tuple(images_or_latents.shape))
         alphas = getattr(sched, "alphas_cumprod", None)
         if alphas is None or sched.config.get("prediction_type", "epsilon") != "epsilon":
             raise NotImplementedError("invert needs a DDIM-family scheduler (alphas_cumprod) with epsilon prediction; "
@@ -359,44 +272,80 @@ class Sampler:
             x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
         return x
 
-    # ---- adapters -------------------------------------------------------------------------------
+    # ---- pipelines ------------------------------------------------------------------------------
     @classmethod
     def from_pipeline(cls, pipe, num_inference_steps: int = 50, guidance_scale: float | None = None,
-                      uncond: Cond = None, **kwargs) -> "Sampler":
-        """A Sampler for a local diffusers pipeline: DDPM/DDIM, StableDiffusion, DiT, PixArt-alpha.
+                      uncond: Cond = None, negative_prompt: str | None = None, **kwargs) -> "Sampler":
+        """A Sampler for a local diffusers pipeline of any registered family (DDPM/DDIM, Stable Diffusion
+        1.x/2.x and XL, DiT, PixArt, SD3, Flux).
 
-        Conditioning is what the pipeline's denoiser takes: ``prompt_embeds`` for Stable Diffusion
-        (pass the negative/empty-prompt embeddings as ``uncond``), class labels for DiT (``uncond``
-        defaults to the null class), ``{"encoder_hidden_states", "encoder_attention_mask"}`` for
-        PixArt. Images are decoded by the pipeline's VAE (if any) and mapped to [0, 1] without
-        clamping, so that they stay differentiable.
+        Conditioning is what the family's denoiser takes (see :mod:`diffusion_shortcuts.families`); get it
+        from prompts with :meth:`encode_prompt`. Under classifier-free guidance ``uncond`` defaults to the
+        encoded ``negative_prompt`` (empty by default) where the pipeline has its text encoders, or to the
+        null class for DiT. Images are decoded by the pipeline's VAE (its ``scaling_factor`` and
+        ``shift_factor``) and mapped to [0, 1] without clamping, so that they stay differentiable.
         """
         model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         if model is None:
             raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
-        kind = type(model).__name__
-        vae = getattr(pipe, "vae", None)
-        if vae is not None:
-            scale = vae.config.scaling_factor
-
-            def decode(z):
-                return vae.decode(z / scale).sample / 2 + 0.5
-
-            def encode(images):
-                return vae.encode(images * 2 - 1).latent_dist.mean * scale
-        else:
-            def decode(x):
-                return x / 2 + 0.5
-
-            def encode(images):
-                return images * 2 - 1
-        defaults = {"UNet2DConditionModel": 7.5, "DiTTransformer2DModel": 4.0, "PixArtTransformer2DModel": 4.5}
+        family = family_of(model)
+        decode, encode = _vae_codec(getattr(pipe, "vae", None))
         if guidance_scale is None:
-            guidance_scale = defaults.get(kind, 1.0)
-        if uncond is None and kind == "DiTTransformer2DModel":
-            uncond = torch.tensor([model.config.num_embeds_ada_norm], device=model.device)
-        if uncond is None and guidance_scale != 1.0:
-            raise ValueError(f"{type(pipe).__name__}: guidance_scale={guidance_scale} needs uncond "
-                             "(e.g. the empty-prompt embeddings); pass guidance_scale=1.0 for none")
-        return cls(model, pipe.scheduler, num_inference_steps, guidance_scale, decode=decode, encode=encode,
-                   uncond=uncond, **kwargs)
+            guidance_scale = family.default_guidance
+        # built unguided first: the default uncond is encoded at the sampler's own latent size (SDXL's time ids)
+        sampler = cls(model, pipe.scheduler, num_inference_steps, 1.0, decode=decode, encode=encode, uncond=uncond,
+                      pipeline=pipe, **kwargs)
+        if uncond is None and guidance_scale != 1.0 and family.guidance == CFG:
+            sampler.uncond = sampler._default_uncond(negative_prompt)
+        sampler.guidance_scale = float(guidance_scale)
+        return sampler
+
+    def _default_uncond(self, negative_prompt: str | None) -> Cond:
+        if self.family.null_cond is not None:
+            return self.family.null_cond(self.model)
+        if self.family.encode_prompt is not None and _has_text_encoder(self.pipeline):
+            return C.first(self._encode([""], negative_prompt)[1])
+        raise ValueError(f"{type(self.pipeline).__name__}: classifier-free guidance needs uncond "
+                         "(e.g. the empty-prompt embeddings) and the pipeline has no text encoder to make it; "
+                         "pass uncond, or guidance_scale=1.0 for none")
+
+    def _encode(self, prompts, negative_prompt):
+        if self.pipeline is None or self.family.encode_prompt is None:
+            raise ValueError(f"encode_prompt needs a sampler made by Sampler.from_pipeline of a text-conditional "
+                             f"pipeline; this one drives {type(unwrap(self.model)).__name__} "
+                             f"({self.family.name}) {'without a pipeline' if self.pipeline is None else ''}".rstrip())
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+        scale = getattr(self.pipeline, "vae_scale_factor", 1) if getattr(self.pipeline, "vae", None) else 1
+        size = (self.sample_shape[1] * scale, self.sample_shape[2] * scale)
+        device = getattr(unwrap(self.model), "device", None)
+        with torch.no_grad():
+            return self.family.encode_prompt(self.pipeline, list(prompts), negative_prompt, device, size)
+
+    def encode_prompt(self, prompts: str | list[str]) -> Cond:
+        """Conditioning for ``prompts`` through the pipeline's own ``encode_prompt`` (its tokenizers and text
+        encoders), shaped as this family's denoiser takes it; pass it as ``cond`` like any other batch."""
+        return self._encode(prompts, None)[0]
+
+
+def _has_text_encoder(pipe) -> bool:
+    return any(getattr(pipe, name, None) is not None for name in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+
+
+def _vae_codec(vae):
+    """Latents <-> images in [0, 1] through a VAE: ``x = D(z / scaling + shift)``, ``z = (E(x) - shift) * scaling``
+    (SD3 and Flux VAEs have a shift; SD's has none); pixel pipelines map [-1, 1] <-> [0, 1]."""
+    if vae is None:
+        return (lambda x: x / 2 + 0.5), (lambda images: images * 2 - 1)
+    scale = vae.config.scaling_factor
+    shift = vae.config.get("shift_factor", None) or 0.0
+
+    def decode(z):
+        return vae.decode(z / scale + shift).sample / 2 + 0.5
+
+    def encode(images):
+        return (vae.encode(images * 2 - 1).latent_dist.mean - shift) * scale
+
+    return decode, encode

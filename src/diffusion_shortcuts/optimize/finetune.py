@@ -22,11 +22,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .. import conditions as C
 from .. import gradients as G
 from ..checkpoints import load_matching, save_atomically
+from ..families import sample_shape
 from ..metrics import Timer
 from ..rewards.base import check_reward_output
-from ..sampling import count_rows, sample_shape, take_rows
 from .heldout import HeldOut
 
 CHECKPOINT = "finetune_checkpoint.pt"
@@ -201,7 +202,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
             if base is not None:  # the weights the run started from, not whatever the model holds now
                 base = state["base"]
             history, start = state["history"], state["iteration"]
-    n_cond = count_rows(conditions)
+    n_cond = C.count(conditions)
     model.train(False)
     device = next(iter(trainable.values())).device
 
@@ -222,7 +223,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
         mine = slice(rank * batch_size, (rank + 1) * batch_size)
         noise = torch.randn((batch_size * world, *noise_shape), generator=gen)[mine].to(device)
         rows = ((it * batch_size * world + torch.arange(batch_size * world)) % n_cond)[mine]
-        cond = take_rows(conditions, rows)
+        cond = C.take(conditions, rows)
         model_cond = encode(cond) if encode is not None and cond is not None else cond
         with Timer() as timer:
             if base is not None:  # the base model's samples from the same noise, condition and scheduler noise

@@ -15,7 +15,7 @@ import torch
 
 from ..metrics import diversity
 from ..rewards.base import check_reward_output
-from ..sampling import count_rows, take_rows
+from .. import conditions as C
 
 
 @dataclass
@@ -42,8 +42,8 @@ class HeldOut:
 
     def __post_init__(self):
         n = len(self.noise)
-        if self.conditions is not None and count_rows(self.conditions) != n:
-            raise ValueError(f"HeldOut: {count_rows(self.conditions)} conditions for {n} noise samples")
+        if self.conditions is not None and C.count(self.conditions) != n:
+            raise ValueError(f"HeldOut: {C.count(self.conditions)} conditions for {n} noise samples")
         if self.groups is not None and len(self.groups) != n:
             raise ValueError(f"HeldOut: {len(self.groups)} group ids for {n} noise samples")
         if self.every < 1 or self.batch_size < 1:
@@ -54,9 +54,9 @@ class HeldOut:
         """``samples`` seeded noises for each of ``conditions`` (grouped by condition for diversity)."""
         if samples < 2:
             raise ValueError("HeldOut.per_condition: diversity needs at least 2 samples per condition")
-        index = torch.arange(count_rows(conditions)).repeat_interleave(samples)
+        index = torch.arange(C.count(conditions)).repeat_interleave(samples)
         noise = torch.randn((len(index), *noise_shape), generator=torch.Generator().manual_seed(seed))
-        return cls(noise, take_rows(conditions, index), index, **kwargs)
+        return cls(noise, C.take(conditions, index), index, **kwargs)
 
     @torch.no_grad()
     def evaluate(self, sampler, reward, encode: Callable | None = None) -> dict:
@@ -65,7 +65,7 @@ class HeldOut:
         images, rewards = [], []
         for start in range(0, len(self.noise), self.batch_size):
             index = torch.arange(start, min(start + self.batch_size, len(self.noise)))
-            cond = take_rows(self.conditions, index)
+            cond = C.take(self.conditions, index)
             x = sampler(self.noise[index].to(device), encode(cond) if encode is not None and cond is not None else cond)
             rewards.append(check_reward_output(reward(x, cond), len(x), "reward").float().cpu())
             images.append(x.float().cpu())

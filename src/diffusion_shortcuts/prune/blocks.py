@@ -2,12 +2,15 @@
 
 DiP-GO (Zhu et al. 2024, arXiv 2410.16942) gates the coarse blocks of the denoiser: for a UNet its
 ``down_blocks.*``, ``mid_block`` and ``up_blocks.*`` (a reused down block also returns its cached skip
-residuals), for a DiT or PixArt transformer each of ``transformer_blocks.*``.
+residuals), for a DiT, PixArt or SD3 transformer each of ``transformer_blocks.*``, for Flux its double-
+and single-stream blocks. Which blocks a model has is its family's business
+(:mod:`diffusion_shortcuts.families`).
 
 Two ways to reuse a block's work from an earlier step:
 - ``"output"`` (UNet blocks): return the cached output as it is, as DeepCache does.
-- ``"residual"`` (transformer blocks, whose input and output live on one residual stream): return
-  ``x + (f(x_cached) - x_cached)``, the cached *update*. Returning the cached output itself would throw
+- ``"residual"`` (transformer blocks, whose inputs and outputs live on residual streams): return
+  ``x + (f(x_cached) - x_cached)``, the cached *update*, for every stream the block carries (SD3's and
+  Flux's blocks update the image and the text stream). Returning the cached output itself would throw
   away what the blocks before it computed at this step (Learning-to-Cache, FORA cache the update too).
 
 A block's cost weight gamma_b is its share of the MACs of one denoiser call, counted once per model
@@ -22,39 +25,31 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import conditions as C
+from ..families import EMBEDDED, FAMILIES, OUTPUT, RESIDUAL, family_of, unwrap
 from ..metrics import count_macs
-from ..sampling import call_denoiser, unwrap
+from ..sampling import call_denoiser
 
-OUTPUT, RESIDUAL = "output", "residual"
-
-_UNETS = ("UNet2DConditionModel", "UNet2DModel")
-_TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
-SUPPORTED = _UNETS + _TRANSFORMERS
+__all__ = ["OUTPUT", "RESIDUAL", "default_block_names", "reuse_kind", "resolve_blocks", "model_id", "BlockProfile",
+           "profile", "supported"]
 
 
-def check_supported(model: torch.nn.Module) -> str:
-    kind = type(unwrap(model)).__name__
-    if kind not in SUPPORTED:
-        raise TypeError(f"pruning does not know the blocks of {kind}; supported: {', '.join(SUPPORTED)} "
-                        "(or name the blocks yourself with blocks=[...])")
-    return kind
+def supported() -> list[str]:
+    """The registered model families and their classes, e.g. ``["sd-unet (UNet2DConditionModel)", ...]``."""
+    return FAMILIES.names()
 
 
 def default_block_names(model: torch.nn.Module) -> list[str]:
-    """The gateable blocks in forward order (UNet: down, mid, up; transformers: each block)."""
-    model = unwrap(model)
-    kind = check_supported(model)
-    if kind in _UNETS:
-        names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
-        names += ["mid_block"] if model.mid_block is not None else []
-        return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
-    return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+    """The gateable blocks of the model's family in forward order (UNet: down, mid, up; transformers: each
+    block; Flux: the double-stream blocks, then the single-stream ones)."""
+    return family_of(model).blocks(unwrap(model))
 
 
 def reuse_kind(model: torch.nn.Module, name: str) -> str:
-    """``"residual"`` for blocks on a transformer's residual stream, else ``"output"``."""
-    return RESIDUAL if type(unwrap(model)).__name__ in _TRANSFORMERS and name.startswith("transformer_blocks.") \
-        else OUTPUT
+    """How block ``name`` reuses its work: the family's kind for its default blocks, ``"output"`` for any
+    other module a user names (it is not known to sit on a residual stream)."""
+    family = family_of(model)
+    return family.reuse if name in family.blocks(unwrap(model)) else OUTPUT
 
 
 def resolve_blocks(model: torch.nn.Module, names: list[str] | None = None) -> list[tuple[str, torch.nn.Module]]:
@@ -64,8 +59,7 @@ def resolve_blocks(model: torch.nn.Module, names: list[str] | None = None) -> li
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules or not n]
     if missing:
-        raise ValueError(f"{type(model).__name__} has no block(s) {missing}; its blocks: {default_block_names(model)}"
-                         if type(model).__name__ in SUPPORTED else f"{type(model).__name__} has no block(s) {missing}")
+        raise ValueError(f"{type(model).__name__} has no block(s) {missing}; its blocks: {default_block_names(model)}")
     if len(set(names)) != len(names):
         raise ValueError(f"block names repeat: {names}")
     return [(n, modules[n]) for n in names]
@@ -104,22 +98,6 @@ class BlockProfile:
 _PROFILES: dict[tuple, BlockProfile] = {}
 
 
-def _shape_key(cond) -> tuple:
-    if isinstance(cond, torch.Tensor):
-        return (tuple(cond.shape[1:]), str(cond.dtype))
-    if isinstance(cond, dict):
-        return tuple(sorted((k, _shape_key(v)) for k, v in cond.items()))
-    return (repr(cond),)
-
-
-def _first(cond):
-    if isinstance(cond, torch.Tensor) and cond.ndim > 0:
-        return cond[:1]
-    if isinstance(cond, dict):
-        return {k: _first(v) for k, v in cond.items()}
-    return cond
-
-
 def profile(model: torch.nn.Module, sample: torch.Tensor, cond=None, blocks: list[str] | None = None) -> BlockProfile:
     """Count the MACs of each block for one call on one sample shaped like ``sample[0]`` (cached).
 
@@ -128,11 +106,13 @@ def profile(model: torch.nn.Module, sample: torch.Tensor, cond=None, blocks: lis
     """
     model = unwrap(model)
     names = [n for n, _ in resolve_blocks(model, blocks)]
-    key = (model_id(model), tuple(sample.shape[1:]), _shape_key(cond), tuple(names))
+    key = (model_id(model), tuple(sample.shape[1:]), C.signature(cond), tuple(names))
     if key not in _PROFILES:
+        family = family_of(model)
         x = torch.zeros(1, *sample.shape[1:], device=sample.device, dtype=sample.dtype)
         t = torch.tensor(1, device=sample.device)
-        total, per_module = count_macs(call_denoiser, model, x, t, _first(cond))
+        guidance = family.default_guidance if family.guidance == EMBEDDED else None
+        total, per_module = count_macs(call_denoiser, model, x, t, C.first(cond), guidance)
         root = type(model).__name__
         block_macs = tuple(int(per_module.get(f"{root}.{n}", 0)) for n in names)
         _PROFILES[key] = BlockProfile(tuple(names), tuple(reuse_kind(model, n) for n in names), block_macs,

@@ -3,15 +3,19 @@
 The wrappers are diffusers hooks (``diffusers.hooks.HookRegistry``) on the model and on each block, so
 the model keeps its class, parameters and state dict, and removing the hooks restores it exactly.
 
-- A hook on the model reads the timestep of every denoiser call and maps it to the step index of the
-  schedule (a timestep the schedule does not have, or a skipped step, is an error: the sampler and
-  the schedule disagree).
+- A hook on the model reads the timestep of every denoiser call (in the scheduler's units: the family
+  says how the model's ``timestep`` argument is scaled) and maps it to the step index of the schedule
+  (a timestep the schedule does not have, or a skipped step, is an error: the sampler and the schedule
+  disagree).
 - A hook on each block either computes the block or reuses its cache. Caches hold, per block, the
   work of the steps at which the block ran, as whole batch tensors: under classifier-free guidance the
   batch is ``[uncond; cond]`` and row r of a cache is only ever read by row r, so the two branches
   never read each other's cache.
-- State is reset at step 0 and whenever the Sampler starts a generation (it resets the stateful
-  diffusers hooks of its model, as diffusers' pipelines do after a call).
+- A generation starts whenever the Sampler starts one (it resets the stateful diffusers hooks of its
+  model), and also, for stock pipeline calls that never reset a UNet's hooks, whenever step 0 comes
+  again or the step index goes back outside a backward pass. A generation that the Sampler did not
+  announce must begin at step 0: a stock call with other timesteps is refused, never run on stale
+  caches. Only the Sampler may start mid-way (``start_step``).
 
 Two modes:
 - table (inference): ``reuse[t, b]`` True means the block is not called at all at step t.
@@ -30,7 +34,7 @@ import inspect
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..sampling import unwrap
+from ..families import family_of, unwrap
 from .blocks import OUTPUT, resolve_blocks, reuse_kind
 from .schedule import ScheduleError
 
@@ -38,11 +42,18 @@ HOOK_NAME = "diffusion_shortcuts.prune"
 
 
 def _map(fn, *trees):
-    """Apply ``fn`` leafwise to tensors in matching (nested) tuples, e.g. a down block's (h, residuals)."""
+    """Apply ``fn`` leafwise to tensors in matching (nested) tuples, e.g. a down block's (h, residuals);
+    a missing leaf (SD3's last block returns no text stream) stays missing."""
     first = trees[0]
     if isinstance(first, (tuple, list)):
         return type(first)(_map(fn, *parts) for parts in zip(*trees))
-    return fn(*trees)
+    return None if any(t is None for t in trees) else fn(*trees)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (a gradient checkpoint recomputing an earlier step)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _leaves(tree):
@@ -79,7 +90,7 @@ class _StepHook(ModelHook):
         return args, kwargs
 
     def reset_state(self, module):
-        self.net.reset()
+        self.net.reset(announced=True)
         return module
 
 
@@ -100,9 +111,11 @@ class SuperNet:
 
     def __init__(self, model: torch.nn.Module, timesteps, blocks: list[str] | None = None, kinds=None):
         self.model = unwrap(model)
+        self.family = family_of(self.model)
         resolved = resolve_blocks(self.model, blocks)
         self.names = [n for n, _ in resolved]
         self.modules = [m for _, m in resolved]
+        self.signatures = [inspect.signature(m.forward) for m in self.modules]
         self.kinds = list(kinds) if kinds is not None else [reuse_kind(self.model, n) for n in self.names]
         self.timesteps = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
         self.reuse: torch.Tensor | None = torch.zeros(len(self.timesteps), len(self.names), dtype=torch.bool)
@@ -126,11 +139,13 @@ class SuperNet:
             raise ScheduleError(f"gates {tuple(gates.shape)} do not match ({len(self.timesteps)}, {len(self.names)}, 2)")
         self.gates, self.reuse = gates, None
 
-    def reset(self) -> None:
-        """Forget every cache: the next call starts a new generation."""
+    def reset(self, announced: bool = False) -> None:
+        """Forget every cache: the next call starts a new generation (at any step if ``announced`` by the
+        Sampler, which may start mid-way; else at step 0)."""
         self.caches: list[dict[int, object]] = [{} for _ in self.names]
         self.step: int | None = None
         self.last_step: int | None = None
+        self.announced = announced
 
     # ---- hooks --------------------------------------------------------------------------------
     def attach(self) -> "SuperNet":
@@ -161,7 +176,8 @@ class SuperNet:
 
     # ---- per call -----------------------------------------------------------------------------
     def step_index(self, timestep) -> int:
-        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        """The schedule's step of a model call's ``timestep`` argument."""
+        t = self.family.timestep_of(timestep)
         hits = ((self.timesteps - t).abs() <= 1e-4 * max(1.0, abs(t))).nonzero()
         if len(hits) == 0:
             ts = self.timesteps.tolist()
@@ -172,13 +188,24 @@ class SuperNet:
 
     def enter(self, timestep) -> None:
         step = self.step_index(timestep)
-        if step == 0:
+        if _in_backward():  # a checkpoint recomputing an earlier step reads the caches its forward read
+            self.step = step
+            return
+        if self.last_step is not None and step == self.last_step:
+            raise ScheduleError(f"the model was called twice at step {step}: a cache schedule needs one call per "
+                                "step, with both guidance branches batched")
+        if step == 0 or (self.last_step is not None and step < self.last_step):
             self.reset()
-        elif self.last_step is not None and step > self.last_step + 1:
+        if self.last_step is None and step != 0 and not self.announced:
+            raise ScheduleError(f"a generation began at timestep {self.timesteps[step].item():g}, the schedule's step "
+                                f"{step} of {len(self.timesteps)}, not its first: sample with the scheduler and "
+                                "number of steps the schedule was made for")
+        if self.last_step is not None and step > self.last_step + 1:
             raise ScheduleError(f"the sampler went from step {self.last_step} to step {step} of the schedule's "
                                 f"{len(self.timesteps)}: it runs other timesteps than the schedule was made for")
         self.step = step
-        self.last_step = step if self.last_step is None else max(self.last_step, step)
+        self.last_step = step
+        self.announced = False
 
     def _cached(self, index: int, step: int):
         earlier = [s for s in self.caches[index] if s < step]
@@ -193,25 +220,36 @@ class SuperNet:
             for old in [s for s in cache if s < step]:
                 del cache[old]
 
+    def _streams(self, index: int, args, kwargs) -> tuple:
+        """The residual-stream inputs of a block call, in the order the block returns them."""
+        bound = self.signatures[index].bind_partial(*args, **kwargs).arguments
+        return tuple(bound.get(name) for name in self.family.streams)
+
+    def _updated(self, streams: tuple, work: tuple):
+        """``x + update`` per stream, shaped as the block returns it (a tensor for one stream)."""
+        out = _map(lambda x, w: x + w, streams, work)
+        return out[0] if len(out) == 1 else out
+
     def run_block(self, index: int, forward, args, kwargs):
         step = self.step
         if step is None:  # called outside a model call (a user calling the block directly)
             return forward(*args, **kwargs)
         residual = self.kinds[index] != OUTPUT
         x = args[0] if args else kwargs["hidden_states"]
+        streams = self._streams(index, args, kwargs) if residual else None
         cached = self._cached(index, step)
         if cached is not None and _batch(cached) != x.shape[0]:
             raise ScheduleError(f"block {self.names[index]} cached a batch of {_batch(cached)} but is called with "
                                 f"{x.shape[0]}: call the model once per step with both guidance branches batched")
         if self.gates is None and cached is not None and bool(self.reuse[step, index]):
-            return _map(lambda c: x + c, cached) if residual else cached
+            return self._updated(streams, cached) if residual else cached
 
         out = forward(*args, **kwargs)
         self.computed[index] += 1
-        work = _map(lambda o: o - x, out) if residual else out
+        work = _map(lambda o, s: o - s, out if isinstance(out, tuple) else (out,), streams) if residual else out
         if self.gates is not None and cached is not None:
             g_reuse, g_keep = self.gates[step, index].to(x.dtype)
             work = _map(lambda c, w: g_reuse * c + g_keep * w, cached, work)
-            out = _map(lambda w: x + w, work) if residual else work
+            out = self._updated(streams, work) if residual else work
         self._remember(index, step, work)
         return out

@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 from .. import gradients as G
 from ..checkpoints import load_matching, save_atomically
 from ..metrics import Timer, ssim
-from ..sampling import sample_shape as shape_from_config
-from ..sampling import count_rows, take_rows, unwrap
+from .. import conditions as C
+from ..families import sample_shape as shape_from_config
+from ..families import unwrap
 from .blocks import BlockProfile, profile
 from .pruner import KEEP, Pruner
 from .schedule import CacheSchedule
@@ -82,15 +83,15 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
     tau = 1.0 - ratio if tau is None else tau
     if isinstance(conditions, (list, tuple)):  # the sampler takes them as they are: embeddings, not labels
         raise ValueError("conditions must be a non-empty batch of conditioning (a tensor, a dict of tensors) or None")
-    n_cond = count_rows(conditions)
+    n_cond = C.count(conditions)
     model = sampler.model
     shape = tuple(sample_shape) if sample_shape is not None else shape_from_config(model)
     device = next(unwrap(model).parameters()).device
     timesteps = [float(t) for t in sampler.timesteps]
     example = torch.zeros(1, *shape, device=device)
-    prof = profile(model, example, take_rows(conditions, torch.tensor([0])), blocks)
+    prof = profile(model, example, C.first(conditions), blocks)
     gamma = prof.gamma.to(device)
-    other = float(prof.other_macs) / prof.total_macs
+    block_macs = torch.tensor(prof.block_macs, dtype=torch.float64, device=device)
 
     with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
         torch.manual_seed(seed)
@@ -123,7 +124,7 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
     def batch_for(iteration: int):
         noise = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration))
         rows = perm[(iteration * batch_size + torch.arange(batch_size)) % n_cond]
-        return noise.to(device), take_rows(conditions, rows)
+        return noise.to(device), C.take(conditions, rows)
 
     net = SuperNet(model, timesteps, list(prof.blocks))
     frozen = [p for p in unwrap(model).parameters() if p.requires_grad]
@@ -139,7 +140,7 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
                 its = list(range(first, min(first + target_batch, iterations)))
                 pairs = [batch_for(j) for j in its]
                 noise = torch.cat([p[0] for p in pairs])
-                cond = None if conditions is None else _cat([p[1] for p in pairs])
+                cond = None if conditions is None else C.concat(*[p[1] for p in pairs])
                 net.use_table(torch.zeros(len(timesteps), len(prof.blocks), dtype=torch.bool))
                 full = sampler(noise, cond).detach()
                 targets = dict(zip(its, full.split(batch_size)))
@@ -150,7 +151,8 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
                 images = sampler(noise, cond, gradient=policy, generator=torch.Generator().manual_seed(seed + it))
                 similarity = ssim(images, targets.pop(it)).mean()
                 keep_macs = (gates[..., KEEP].double() @ gamma).mean()  # mean_t sum_b gamma_b g_keep[t, b]
-                kept = other + float(keep_macs.detach())  # the kept MACs fraction of the current hard gates
+                # the kept MACs fraction of the current hard gates, summed in whole MACs (exactly 1 when all keep)
+                kept = (prof.other_macs + float((gates[..., KEEP].detach().double() @ block_macs).mean())) / prof.total_macs
                 sparsity = keep_macs if kept > tau else torch.zeros((), dtype=keep_macs.dtype, device=device)
                 loss = (1 - similarity) + alpha * sparsity
                 if not torch.isfinite(loss):
@@ -178,12 +180,6 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
         for p in frozen:
             p.requires_grad_(True)
     return SearchResult(pruner.eval(), prof, timesteps, history)
-
-
-def _cat(conds):
-    if isinstance(conds[0], dict):
-        return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
-    return torch.cat(conds)
 
 
 def search(sampler, conditions, ratio: float = 0.8, **kwargs) -> CacheSchedule:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..sampling import sample_shape as _sample_shape
+from ..families import sample_shape as _sample_shape
 from .architectures import NULL_LABEL, NUM_CLASSES, DigitClassifier, LabelEncoder
 
 ZOO_DIR = Path(__file__).parent
