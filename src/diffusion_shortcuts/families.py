@@ -98,7 +98,8 @@ class Family:
     learned_sigma: bool = False                      # output has 2C channels: variance split off
     guidance: str = CFG                              # "cfg": two batched branches; "embedded": a model input
     default_guidance: float = 1.0
-    encode_prompt: Callable | None = None            # (pipe, prompts, negative, device, size) -> (cond, uncond)
+    encode_prompt: Callable | None = None            # (pipe, prompts, negative, device, size, **options)
+                                                     #   -> (cond, uncond): through pipe.encode_prompt
     null_cond: Callable[[Any], Any] | None = None    # the unconditional input of class-conditional models
     set_timesteps: Callable | None = None            # (scheduler, n, device, latent_shape, model) -> None
     matches: Callable[[Any], bool] = field(default=lambda model: True)
@@ -278,14 +279,15 @@ def _call_flux(model, x, t, cond, guidance=None):
 
 # ---- prompts (through the pipeline's own encode_prompt) -----------------------------------------------
 
-def _encode_sd(pipe, prompts, negative, device, size):
-    cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative)
+def _encode_sd(pipe, prompts, negative, device, size, **options):
+    cond, uncond = pipe.encode_prompt(prompts, device, 1, True, negative, **options)
     return cond, uncond
 
 
-def _encode_sdxl(pipe, prompts, negative, device, size):
+def _encode_sdxl(pipe, prompts, negative, device, size, **options):
     cond, uncond, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                                                          do_classifier_free_guidance=True, negative_prompt=negative)
+                                                          do_classifier_free_guidance=True, negative_prompt=negative,
+                                                          **options)
     projection = (pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None
                   else int(pooled.shape[-1]))
     time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype, text_encoder_projection_dim=projection)
@@ -294,10 +296,11 @@ def _encode_sdxl(pipe, prompts, negative, device, size):
             {"encoder_hidden_states": uncond, "text_embeds": neg_pooled, "time_ids": time_ids})
 
 
-def _encode_pixart(pipe, prompts, negative, device, size):
+def _encode_pixart(pipe, prompts, negative, device, size, **options):
+    options.setdefault("clean_caption", False)  # cleaning needs bs4 and ftfy
     cond, mask, uncond, neg_mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=True,
                                                       negative_prompt=negative or "", device=device,
-                                                      clean_caption=False)
+                                                      **options)
     extra = {}
     if getattr(pipe.transformer, "use_additional_conditions", False):
         h, w = size
@@ -307,19 +310,20 @@ def _encode_pixart(pipe, prompts, negative, device, size):
             {"encoder_hidden_states": uncond, "encoder_attention_mask": neg_mask, **extra})
 
 
-def _encode_sd3(pipe, prompts, negative, device, size):
+def _encode_sd3(pipe, prompts, negative, device, size, **options):
     cond, uncond, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                                                          do_classifier_free_guidance=True, negative_prompt=negative)
+                                                          do_classifier_free_guidance=True, negative_prompt=negative,
+                                                          **options)
     return ({"encoder_hidden_states": cond, "pooled_projections": pooled},
             {"encoder_hidden_states": uncond, "pooled_projections": neg_pooled})
 
 
-def _encode_flux(pipe, prompts, negative, device, size):
-    cond, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+def _encode_flux(pipe, prompts, negative, device, size, **options):
+    cond, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, **options)
     return {"encoder_hidden_states": cond, "pooled_projections": pooled}, None
 
 
-def _encode_dit(pipe, prompts, negative, device, size):
+def _encode_dit(pipe, prompts, negative, device, size, **options):
     """DiT's "prompts" are class names (``pipe.get_label_ids``); the null class is the unconditional input."""
     labels = torch.tensor(pipe.get_label_ids(list(prompts)), device=device)
     return labels, _dit_null(pipe.transformer).expand(len(prompts))

@@ -73,34 +73,51 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
-def _attention_ops() -> list:
-    """The fused attention kernels torch may dispatch ``scaled_dot_product_attention`` to."""
-    aten = torch.ops.aten
-    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-    return [getattr(aten, name) for name in names if hasattr(aten, name)]
+@torch.library.custom_op("diffusion_shortcuts::attention", mutates_args=())
+def _counted_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                       dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    """``scaled_dot_product_attention`` as one opaque op, so that counting it does not depend on which kernel
+    (fused on CPU and GPU, decomposed into matrix products on the meta device) torch would pick."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+@_counted_attention.register_fake
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+
+class _OpaqueAttention(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            params = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+                              args))
+            params.update(kwargs)
+            return _counted_attention(params["query"], params["key"], params["value"], params.get("attn_mask"),
+                                      float(params.get("dropout_p", 0.0)), bool(params.get("is_causal", False)),
+                                      params.get("scale"), bool(params.get("enable_gqa", False)))
+        return func(*args, **kwargs)
 
 
 def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of softmax(Q K^T) V: two batched matrix products, 2 FLOPs per multiply-accumulate."""
-    b, h, s_q, d = query
-    s_k, d_v = key[-2], value[-1]
-    return 2 * b * h * s_q * s_k * (d + d_v)
+    *batch, s_q, d = query
+    return 2 * int(torch.tensor(batch).prod()) * s_q * key[-2] * (d + value[-1])
 
 
 def count_macs(fn, *args, attention: bool = True, **kwargs) -> tuple[int, dict[str, int]]:
     """Multiply-accumulates of ``fn(*args, **kwargs)``: the total and per module path.
 
     Counted by torch's ``FlopCounterMode`` (matmuls, convolutions; elementwise ops are free), halved to
-    MACs. Module paths are as the counter names them: ``"UNet2DConditionModel.down_blocks.0"``.
-    ``attention``: count the two matrix products inside fused ``scaled_dot_product_attention`` kernels
-    (Q K^T and the product with V). torch counts none for the CPU kernel and some for the GPU ones; with
-    ``attention=False`` none are counted anywhere, which is how DiP-GO's published MACs table was
-    counted (the "paper-compatible" figure); ``True`` is the full cost.
+    MACs. Module paths are as the counter names them: ``"UNet2DConditionModel.down_blocks.0"``. Works on
+    models on the meta device too (shapes only). ``attention``: count the two matrix products inside
+    ``scaled_dot_product_attention`` (Q K^T and the product with V), the full cost; with ``False`` they
+    are left out, which is how DiP-GO's published MACs table was counted (the "paper-compatible" figure).
     """
     formula = _attention_flops if attention else (lambda *a, out_shape=None, **k: 0)
-    mapping = {op: formula for op in _attention_ops()}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.no_grad():
+    mapping = {torch.ops.diffusion_shortcuts.attention: formula}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, _OpaqueAttention(), torch.no_grad():
         fn(*args, **kwargs)
     per_module = {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}
     return counter.get_total_flops() // 2, per_module

@@ -68,12 +68,14 @@ class Sampler:
         sample_shape: one latent's (C, H, W) that :attr:`timesteps` is set for (flow-matching schedulers
             shift their timesteps with the resolution); default: the model configuration's size.
         pipeline: the diffusers pipeline behind the sampler, for :meth:`encode_prompt`.
+        prompt_options: extra arguments of the pipeline's ``encode_prompt`` (``max_sequence_length`` of
+            T5-encoded families, ``clip_skip``), the same for prompts and the negative prompt.
     """
 
     def __init__(self, model: Callable, scheduler, num_inference_steps: int = 50, guidance_scale: float = 1.0,
                  decode: Callable | None = None, encode: Callable | None = None, uncond: Cond = None,
                  eta: float = 0.0, progress: bool = False, sample_shape: tuple[int, int, int] | None = None,
-                 pipeline=None):
+                 pipeline=None, prompt_options: dict | None = None):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         self.family = family_of(model)
@@ -82,6 +84,7 @@ class Sampler:
         self.model = model
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else self._default_shape(model)
         self.pipeline = pipeline
+        self.prompt_options = dict(prompt_options or {})
         self.scheduler = scheduler
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = float(guidance_scale)
@@ -321,8 +324,10 @@ class Sampler:
         scale = getattr(self.pipeline, "vae_scale_factor", 1) if getattr(self.pipeline, "vae", None) else 1
         size = (self.sample_shape[1] * scale, self.sample_shape[2] * scale)
         device = getattr(unwrap(self.model), "device", None)
+        negative = [negative_prompt] * len(prompts) if negative_prompt is not None else None
         with torch.no_grad():
-            return self.family.encode_prompt(self.pipeline, list(prompts), negative_prompt, device, size)
+            return self.family.encode_prompt(self.pipeline, list(prompts), negative, device, size,
+                                             **self.prompt_options)
 
     def encode_prompt(self, prompts: str | list[str]) -> Cond:
         """Conditioning for ``prompts`` through the pipeline's own ``encode_prompt`` (its tokenizers and text
