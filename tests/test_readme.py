@@ -28,3 +28,9 @@ def test_ci_runs_the_readme_test_command():
     pattern = re.search(r'grep -m1 -E "(.*?)" README.md', ci).group(1)
     matches = [c for c in readme_commands() if re.search(pattern, c)]
     assert matches == [readme_commands()[1]]
+
+
+def test_the_docs_stand_alone():
+    """Users who clone the repository have no ../shared folder: nothing may point there."""
+    for doc in [ROOT / "README.md", ROOT / "BENCHMARKS.md", *ROOT.glob("src/**/*.md")]:
+        assert "../shared" not in doc.read_text(), doc
