@@ -285,3 +285,30 @@ def test_subclasses_find_their_family_and_unknown_classes_get_one_clear_error():
     with pytest.raises(UnknownModelError, match=r"no model family knows Linear; supported: .*flux "
                                                 r"\(FluxTransformer2DModel\)"):
         ds.Sampler(torch.nn.Linear(2, 2), DDIMScheduler(), 3)
+
+
+# ---- the three jobs take prompts ------------------------------------------------------------------------
+
+def brightness(images, conditions):
+    return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("name", ["sd-unet", "flux"])
+def test_the_three_jobs_take_prompts_through_encode_prompt(name, tmp_path):
+    case = text_case(name, steps=3)
+    sampler = case.sampler
+    before = brightness(sampler(case.noise, case.cond), None).mean()
+    result = ds.optimize_latents(sampler, brightness, case.noise, case.cond, iterations=3, lr=0.1, progress=False)
+    assert result.history["reward"][-1] > result.history["reward"][0] and abs(result.history["reward"][0] - before) < 1e-5
+
+    schedule = ds.prune.search(sampler, case.cond, ratio=0.5, iterations=2, batch_size=1, target_batch=2,
+                               pruner_kwargs={"dim": 8, "heads": 2}, progress=False)
+    assert schedule.reuse.shape == (3, len(BLOCKS[name])) and schedule.blocks == BLOCKS[name]
+
+    ds.add_lora(sampler.model, rank=2)
+    lora = {n: p.detach().clone() for n, p in sampler.model.named_parameters() if "lora_B" in n}
+    tuned = ds.finetune(sampler, brightness, PROMPTS, encode=sampler.encode_prompt, iterations=2, batch_size=1,
+                        lr=1e-2, progress=False, checkpoint_dir=tmp_path)
+    assert len(tuned.history["reward"]) == 2
+    after = {n: p.detach() for n, p in sampler.model.named_parameters() if "lora_B" in n}
+    assert any(not torch.equal(lora[n], after[n]) for n in lora)  # the LoRA weights moved

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from .. import conditions as C
 from .. import gradients as G
 from ..checkpoints import load_matching, save_atomically
-from ..families import sample_shape
 from ..metrics import Timer
 from ..rewards.base import check_reward_output
 from .heldout import HeldOut
@@ -142,7 +141,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
         conditions: conditions cycled through (a tensor batch, a dict of them or a list), or None. The reward receives
             them as given; the sampler receives ``encode(conditions)`` when ``encode`` is set (labels or
             prompts -> embeddings), else the conditions themselves.
-        noise_shape: one sample's latent shape (C, H, W); default: from the model's config.
+        noise_shape: one sample's latent shape (C, H, W); default: the sampler's ``sample_shape``.
         params: ``"lora"`` (the model's adapter, see :func:`add_lora`), ``"all"``, or a callable
             ``(name, param) -> bool``.
         gradient: the policy (default ``Shortcut(step="random")``, SDO).
@@ -174,7 +173,10 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     model = sampler.model
-    noise_shape = tuple(noise_shape) if noise_shape is not None else sample_shape(model)
+    noise_shape = noise_shape if noise_shape is not None else sampler.sample_shape
+    if noise_shape is None:
+        raise ValueError("noise_shape: the model's configuration has no sample size; pass noise_shape=(C, H, W)")
+    noise_shape = tuple(noise_shape)
     trainable = _select(model, params)
     base = {n: p.detach().clone() for n, p in trainable.items()} if base_weight else None
     settings = {"params": params if isinstance(params, str) else "callable", "gradient": repr(policy),

@@ -27,7 +27,6 @@ from .. import gradients as G
 from ..checkpoints import load_matching, save_atomically
 from ..metrics import Timer, ssim
 from .. import conditions as C
-from ..families import sample_shape as shape_from_config
 from ..families import unwrap
 from .blocks import BlockProfile, profile
 from .pruner import KEEP, Pruner
@@ -85,7 +84,10 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300,
         raise ValueError("conditions must be a non-empty batch of conditioning (a tensor, a dict of tensors) or None")
     n_cond = C.count(conditions)
     model = sampler.model
-    shape = tuple(sample_shape) if sample_shape is not None else shape_from_config(model)
+    shape = sample_shape if sample_shape is not None else sampler.sample_shape
+    if shape is None:
+        raise ValueError("sample_shape: the model's configuration has no sample size; pass sample_shape=(C, H, W)")
+    shape = tuple(shape)
     device = next(unwrap(model).parameters()).device
     timesteps = [float(t) for t in sampler.timesteps]
     example = torch.zeros(1, *shape, device=device)
