@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel,
+from diffusers import (FluxTransformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
                        UNet2DConditionModel)
 
 from diffusion_shortcuts import zoo
@@ -58,6 +58,11 @@ PIXART = dict(cls=PixArtTransformer2DModel, config=dict(
     norm_elementwise_affine=False, norm_eps=1e-6, activation_fn="gelu-approximate", attention_bias=True,
     use_additional_conditions=True), latent=(4, 128, 128),
     cond={"encoder_hidden_states": (120, 4096), "resolution": (2,), "aspect_ratio": (1,)}, resolution="1024x1024")
+SANA = dict(cls=SanaTransformer2DModel, config=dict(  # Sana_1600M_1024px: the class defaults, written out
+    in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+    num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+    mlp_ratio=2.5, sample_size=32, patch_size=1), latent=(32, 32, 32),
+    cond={"encoder_hidden_states": (300, 2304), "encoder_attention_mask": (300,)}, resolution="1024x1024")
 SD3 = dict(cls=SD3Transformer2DModel, config=dict(
     sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
@@ -68,8 +73,8 @@ FLUX = dict(cls=FluxTransformer2DModel, config=dict(
     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
     axes_dims_rope=(16, 56, 56)), latent=(16, 128, 128),
     cond={"encoder_hidden_states": (512, 4096), "pooled_projections": (768,)}, resolution="1024x1024")
-ARCHITECTURES = {"sd-1.5-unet": SD15, "sdxl-unet": SDXL, "pixart-alpha-xl-1024": PIXART, "sd3-medium": SD3,
-                 "flux.1-dev": FLUX}
+ARCHITECTURES = {"sd-1.5-unet": SD15, "sdxl-unet": SDXL, "pixart-alpha-xl-1024": PIXART, "sana-1600m-1024": SANA,
+                 "sd3-medium": SD3, "flux.1-dev": FLUX}
 
 
 def block_macs(model, latent, cond, device) -> dict:

@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_dit, tiny_unet, tiny_vae
 from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
-from tiny_pipelines import BUILDERS, PROMPTS
+from tiny_pipelines import BUILDERS, PROMPTS, VARIANTS
 
 import diffusion_shortcuts as ds
 from diffusion_shortcuts import conditions as C
@@ -26,13 +26,14 @@ from diffusion_shortcuts.prune import CacheSchedule, ScheduleError, profile
 
 STEPS = 4
 GUIDANCE = 3.0
-FAMILIES = ["ddpm-unet", "sd-unet", "sdxl-unet", "dit", "pixart", "sd3", "flux"]
+FAMILIES = ["ddpm-unet", "sd-unet", "sdxl-unet", "dit", "pixart", "sana", "sd3", "flux"]
 BLOCKS = {
     "ddpm-unet": ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
     "sd-unet": ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
     "sdxl-unet": ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"],
     "dit": ["transformer_blocks.0", "transformer_blocks.1"],
     "pixart": ["transformer_blocks.0", "transformer_blocks.1"],
+    "sana": ["transformer_blocks.0", "transformer_blocks.1"],
     "sd3": ["transformer_blocks.0", "transformer_blocks.1"],
     "flux": ["transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1"],
 }
@@ -52,13 +53,13 @@ class Case:
 
 
 def text_case(name: str, steps: int = STEPS) -> Case:
-    pipe, kwargs = BUILDERS[name]()
+    pipe, kwargs = BUILDERS[name]() if name in BUILDERS else VARIANTS[name][1]()
     options = {k: kwargs[k] for k in ("max_sequence_length",) if k in kwargs}
     sampler = ds.Sampler.from_pipeline(pipe, num_inference_steps=steps, guidance_scale=GUIDANCE,
                                        prompt_options=options, sample_shape=(4, 8, 8))
     cond = sampler.encode_prompt(PROMPTS)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    packed = name == "flux"
+    packed = name.startswith("flux")
 
     def stock(n=steps):
         latents = pack_latents(noise) if packed else noise
@@ -116,7 +117,14 @@ def test_sampler_equals_the_stock_pipeline(name):
     assert (case.ours() - case.stock()).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["sd-unet", "sd3", "flux"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_other_members_of_a_family_equal_their_stock_pipeline(variant):
+    case = text_case(variant)
+    assert family_of(case.sampler.model).name == VARIANTS[variant][0]
+    assert (case.ours() - case.stock()).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["sd-unet", "sana", "sd3", "flux"])
 def test_decoded_images_equal_the_stock_pipeline_with_the_vae_shift(name):
     case = text_case(name)
     kwargs = BUILDERS[name]()[1]
@@ -152,8 +160,10 @@ def float64_sampler(case: Case, steps: int = 3):
 
 
 # Flow-matching Euler steps in float32 whatever the model's dtype (and Flux applies its rotary embedding in
-# float32): finite differences there need a longer step and a looser tolerance.
-FLOAT32_INSIDE = {"sd3", "flux"}
+# float32): finite differences there need a longer step and a looser tolerance. Sana's linear attention also
+# computes in float32, and its ReLU kernel has kinks that a long step would cross: a short step for it.
+FLOAT32_INSIDE = {"sana", "sd3", "flux"}
+FD_STEP = {"sd3": 1e-2, "flux": 1e-2}
 
 
 def tolerance(name):
@@ -168,7 +178,7 @@ def test_full_gradient_equals_finite_differences(name):
         torch.randn(noise.shape, generator=gen, dtype=torch.float64)
     x = noise.clone().requires_grad_(True)
     reward(sampler(x, cond, gradient=ds.gradients.Full()), weights).backward()
-    h = 1e-2 if name in FLOAT32_INSIDE else 1e-4
+    h = FD_STEP.get(name, 1e-4)
     with torch.no_grad():
         numeric = (reward(sampler(noise + h * direction, cond), weights)
                    - reward(sampler(noise - h * direction, cond), weights)) / (2 * h)

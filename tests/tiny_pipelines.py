@@ -9,13 +9,14 @@ and guidance (its image size).
 from __future__ import annotations
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel, PixArtAlphaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel,
+from diffusers import (AutoencoderDC, AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel,
+                       SanaPipeline, SanaTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
-                          T5Config, T5EncoderModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model,
+                          PreTrainedTokenizerFast, T5Config, T5EncoderModel)
 
 WORDS = ("a an the red green blue car cat dog photo of on in painting tree house sky small big digit three seven "
          "astronaut horse riding").split()
@@ -65,19 +66,20 @@ def vae(latent_channels: int = 4, shift: float | None = None, scaling: float = 0
     ).eval()
 
 
-def ddim():
+def ddim(prediction_type: str = "epsilon"):
     return DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
-                         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+                         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type=prediction_type)
 
 
-def sd_pipeline(seed: int = 0):
+def sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4).eval()
     pipe = StableDiffusionPipeline(vae=vae(), text_encoder=clip_encoder(), tokenizer=tokenizer(), unet=unet,
-                                   scheduler=ddim(), safety_checker=None, feature_extractor=None,
+                                   scheduler=ddim(prediction_type), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     return pipe, {"height": SIZE, "width": SIZE}
 
@@ -96,14 +98,15 @@ def sdxl_pipeline(seed: int = 0):
     return pipe, {"height": SIZE, "width": SIZE}
 
 
-def pixart_pipeline(seed: int = 0):
+def pixart_pipeline(seed: int = 0, sigma: bool = False):
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=2,
         cross_attention_dim=8, sample_size=8, patch_size=2, caption_channels=32, norm_type="ada_norm_single",
         use_additional_conditions=False, norm_num_groups=2).eval()
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer(clip=False), text_encoder=t5_encoder(), vae=vae(),
-                               transformer=transformer, scheduler=ddim())
+    pipeline = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
+    pipe = pipeline(tokenizer=tokenizer(clip=False), text_encoder=t5_encoder(), vae=vae(), transformer=transformer,
+                    scheduler=ddim())
     return pipe, {"height": SIZE, "width": SIZE, "use_resolution_binning": False, "max_sequence_length": 12,
                   "clean_caption": False}
 
@@ -135,5 +138,34 @@ def flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     return pipe, {"height": SIZE, "width": SIZE, "max_sequence_length": 12}
 
 
+def sana_pipeline(seed: int = 0):
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=8).eval()
+    dc_ae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2,
+        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8), encoder_qkv_multiscales=((), (), (5,)),
+        decoder_qkv_multiscales=((), (), (5,)), encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407).eval()
+    torch.manual_seed(seed)
+    gemma = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                     num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(WORDS) + 4,
+                                     pad_token_id=0, bos_token_id=2, eos_token_id=3)).eval()
+    pipe = SanaPipeline(tokenizer=tokenizer(clip=False), text_encoder=gemma, vae=dc_ae, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    # Sana wants sizes divisible by 32: this DC-AE compresses 4x, to the same 8x8 latents as the others
+    return pipe, {"height": 2 * SIZE, "width": 2 * SIZE, "use_resolution_binning": False, "max_sequence_length": 12}
+
+
 BUILDERS = {"sd-unet": sd_pipeline, "sdxl-unet": sdxl_pipeline, "pixart": pixart_pipeline, "sd3": sd3_pipeline,
-            "flux": flux_pipeline}
+            "flux": flux_pipeline, "sana": sana_pipeline}
+# other members of the same families: SD 2.x's v-prediction, PixArt-sigma, Flux-schnell (no guidance embedding)
+VARIANTS = {"sd2-v": ("sd-unet", lambda: sd_pipeline(prediction_type="v_prediction")),
+            "pixart-sigma": ("pixart", lambda: pixart_pipeline(sigma=True)),
+            "flux-schnell": ("flux", lambda: flux_pipeline(guidance_embeds=False))}

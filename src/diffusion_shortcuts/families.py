@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
-                       SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel)
+                       SanaTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel)
 
 from . import conditions as C
 
@@ -94,7 +94,7 @@ class Family:
     spatial_multiple: Callable[[Any], int]
     reuse: str = OUTPUT                              # how a gated block's work is reused (see prune.blocks)
     streams: tuple[str, ...] = ("hidden_states",)    # residual blocks: the input each output element updates
-    timestep_scale: float = 1.0                      # what the model's ``timestep`` is in scheduler units
+    timestep_scale: float | Callable = 1.0           # model timestep / scheduler timestep (or model -> that)
     learned_sigma: bool = False                      # output has 2C channels: variance split off
     guidance: str = CFG                              # "cfg": two batched branches; "embedded": a model input
     default_guidance: float = 1.0
@@ -104,9 +104,10 @@ class Family:
     set_timesteps: Callable | None = None            # (scheduler, n, device, latent_shape, model) -> None
     matches: Callable[[Any], bool] = field(default=lambda model: True)
 
-    def timestep_of(self, model_timestep) -> float:
-        """The scheduler timestep behind the ``timestep`` argument the model was called with."""
-        return float(torch.as_tensor(model_timestep).reshape(-1)[0]) / self.timestep_scale
+    def timestep_of(self, model_timestep, model) -> float:
+        """The scheduler timestep behind the ``timestep`` argument ``model`` was called with."""
+        scale = self.timestep_scale(model) if callable(self.timestep_scale) else self.timestep_scale
+        return float(torch.as_tensor(model_timestep).reshape(-1)[0]) / scale
 
     def prepare_timesteps(self, scheduler, num_inference_steps: int, device, latent_shape: tuple[int, ...],
                           model) -> None:
@@ -245,6 +246,14 @@ def _call_sd3(model, x, t, cond, guidance=None):
     return _output(model(hidden_states=x, timestep=t, **_as_kwargs(cond, None)))
 
 
+def _sana_scale(model) -> float:
+    return float(unwrap(model).config.get("timestep_scale", 1.0))
+
+
+def _call_sana(model, x, t, cond, guidance=None):
+    return _output(model(x, timestep=t * _sana_scale(model), **_as_kwargs(cond, "encoder_hidden_states")))
+
+
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
     """Flux's tokens: (B, C, H, W) -> (B, H/2 * W/2, 4C), one token per 2x2 patch."""
     b, c, h, w = x.shape
@@ -310,6 +319,16 @@ def _encode_pixart(pipe, prompts, negative, device, size, **options):
             {"encoder_hidden_states": uncond, "encoder_attention_mask": neg_mask, **extra})
 
 
+def _encode_sana(pipe, prompts, negative, device, size, **options):
+    """SanaPipeline's own call prefixes prompts with its "complex human instruction" by default: so do we."""
+    default = inspect.signature(pipe.__call__).parameters["complex_human_instruction"].default
+    options.setdefault("complex_human_instruction", default)
+    cond, mask, uncond, neg_mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=True,
+                                                      negative_prompt=negative or "", device=device, **options)
+    return ({"encoder_hidden_states": cond, "encoder_attention_mask": mask},
+            {"encoder_hidden_states": uncond, "encoder_attention_mask": neg_mask})
+
+
 def _encode_sd3(pipe, prompts, negative, device, size, **options):
     cond, uncond, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                                           do_classifier_free_guidance=True, negative_prompt=negative,
@@ -357,6 +376,11 @@ FAMILIES.register(PixArtTransformer2DModel, Family(
     name="pixart", call=_call_pixart, blocks=_listed_blocks("transformer_blocks"), latent_shape=_config_shape,
     spatial_multiple=_patch_multiple, reuse=RESIDUAL, learned_sigma=True, default_guidance=4.5,
     encode_prompt=_encode_pixart))
+
+FAMILIES.register(SanaTransformer2DModel, Family(
+    name="sana", call=_call_sana, blocks=_listed_blocks("transformer_blocks"), latent_shape=_config_shape,
+    spatial_multiple=_patch_multiple, reuse=RESIDUAL, timestep_scale=_sana_scale, learned_sigma=True,
+    default_guidance=4.5, encode_prompt=_encode_sana))
 
 FAMILIES.register(SD3Transformer2DModel, Family(
     name="sd3", call=_call_sd3, blocks=_listed_blocks("transformer_blocks"), latent_shape=_config_shape,

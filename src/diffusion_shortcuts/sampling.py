@@ -4,7 +4,7 @@ diffusers' pipelines run under ``torch.no_grad()``; every optimizer here needs t
 control over which network calls keep their autograd graph. ``Sampler`` runs a diffusers scheduler
 (DDIM, DDPM, Euler, DPM-Solver++, flow-matching Euler, ...) over a denoiser of any registered model
 family (:mod:`diffusion_shortcuts.families`: pixel UNets, Stable Diffusion 1.x/2.x and SDXL, DiT,
-PixArt, SD3, Flux), with classifier-free or embedded guidance, learned-variance splits and an optional
+PixArt, Sana, SD3, Flux), with classifier-free or embedded guidance, learned-variance splits and an optional
 decoder (a VAE), and a gradient policy from :mod:`diffusion_shortcuts.gradients` deciding what the
 backward pass sees. Latents are always ``(B, C, H, W)``; the family packs them where its model wants
 tokens.
@@ -280,7 +280,7 @@ class Sampler:
     def from_pipeline(cls, pipe, num_inference_steps: int = 50, guidance_scale: float | None = None,
                       uncond: Cond = None, negative_prompt: str | None = None, **kwargs) -> "Sampler":
         """A Sampler for a local diffusers pipeline of any registered family (DDPM/DDIM, Stable Diffusion
-        1.x/2.x and XL, DiT, PixArt, SD3, Flux).
+        1.x/2.x and XL, DiT, PixArt, Sana, SD3, Flux).
 
         Conditioning is what the family's denoiser takes (see :mod:`diffusion_shortcuts.families`); get it
         from prompts with :meth:`encode_prompt`. Under classifier-free guidance ``uncond`` defaults to the
@@ -351,6 +351,8 @@ def _vae_codec(vae):
         return vae.decode(z / scale + shift).sample / 2 + 0.5
 
     def encode(images):
-        return (vae.encode(images * 2 - 1).latent_dist.mean - shift) * scale
+        out = vae.encode(images * 2 - 1)
+        latents = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent  # DC-AE: deterministic
+        return (latents - shift) * scale
 
     return decode, encode

@@ -177,7 +177,7 @@ class SuperNet:
     # ---- per call -----------------------------------------------------------------------------
     def step_index(self, timestep) -> int:
         """The schedule's step of a model call's ``timestep`` argument."""
-        t = self.family.timestep_of(timestep)
+        t = self.family.timestep_of(timestep, self.model)
         hits = ((self.timesteps - t).abs() <= 1e-4 * max(1.0, abs(t))).nonzero()
         if len(hits) == 0:
             ts = self.timesteps.tolist()
