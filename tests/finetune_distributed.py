@@ -16,7 +16,7 @@ sampler = ds.Sampler(model, DDIMScheduler(num_train_timesteps=1000, clip_sample=
                      uncond=torch.zeros(1, 3, 8), decode=lambda x: x / 2 + 0.5)
 ds.add_lora(model, rank=2)
 result = ds.finetune(sampler, lambda images, cond: images.mean(dim=(1, 2, 3)),
-                     torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(0)), (1, 8, 8),
+                     torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(0)), noise_shape=(1, 8, 8),
                      iterations=3, batch_size=batch, lr=0.5, optimizer="sgd", grad_clip=None,
                      progress=False)
 from accelerate import PartialState  # noqa: E402

@@ -36,7 +36,7 @@ def test_finetune_raises_the_reward_and_touches_only_the_adapter(policy):
     add_lora(sampler.model, rank=2)
     frozen = {n: p.detach().clone() for n, p in sampler.model.named_parameters() if "lora_" not in n}
     conditions = torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(0))
-    result = finetune(sampler, brightness, conditions, (1, 8, 8), gradient=policy, iterations=12, batch_size=2,
+    result = finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8), gradient=policy, iterations=12, batch_size=2,
                       lr=0.05, progress=False)
     rewards = result.history["reward"]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3
@@ -53,7 +53,7 @@ def test_finetune_resumes_to_the_same_weights_and_stops_on_non_finite(tmp_path):
         if sampler is None:
             sampler = unet_sampler()
             add_lora(sampler.model, rank=2)
-        return finetune(sampler, brightness, conditions, (1, 8, 8), iterations=6, batch_size=2, lr=0.05,
+        return finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8), iterations=6, batch_size=2, lr=0.05,
                         progress=False, ema=0.8, warmup=2, heldout=heldout, base_weight=0.5, **kwargs)
 
     whole = run()
@@ -78,7 +78,7 @@ def test_finetune_resumes_to_the_same_weights_and_stops_on_non_finite(tmp_path):
     sampler = unet_sampler()
     add_lora(sampler.model, rank=2)
     with pytest.raises(FinetuneError, match="iteration 2: non-finite reward"):
-        finetune(sampler, nan_after_two, torch.randn(1, 3, 8), (1, 8, 8), iterations=4, batch_size=1, progress=False,
+        finetune(sampler, nan_after_two, torch.randn(1, 3, 8), noise_shape=(1, 8, 8), iterations=4, batch_size=1, progress=False,
                  checkpoint_dir=tmp_path / "nan", checkpoint_every=1)
     assert torch.load(tmp_path / "nan" / "finetune_checkpoint.pt", weights_only=False)["iteration"] == 2
 
@@ -88,7 +88,7 @@ def test_the_adapter_saves_alone_and_loads_onto_the_base_model(tmp_path):
 
     sampler = unet_sampler()
     add_lora(sampler.model, rank=2)
-    finetune(sampler, brightness, torch.randn(2, 3, 8), (1, 8, 8), iterations=2, batch_size=1, lr=0.05,
+    finetune(sampler, brightness, torch.randn(2, 3, 8), noise_shape=(1, 8, 8), iterations=2, batch_size=1, lr=0.05,
              progress=False)
     path = save_lora(sampler.model, tmp_path / "adapter.safetensors")
     base = tiny_cond_unet()
@@ -216,7 +216,7 @@ def test_heldout_evaluation_measures_the_final_model_on_fixed_noise_and_stops_on
         seen.append(cond)
         return images.mean(dim=(1, 2, 3)) * (1 + cond.float())
 
-    result = finetune(sampler, label_brightness, labels, (1, 8, 8), encode=encode, iterations=20, batch_size=2,
+    result = finetune(sampler, label_brightness, labels, noise_shape=(1, 8, 8), encode=encode, iterations=20, batch_size=2,
                       lr=0.05, heldout=heldout, progress=False, callback=lambda info: info["iteration"] == 4)
     evals = result.history["eval"]
     assert len(result.history["reward"]) == 5 and [e["iteration"] for e in evals] == [0, 2, 4, 5]
@@ -262,7 +262,7 @@ def test_base_regulariser_pulls_toward_the_base_models_samples_from_the_same_noi
     def trained(base_weight):
         sampler = unet_sampler()
         add_lora(sampler.model, rank=2)
-        finetune(sampler, brightness, conditions, (1, 8, 8), gradient="full", iterations=2, batch_size=2, lr=lr,
+        finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8), gradient="full", iterations=2, batch_size=2, lr=lr,
                  optimizer="sgd", grad_clip=None, base_weight=base_weight, progress=False)
         return {n: p.detach() for n, p in sampler.model.named_parameters() if "lora_" in n}
 

@@ -72,11 +72,9 @@ def write_metrics(out: Path, metrics: dict) -> Path:
     payload = {"format_version": METRICS_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "command": " ".join(["diffusion-shortcuts", *sys.argv[1:]]),
                "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count()}, **metrics}
-    path = out / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    from .checkpoints import write_json
+
+    return write_json(out / "metrics.json", payload)
 
 
 def _load_generator(name: str):
@@ -366,7 +364,7 @@ def cmd_finetune(args) -> dict:
     if args.params == "lora":
         add_lora(model.model, rank=args.rank, seed=args.seed)
     try:
-        result = finetune(sampler, reward, labels, model.sample_shape, params=args.params, gradient=policy,
+        result = finetune(sampler, reward, labels, noise_shape=model.sample_shape, params=args.params, gradient=policy,
                           iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           encode=encode, ema=args.ema, base_weight=args.base_weight, warmup=args.warmup,
                           heldout=heldout, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,

@@ -10,6 +10,7 @@ through untouched.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 import torch
@@ -110,3 +111,16 @@ def check_fits(cond: Cond, latents_batch: int) -> None:
     size = batch_size(cond)
     if size is not None and size not in (1, latents_batch):
         raise ConditionError(f"cond has batch {size} but latents have batch {latents_batch}")
+
+
+def fingerprint(conditions: Cond) -> str:
+    """A short hash of a batch's content (tensor values, list items): training loops record it, so that a
+    resume on other conditions is refused."""
+    digest = hashlib.sha256()
+    if isinstance(conditions, (list, tuple)):
+        digest.update(repr(list(conditions)).encode())
+    else:
+        digest.update(repr(signature(conditions)).encode())
+        for leaf in leaves(conditions):
+            digest.update(leaf.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

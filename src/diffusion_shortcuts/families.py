@@ -21,7 +21,9 @@ random pipeline against the stock diffusers pipeline.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -393,6 +395,14 @@ FAMILIES.register(FluxTransformer2DModel, Family(
     spatial_multiple=lambda model: 2, reuse=RESIDUAL, streams=("encoder_hidden_states", "hidden_states"),
     timestep_scale=1 / 1000, guidance=EMBEDDED, default_guidance=3.5, encode_prompt=_encode_flux,
     set_timesteps=_flux_timesteps))
+
+
+def model_id(model) -> str:
+    """An identity of the model's architecture: class name and a hash of its configuration."""
+    model = unwrap(model)
+    config = dict(getattr(model, "config", {}) or {})
+    text = json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str)
+    return f"{type(model).__name__}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def sample_shape(model) -> tuple[int, int, int]:

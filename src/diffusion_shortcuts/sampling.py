@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import conditions as C
 from . import gradients as G
 from .conditions import Cond
-from .families import CFG, EMBEDDED, family_of, sample_shape, unwrap
+from .families import CFG, EMBEDDED, family_of, model_id, sample_shape, unwrap
 
 __all__ = ["Sampler", "call_denoiser", "sample_shape", "unwrap"]
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
@@ -110,6 +110,13 @@ class Sampler:
         shape = latent_shape if latent_shape is not None else (1, *(self.sample_shape or (1, 1, 1)))
         self.family.prepare_timesteps(sched, self.num_inference_steps, device, shape, self.model)
         return sched
+
+    def describe(self) -> dict:
+        """What about this sampler changes the samples it makes: model, scheduler, steps, guidance, shape.
+        Training loops record it with their settings, so that a resume with another sampler is refused."""
+        return {"model": model_id(self.model), "scheduler": type(self.scheduler).__name__,
+                "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                "eta": self.eta, "sample_shape": list(self.sample_shape) if self.sample_shape else None}
 
     @property
     def timesteps(self) -> torch.Tensor:

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from .. import conditions as C
 from .. import gradients as G
-from ..checkpoints import load_matching, save_atomically
+from ..checkpoints import Checkpoint, make_optimizer, settings_of
 from ..metrics import Timer
-from ..rewards.base import check_reward_output
+from ..rewards.base import check_reward_output, reward_name
 from .heldout import HeldOut
 
 CHECKPOINT = "finetune_checkpoint.pt"
@@ -129,12 +129,65 @@ def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Te
                 p.copy_(saved[n])
 
 
-def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...] | None = None, params="lora",
-             gradient: G.GradientPolicy | str | None = None, iterations: int = 100, batch_size: int = 4,
-             lr: float = 1e-3, optimizer: str = "adamw", grad_clip: float | None = 1.0, warmup: int = 0,
-             seed: int = 0, encode: Callable | None = None, base_weight: float = 0.0, ema: float | None = None,
-             heldout: HeldOut | None = None, checkpoint_dir: str | Path | None = None, checkpoint_every: int = 10,
-             resume: bool = False, progress: bool = True, callback=None, accelerator=None) -> FinetuneResult:
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every setting that changes what a fine-tuning run computes: a checkpoint is matched on all of them.
+
+    The first fields are :func:`finetune`'s keyword arguments of the same names (a test keeps the two in
+    step); the last are derived from the objects the run is given (the sampler, the reward, the trained
+    parameters).
+    """
+
+    noise_shape: tuple[int, ...] | None = None
+    params: str = "lora"
+    gradient: str = "Shortcut(step='random')"
+    iterations: int = 100
+    batch_size: int = 4
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    grad_clip: float | None = 1.0
+    warmup: int = 0
+    seed: int = 0
+    base_weight: float = 0.0
+    ema: float | None = None
+    sampler: dict = field(default_factory=dict, metadata={"derived": True})
+    reward: str = field(default="", metadata={"derived": True})
+    trainable_parameters: int = field(default=0, metadata={"derived": True})
+
+
+class _Params:
+    """The trained parameters as a checkpointable object (state_dict / load_state_dict)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.params = params
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.params):
+            raise ValueError(f"other parameters ({len(state)} saved, {len(self.params)} trained)")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state[n])
+
+
+def _check_finetune_args(iterations, batch_size, warmup, base_weight, ema, noise_shape) -> None:
+    if iterations < 1 or batch_size < 1 or warmup < 0:
+        raise ValueError("iterations and batch_size must be >= 1 and warmup >= 0")
+    if base_weight < 0 or (ema is not None and not 0 < ema < 1):
+        raise ValueError(f"base_weight must be >= 0 and ema in (0, 1), got {base_weight} and {ema}")
+    if noise_shape is None:
+        raise ValueError("noise_shape: the model's configuration has no sample size; pass noise_shape=(C, H, W)")
+
+
+def finetune(sampler, reward: Callable, conditions, *, noise_shape: tuple[int, ...] | None = None,
+             params="lora", gradient: G.GradientPolicy | str = G.Shortcut(step="random"), iterations: int = 100,
+             batch_size: int = 4, lr: float = 1e-3, optimizer: str = "adamw", grad_clip: float | None = 1.0,
+             warmup: int = 0, seed: int = 0, base_weight: float = 0.0, ema: float | None = None,
+             encode: Callable | None = None, heldout: HeldOut | None = None, checkpoint_dir: str | Path | None = None,
+             checkpoint_every: int = 10, resume: bool = False, progress: bool = True, callback=None,
+             accelerator=None) -> FinetuneResult:
     """Fine-tune ``sampler.model`` in place to raise ``reward(images, conditions)``.
 
     Args:
@@ -144,7 +197,7 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
         noise_shape: one sample's latent shape (C, H, W); default: the sampler's ``sample_shape``.
         params: ``"lora"`` (the model's adapter, see :func:`add_lora`), ``"all"``, or a callable
             ``(name, param) -> bool``.
-        gradient: the policy (default ``Shortcut(step="random")``, SDO).
+        gradient: the policy; ``Shortcut(step="random")`` is SDO.
         warmup: iterations of linear learning-rate warm-up (diffusers' ``constant_with_warmup``).
         base_weight: weight of ``mean (x - x_base)^2``, the distance to the base model's samples. The
             starting values of the trained parameters are kept (one more copy of them, also in checkpoints).
@@ -152,6 +205,9 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
             held-out evaluation uses the EMA weights and the model ends with them.
         heldout: a :class:`HeldOut` set evaluated before the first iteration, every ``heldout.every``
             iterations and after the last, into ``history["eval"]`` (main process only).
+        checkpoint_dir / checkpoint_every / resume: an atomic checkpoint (weights, optimizer, warm-up
+            schedule, EMA, RNG, history) every ``checkpoint_every`` iterations; ``resume`` continues from it
+            and refuses one made with other settings (:class:`FinetuneConfig`), naming the first difference.
         callback: called after each iteration with ``{"iteration", "reward", "seconds"}`` (seconds of
             training so far); returning True stops the run there (a time budget, early stopping).
         accelerator: an ``accelerate.Accelerator`` (made here when None). Under ``accelerate launch
@@ -164,113 +220,130 @@ def finetune(sampler, reward: Callable, conditions, noise_shape: tuple[int, ...]
     from diffusers.training_utils import EMAModel
 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    world, rank = accelerator.num_processes, accelerator.process_index
-    policy = G.resolve(gradient) if gradient is not None else G.Shortcut(step="random")
-    if iterations < 1 or batch_size < 1 or warmup < 0:
-        raise ValueError("iterations and batch_size must be >= 1 and warmup >= 0")
-    if base_weight < 0 or (ema is not None and not 0 < ema < 1):
-        raise ValueError(f"base_weight must be >= 0 and ema in (0, 1), got {base_weight} and {ema}")
-    if optimizer not in ("adamw", "sgd"):
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    model = sampler.model
+    policy = G.resolve(gradient)
+    if policy is None:
+        raise ValueError("gradient: fine-tuning needs a gradient policy, e.g. Shortcut(step='random'), got None")
     noise_shape = noise_shape if noise_shape is not None else sampler.sample_shape
-    if noise_shape is None:
-        raise ValueError("noise_shape: the model's configuration has no sample size; pass noise_shape=(C, H, W)")
-    noise_shape = tuple(noise_shape)
-    trainable = _select(model, params)
-    base = {n: p.detach().clone() for n, p in trainable.items()} if base_weight else None
-    settings = {"params": params if isinstance(params, str) else "callable", "gradient": repr(policy),
-                "iterations": iterations, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed,
-                "warmup": warmup, "base_weight": base_weight, "ema": ema}
-    opt = (torch.optim.AdamW(trainable.values(), lr=lr, weight_decay=0.0) if optimizer == "adamw"
-           else torch.optim.SGD(trainable.values(), lr=lr))
-    lr_schedule = get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup)
-    averaged = EMAModel(trainable.values(), decay=ema) if ema is not None else None
-    history = {"settings": settings, "reward": [], "seconds": [], "eval": []}
-    start = 0
-    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if resume and ckpt.exists():
-            state = load_matching(ckpt, settings)
-            with torch.no_grad():
-                for n, p in trainable.items():
-                    p.copy_(state["params"][n])
-            opt.load_state_dict(state["optimizer"])
-            lr_schedule.load_state_dict(state["lr_schedule"])
-            if averaged is not None:
-                averaged.load_state_dict(state["ema"])
-            torch.set_rng_state(state["rng"])
-            if base is not None:  # the weights the run started from, not whatever the model holds now
-                base = state["base"]
-            history, start = state["history"], state["iteration"]
-    n_cond = C.count(conditions)
-    model.train(False)
-    device = next(iter(trainable.values())).device
-
-    def evaluate(done: int) -> None:
-        if heldout is None or not accelerator.is_main_process:
-            return
-        with swapped_in(trainable, dict(zip(trainable, averaged.shadow_params))) if averaged is not None else nullcontext():
-            figures = heldout.evaluate(sampler, reward, encode)
-        history["eval"].append({"iteration": done, "seconds": sum(history["seconds"]), **figures})
-
+    _check_finetune_args(iterations, batch_size, warmup, base_weight, ema, noise_shape)
+    trainable = _select(sampler.model, params)
+    config = FinetuneConfig(
+        noise_shape=tuple(noise_shape), params=params if isinstance(params, str) else "callable",
+        gradient=repr(policy), iterations=iterations, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        grad_clip=grad_clip, warmup=warmup, seed=seed, base_weight=base_weight, ema=ema,
+        sampler=sampler.describe(), reward=reward_name(reward),
+        trainable_parameters=sum(p.numel() for p in trainable.values()))
+    opt = make_optimizer(optimizer, trainable.values(), lr)
+    run = _Run(sampler, reward, conditions, encode, policy, config, trainable, heldout, accelerator,
+               opt=opt, lr_schedule=get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup),
+               averaged=EMAModel(trainable.values(), decay=ema) if ema is not None else None)
+    checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
+    start = run.restore(checkpoint)
     if start == 0:
-        evaluate(0)
+        run.evaluate(0)
     bar = tqdm(range(start, iterations), desc="finetune", disable=not progress or not accelerator.is_main_process,
                initial=start, total=iterations)
     for it in bar:
-        step_seed = seed * 1_000_003 + it
-        gen = torch.Generator().manual_seed(step_seed)
-        mine = slice(rank * batch_size, (rank + 1) * batch_size)
-        noise = torch.randn((batch_size * world, *noise_shape), generator=gen)[mine].to(device)
-        rows = ((it * batch_size * world + torch.arange(batch_size * world)) % n_cond)[mine]
-        cond = C.take(conditions, rows)
-        model_cond = encode(cond) if encode is not None and cond is not None else cond
-        with Timer() as timer:
-            if base is not None:  # the base model's samples from the same noise, condition and scheduler noise
-                with swapped_in(trainable, base), torch.no_grad():
-                    base_images = sampler(noise, model_cond, generator=torch.Generator().manual_seed(step_seed))
-            images = sampler(noise, model_cond, gradient=policy, generator=gen)
-            rewards = check_reward_output(reward(images, cond), len(images), "reward")
-            loss = -rewards.mean()
-            if base is not None:
-                loss = loss + base_weight * (images - base_images).square().mean()
-            if not torch.isfinite(loss):
-                raise FinetuneError(f"iteration {it}: non-finite reward or loss; the last checkpoint is left as it was")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:  # the mean over processes: the gradient of the mean loss of the global batch
-                for p in trainable.values():
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-            grads = [p.grad for p in trainable.values() if p.grad is not None]
-            if any(not torch.isfinite(g).all() for g in grads):
-                raise FinetuneError(f"iteration {it}: non-finite gradient; the last checkpoint is left as it was")
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(trainable.values(), grad_clip)
-            opt.step()
-            lr_schedule.step()
-            if averaged is not None:
-                averaged.step(trainable.values())
-        mean_reward = rewards.detach().mean()
-        history["reward"].append(float(accelerator.reduce(mean_reward, reduction="mean") if world > 1 else mean_reward))
-        history["seconds"].append(timer.seconds)
-        bar.set_postfix(reward=f"{history['reward'][-1]:.4g}", refresh=False)
+        run.step(it)
+        bar.set_postfix(reward=f"{run.history['reward'][-1]:.4g}", refresh=False)
         done = it + 1
-        stop = callback is not None and callback({"iteration": it, "reward": history["reward"][-1],
-                                                  "seconds": sum(history["seconds"])}) is True
+        stop = callback is not None and callback({"iteration": it, "reward": run.history["reward"][-1],
+                                                  "seconds": sum(run.history["seconds"])}) is True
         if done % (heldout.every if heldout else iterations) == 0 or done == iterations or stop:
-            evaluate(done)
-        if ckpt is not None and accelerator.is_main_process and (done % checkpoint_every == 0 or done == iterations):
-            save_atomically({"params": {n: p.detach().clone() for n, p in trainable.items()},
-                             "optimizer": opt.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                             "ema": averaged.state_dict() if averaged is not None else None,
-                             "rng": torch.get_rng_state(), "base": base, "history": history, "iteration": done,
-                             "settings": settings}, ckpt)
+            run.evaluate(done)
+        if checkpoint.due(done, iterations) and accelerator.is_main_process:
+            run.save(checkpoint, done)
         if stop:
             break
     bar.close()
-    if averaged is not None:
-        averaged.copy_to(trainable.values())
-    return FinetuneResult(model, trainable, history, averaged)
+    if run.averaged is not None:
+        run.averaged.copy_to(trainable.values())
+    return FinetuneResult(sampler.model, trainable, run.history, run.averaged)
+
+
+class _Run:
+    """The state of one fine-tuning run and its iteration (see :func:`finetune`)."""
+
+    def __init__(self, sampler, reward, conditions, encode, policy, config: FinetuneConfig, trainable, heldout,
+                 accelerator, opt, lr_schedule, averaged):
+        self.sampler, self.reward, self.conditions, self.encode = sampler, reward, conditions, encode
+        self.policy, self.config, self.trainable, self.heldout = policy, config, trainable, heldout
+        self.accelerator, self.opt, self.lr_schedule, self.averaged = accelerator, opt, lr_schedule, averaged
+        self.base = {n: p.detach().clone() for n, p in trainable.items()} if config.base_weight else None
+        self.history = {"settings": settings_of(config), "reward": [], "seconds": [], "eval": []}
+        self.n_cond = C.count(conditions)
+        self.device = next(iter(trainable.values())).device
+        sampler.model.train(False)
+
+    def objects(self) -> dict:
+        return {"params": _Params(self.trainable), "optimizer": self.opt, "lr_schedule": self.lr_schedule,
+                "ema": self.averaged}
+
+    def restore(self, checkpoint: Checkpoint) -> int:
+        state = checkpoint.restore(**self.objects())
+        if state is None:
+            return 0
+        if self.base is not None:  # the weights the run started from, not whatever the model holds now
+            self.base = state["base"]
+        self.history = state["history"]
+        return state["iteration"]
+
+    def save(self, checkpoint: Checkpoint, done: int) -> None:
+        checkpoint.save(done, {"base": self.base, "history": self.history}, **self.objects())
+
+    def evaluate(self, done: int) -> None:
+        if self.heldout is None or not self.accelerator.is_main_process:
+            return
+        averaged = self.averaged
+        swap = swapped_in(self.trainable, dict(zip(self.trainable, averaged.shadow_params))) if averaged else nullcontext()
+        with swap:
+            figures = self.heldout.evaluate(self.sampler, self.reward, self.encode)
+        self.history["eval"].append({"iteration": done, "seconds": sum(self.history["seconds"]), **figures})
+
+    def batch(self, it: int):
+        """Noise and conditions of iteration ``it``: this process's slice of the global batch."""
+        cfg, world, rank = self.config, self.accelerator.num_processes, self.accelerator.process_index
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+        mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+        noise = torch.randn((cfg.batch_size * world, *cfg.noise_shape), generator=gen)[mine].to(self.device)
+        rows = ((it * cfg.batch_size * world + torch.arange(cfg.batch_size * world)) % self.n_cond)[mine]
+        return noise, C.take(self.conditions, rows), gen
+
+    def step(self, it: int) -> None:
+        cfg, accelerator = self.config, self.accelerator
+        noise, cond, gen = self.batch(it)
+        step_seed = cfg.seed * 1_000_003 + it
+        model_cond = self.encode(cond) if self.encode is not None and cond is not None else cond
+        with Timer() as timer:
+            if self.base is not None:  # the base model's samples from the same noise, condition and scheduler noise
+                with swapped_in(self.trainable, self.base), torch.no_grad():
+                    base_images = self.sampler(noise, model_cond, generator=torch.Generator().manual_seed(step_seed))
+            images = self.sampler(noise, model_cond, gradient=self.policy, generator=gen)
+            rewards = check_reward_output(self.reward(images, cond), len(images), "reward")
+            loss = -rewards.mean()
+            if self.base is not None:
+                loss = loss + cfg.base_weight * (images - base_images).square().mean()
+            if not torch.isfinite(loss):
+                raise FinetuneError(f"iteration {it}: non-finite reward or loss; the last checkpoint is left as it was")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self._reduce_and_check(it)
+            self.opt.step()
+            self.lr_schedule.step()
+            if self.averaged is not None:
+                self.averaged.step(self.trainable.values())
+        mean_reward = rewards.detach().mean()
+        world = accelerator.num_processes
+        self.history["reward"].append(float(accelerator.reduce(mean_reward, reduction="mean") if world > 1
+                                            else mean_reward))
+        self.history["seconds"].append(timer.seconds)
+
+    def _reduce_and_check(self, it: int) -> None:
+        if self.accelerator.num_processes > 1:  # the mean over processes: the gradient of the global batch's loss
+            for p in self.trainable.values():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        grads = [p.grad for p in self.trainable.values() if p.grad is not None]
+        if any(not torch.isfinite(g).all() for g in grads):
+            raise FinetuneError(f"iteration {it}: non-finite gradient; the last checkpoint is left as it was")
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable.values(), self.config.grad_clip)

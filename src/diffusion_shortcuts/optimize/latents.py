@@ -11,16 +11,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import conditions as C
 from .. import gradients as G
+from ..checkpoints import Checkpoint, make_optimizer, settings_of
 from ..metrics import peak_rss_mb
 from ..rewards.base import check_reward_output, reward_name
 
 NOISE_PRIORS = (None, "chi2", "sphere")
+CHECKPOINT = "optimize_checkpoint.pt"
 
 
 @dataclass
@@ -71,11 +75,67 @@ def shell_drift(latents: torch.Tensor) -> float:
     return (latents.flatten(1).norm(dim=1) / math.sqrt(d) - 1).abs().mean().item()
 
 
-def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any = None, iterations: int = 100,
+@dataclass(frozen=True)
+class LatentConfig:
+    """Every setting that changes what a latent optimization computes: a checkpoint is matched on all of them.
+
+    The first fields are :func:`optimize_latents`'s keyword arguments of the same names (a test keeps the
+    two in step); the last are derived from the sampler, the reward and the starting latents.
+    """
+
+    iterations: int = 100
+    lr: float = 0.01
+    gradient: str = "Shortcut(step='first')"
+    start_step: int = 0
+    optimize_cond: bool = False
+    noise_prior: str | None = None
+    prior_weight: float = 1.0
+    grad_clip: float | None = None
+    target_reward: float | None = None
+    optimizer: str = "adam"
+    seed: int = 0
+    sampler: dict = field(default_factory=dict, metadata={"derived": True})
+    reward: str = field(default="", metadata={"derived": True})
+    latents: str = field(default="", metadata={"derived": True})
+    cond: str = field(default="", metadata={"derived": True})
+
+
+class _Tensors:
+    """The optimized tensors as a checkpointable object (state_dict / load_state_dict)."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+
+    def state_dict(self) -> dict:
+        return {"tensors": [t.detach().clone() for t in self.tensors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["tensors"]
+        if len(saved) != len(self.tensors) or any(a.shape != b.shape for a, b in zip(saved, self.tensors)):
+            raise ValueError(f"other tensors: {[tuple(t.shape) for t in saved]}")
+        with torch.no_grad():
+            for t, v in zip(self.tensors, saved):
+                t.copy_(v)
+
+
+def _check_latent_args(policy, noise_prior, iterations, optimize_cond, cond) -> None:
+    if policy is None:
+        raise ValueError("gradient: optimize_latents needs a gradient policy, got None")
+    if noise_prior not in NOISE_PRIORS:
+        raise ValueError(f"noise_prior must be one of {NOISE_PRIORS}, got {noise_prior!r}")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    if optimize_cond and not (isinstance(cond, torch.Tensor) and cond.is_floating_point()):
+        raise ValueError("optimize_cond needs cond to be a float tensor (embeddings), "
+                         f"got {type(cond).__name__ if not isinstance(cond, torch.Tensor) else cond.dtype}")
+
+
+def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any = None, *, iterations: int = 100,
                      lr: float = 0.01, gradient: G.GradientPolicy | str = G.Shortcut(), start_step: int = 0,
                      optimize_cond: bool = False, noise_prior: str | None = None, prior_weight: float = 1.0,
                      grad_clip: float | None = None, target_reward: float | None = None,
-                     optimizer: str = "adam", seed: int = 0, progress: bool = True,
+                     optimizer: str = "adam", seed: int = 0, checkpoint_dir: str | Path | None = None,
+                     checkpoint_every: int = 10, resume: bool = False, progress: bool = True,
                      callback: Callable[[int, dict], None] | None = None) -> OptimizeResult:
     """Maximize ``reward(sampler(latents, cond))`` over the latents (and the conditioning if asked).
 
@@ -89,6 +149,9 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
         grad_clip: clip the gradient norm of each optimized tensor to this value.
         target_reward: stop once the mean reward reaches it.
         seed: seeds the sampler's per-iteration generator (stochastic samplers, random policies).
+        checkpoint_dir / checkpoint_every / resume: an atomic checkpoint (latents, optimizer, history)
+            every ``checkpoint_every`` iterations; ``resume`` continues from it and refuses one made with
+            other settings (:class:`LatentConfig`), naming the first difference.
         callback: ``callback(iteration, record)`` after each iteration.
 
     Returns an :class:`OptimizeResult`; history has per iteration the mean reward of the latents
@@ -96,95 +159,117 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
     Raises :class:`OptimizationError` (with the last good latents) on a non-finite reward or gradient.
     """
     policy = G.resolve(gradient)
-    if policy is None:
-        raise ValueError("gradient: optimize_latents needs a gradient policy, got None")
-    if noise_prior not in NOISE_PRIORS:
-        raise ValueError(f"noise_prior must be one of {NOISE_PRIORS}, got {noise_prior!r}")
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
-    if optimize_cond and not (isinstance(cond, torch.Tensor) and cond.is_floating_point()):
-        raise ValueError("optimize_cond needs cond to be a float tensor (embeddings), "
-                         f"got {type(cond).__name__ if not isinstance(cond, torch.Tensor) else cond.dtype}")
-    x = latents.detach().clone().requires_grad_(True)
-    params = [x]
-    c = cond
-    if optimize_cond:
-        c = cond.detach().clone().requires_grad_(True)
-        params.append(c)
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr)
+    _check_latent_args(policy, noise_prior, iterations, optimize_cond, cond)
+    config = LatentConfig(
+        iterations=iterations, lr=lr, gradient=repr(policy), start_step=start_step, optimize_cond=optimize_cond,
+        noise_prior=noise_prior, prior_weight=prior_weight, grad_clip=grad_clip, target_reward=target_reward,
+        optimizer=optimizer, seed=seed, sampler=sampler.describe(), reward=reward_name(reward),
+        latents=C.fingerprint(latents), cond=C.fingerprint(cond) if cond is not None else "")
+    run = _LatentRun(sampler, reward, latents, cond, policy, config)
+    checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
+    state = checkpoint.restore(**run.objects())
+    start = 0
+    if state is not None:
+        run.history.update(state["history"])
+        start = state["iteration"]
+    bar = tqdm(range(start, iterations), desc=f"optimize ({policy.name})", disable=not progress, initial=start,
+               total=iterations)
+    for it in bar:
+        mean = run.step(it)
+        if run.result.stopped != "iterations":
+            break
+        bar.set_postfix(reward=f"{mean:.4g}")
+        if callback is not None:
+            callback(it, {k: v[-1] for k, v in run.history.items()})
+        if checkpoint.due(it + 1, iterations):
+            checkpoint.save(it + 1, {"history": run.history}, **run.objects())
     else:
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        run.finish()
+    return run.result
 
-    settings = {"iterations": iterations, "lr": lr, "gradient": repr(policy), "start_step": start_step,
-                "optimize_cond": optimize_cond, "noise_prior": noise_prior, "prior_weight": prior_weight,
-                "grad_clip": grad_clip, "target_reward": target_reward, "optimizer": optimizer, "seed": seed,
-                "reward": reward_name(reward)}
-    history = {"reward": [], "reward_per_sample": [], "seconds": [], "peak_rss_mb": [], "graph_mb": [],
-               "shell_drift": []}
-    result = OptimizeResult(latents=x.detach().clone(), images=None, cond=cond, history=history, settings=settings)
-    graph_bytes = [0]
 
-    def pack(t):
-        graph_bytes[0] += t.numel() * t.element_size()
+class _LatentRun:
+    """The state of one latent optimization and its iteration (see :func:`optimize_latents`)."""
+
+    def __init__(self, sampler, reward, latents, cond, policy, config: LatentConfig):
+        self.sampler, self.reward, self.policy, self.config, self.cond = sampler, reward, policy, config, cond
+        self.x = latents.detach().clone().requires_grad_(True)
+        self.params = [self.x]
+        self.c = cond
+        if config.optimize_cond:
+            self.c = cond.detach().clone().requires_grad_(True)
+            self.params.append(self.c)
+        self.opt = make_optimizer(config.optimizer, self.params, config.lr)
+        self.history = {"reward": [], "reward_per_sample": [], "seconds": [], "peak_rss_mb": [], "graph_mb": [],
+                        "shell_drift": []}
+        self.result = OptimizeResult(latents=self.x.detach().clone(), images=None, cond=cond, history=self.history,
+                                     settings=settings_of(config))
+        self.graph_bytes = 0
+
+    def objects(self) -> dict:
+        return {"tensors": _Tensors(self.params), "optimizer": self.opt}
+
+    def _pack(self, t):
+        self.graph_bytes += t.numel() * t.element_size()
         return t
 
-    def record_cost(start: float) -> None:
-        history["seconds"].append(time.perf_counter() - start)
-        history["peak_rss_mb"].append(peak_rss_mb())
-        history["graph_mb"].append(graph_bytes[0] / 2**20)
+    def _record_cost(self, start: float) -> None:
+        self.history["seconds"].append(time.perf_counter() - start)
+        self.history["peak_rss_mb"].append(peak_rss_mb())
+        self.history["graph_mb"].append(self.graph_bytes / 2**20)
 
-    bar = tqdm(range(iterations), desc=f"optimize ({policy.name})", disable=not progress)
-    for it in bar:
+    def _final(self, values, mean: float) -> None:
+        self.history["final_reward"], self.history["final_reward_per_sample"] = mean, values.detach().tolist()
+        self.history["final_shell_drift"] = shell_drift(self.result.latents)
+
+    def step(self, it: int) -> float:
+        cfg, x, result = self.config, self.x, self.result
         start = time.perf_counter()
-        graph_bytes[0] = 0
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            images = sampler(x, c, gradient=policy, start_step=start_step,
-                             generator=torch.Generator().manual_seed(seed + it))
-            values = check_reward_output(reward(images, c), x.shape[0], reward_name(reward))
+        self.graph_bytes = 0
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            images = self.sampler(x, self.c, gradient=self.policy, start_step=cfg.start_step,
+                                  generator=torch.Generator().manual_seed(cfg.seed + it))
+            values = check_reward_output(self.reward(images, self.c), x.shape[0], reward_name(self.reward))
         if not torch.isfinite(values).all():
             raise OptimizationError(f"non-finite reward at iteration {it}: {values.detach().tolist()}", result)
         loss = -values.sum()
-        if noise_prior == "chi2":
-            loss = loss + prior_weight * chi2_prior(x).sum()
-        opt.zero_grad()
+        if cfg.noise_prior == "chi2":
+            loss = loss + cfg.prior_weight * chi2_prior(x).sum()
+        self.opt.zero_grad()
         loss.backward()
-        for p in params:
+        for p in self.params:
             if p.grad is None or not torch.isfinite(p.grad).all():
-                raise OptimizationError(f"non-finite or missing gradient at iteration {it} (policy {policy!r})", result)
-        if grad_clip is not None:
-            for p in params:
-                torch.nn.utils.clip_grad_norm_([p], grad_clip)
+                raise OptimizationError(f"non-finite or missing gradient at iteration {it} (policy {self.policy!r})",
+                                        result)
+        if cfg.grad_clip is not None:
+            for p in self.params:
+                torch.nn.utils.clip_grad_norm_([p], cfg.grad_clip)
         result.latents, result.images = x.detach().clone(), images.detach()
-        result.cond = c.detach().clone() if optimize_cond else cond
+        result.cond = self.c.detach().clone() if cfg.optimize_cond else self.cond
         mean = values.mean().item()
-        history["reward"].append(mean)
-        history["reward_per_sample"].append(values.detach().tolist())
-        history["shell_drift"].append(shell_drift(x.detach()))
-        if target_reward is not None and mean >= target_reward:
-            record_cost(start)
+        self.history["reward"].append(mean)
+        self.history["reward_per_sample"].append(values.detach().tolist())
+        self.history["shell_drift"].append(shell_drift(x.detach()))
+        if cfg.target_reward is not None and mean >= cfg.target_reward:
+            self._record_cost(start)
             result.stopped = f"target reached at iteration {it}"
-            history["final_reward"], history["final_reward_per_sample"] = mean, values.detach().tolist()
-            history["final_shell_drift"] = history["shell_drift"][-1]
-            break
-        opt.step()
-        if noise_prior == "sphere":
+            self._final(values, mean)
+            return mean
+        self.opt.step()
+        if cfg.noise_prior == "sphere":
             with torch.no_grad():
                 x.copy_(project_to_sphere(x))
-        record_cost(start)
-        bar.set_postfix(reward=f"{mean:.4g}")
-        if callback is not None:
-            callback(it, {k: v[-1] for k, v in history.items()})
-    else:
-        result.latents = x.detach().clone()
-        result.cond = c.detach().clone() if optimize_cond else cond
+        self._record_cost(start)
+        return mean
+
+    def finish(self) -> None:
+        """The final latents' sample and reward, after the last update."""
+        cfg, result = self.config, self.result
+        result.latents = self.x.detach().clone()
+        result.cond = self.c.detach().clone() if cfg.optimize_cond else self.cond
         with torch.no_grad():
-            result.images = sampler(result.latents, result.cond, start_step=start_step,
-                                    generator=torch.Generator().manual_seed(seed + iterations))
-            final = check_reward_output(reward(result.images, result.cond), x.shape[0], reward_name(reward))
-        history["final_reward"] = final.mean().item()
-        history["final_reward_per_sample"] = final.tolist()
-        history["final_shell_drift"] = shell_drift(result.latents)
-    return result
+            result.images = self.sampler(result.latents, result.cond, start_step=cfg.start_step,
+                                         generator=torch.Generator().manual_seed(cfg.seed + cfg.iterations))
+            final = check_reward_output(self.reward(result.images, result.cond), self.x.shape[0],
+                                        reward_name(self.reward))
+        self._final(final, final.mean().item())

@@ -19,14 +19,12 @@ configuration and input shape by :func:`profile`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
 
 from .. import conditions as C
-from ..families import EMBEDDED, FAMILIES, OUTPUT, RESIDUAL, family_of, unwrap
+from ..families import EMBEDDED, FAMILIES, OUTPUT, RESIDUAL, family_of, model_id, unwrap
 from ..metrics import count_macs
 from ..sampling import call_denoiser
 
@@ -63,14 +61,6 @@ def resolve_blocks(model: torch.nn.Module, names: list[str] | None = None) -> li
     if len(set(names)) != len(names):
         raise ValueError(f"block names repeat: {names}")
     return [(n, modules[n]) for n in names]
-
-
-def model_id(model: torch.nn.Module) -> str:
-    """An identity of the model's architecture: class name and a hash of its configuration."""
-    model = unwrap(model)
-    config = dict(getattr(model, "config", {}) or {})
-    text = json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str)
-    return f"{type(model).__name__}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 @dataclass(frozen=True)

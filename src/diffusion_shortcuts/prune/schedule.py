@@ -9,13 +9,12 @@ made for. Row 0 is always computed in full (nothing is cached yet). Saved as JSO
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..checkpoints import write_json
 from .blocks import OUTPUT, RESIDUAL, BlockProfile
 
 FORMAT_VERSION = 1
@@ -188,11 +187,7 @@ class CacheSchedule:
         """Write JSON atomically (a temporary file renamed into place)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "CacheSchedule":

@@ -17,17 +17,18 @@ checkpoint resumes to the same pruner as an uninterrupted one.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import gradients as G
-from ..checkpoints import load_matching, save_atomically
-from ..metrics import Timer, ssim
 from .. import conditions as C
+from .. import gradients as G
+from ..checkpoints import Checkpoint, make_optimizer, settings_of
 from ..families import unwrap
+from ..metrics import Timer, ssim
 from .blocks import BlockProfile, profile
 from .pruner import KEEP, Pruner
 from .schedule import CacheSchedule
@@ -56,132 +57,188 @@ class SearchResult:
         return sched
 
 
-def train_pruner(sampler, conditions, ratio: float = 0.8, iterations: int = 300, batch_size: int = 4,
-                 lr: float = 0.01, optimizer: str = "adam", momentum: float = 0.9, alpha: float = 1.0, tau: float | None = None,
-                 gradient: G.GradientPolicy | str | None = None, blocks: list[str] | None = None,
-                 sample_shape: tuple[int, ...] | None = None, seed: int = 0, target_batch: int = 8,
-                 pruner_kwargs: dict | None = None, checkpoint_dir: str | Path | None = None,
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every setting that changes what a pruner search computes: a checkpoint is matched on all of them.
+
+    The first fields are :func:`train_pruner`'s keyword arguments of the same names (a test keeps the two
+    in step); the last are derived from the sampler and the conditions the search is given.
+    """
+
+    ratio: float = 0.8
+    iterations: int = 300
+    batch_size: int = 4
+    lr: float = 0.01
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    alpha: float = 1.0
+    tau: float | None = None
+    gradient: str = "Checkpointed()"
+    blocks: tuple[str, ...] | None = None
+    sample_shape: tuple[int, ...] | None = None
+    seed: int = 0
+    target_batch: int = 8
+    pruner_kwargs: dict | None = None
+    sampler: dict = field(default_factory=dict, metadata={"derived": True})
+    conditions: str = field(default="", metadata={"derived": True})
+
+
+def _check_search_args(ratio, iterations, batch_size, target_batch, conditions, shape) -> None:
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if iterations < 1 or batch_size < 1 or target_batch < 1:
+        raise ValueError("iterations, batch_size and target_batch must be >= 1")
+    if isinstance(conditions, (list, tuple)):  # the sampler takes them as they are: embeddings, not labels
+        raise ValueError("conditions must be a non-empty batch of conditioning (a tensor, a dict of tensors) or None")
+    if shape is None:
+        raise ValueError("sample_shape: the model's configuration has no sample size; pass sample_shape=(C, H, W)")
+
+
+def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 300, batch_size: int = 4,
+                 lr: float = 0.01, optimizer: str = "adam", momentum: float = 0.9, alpha: float = 1.0,
+                 tau: float | None = None, gradient: G.GradientPolicy | str = G.Checkpointed(),
+                 blocks: list[str] | None = None, sample_shape: tuple[int, ...] | None = None, seed: int = 0,
+                 target_batch: int = 8, pruner_kwargs: dict | None = None, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 25, resume: bool = False, progress: bool = True,
                  callback=None) -> SearchResult:
     """Train a :class:`Pruner` for ``sampler`` (its model, scheduler, steps and guidance).
 
     Args:
-        conditions: the conditioning rows to cycle through (e.g. ``m.encode(labels)``), or None.
+        conditions: the conditioning rows to cycle through (e.g. ``m.encode(labels)`` or
+            ``sampler.encode_prompt(prompts)``), or None.
         ratio: the MACs fraction to prune; ``tau`` (default ``1 - ratio``) is the kept fraction below
             which the sparsity term is dropped.
-        gradient: policy for the gated rollout (default ``Checkpointed()``).
+        gradient: policy for the gated rollout; ``Checkpointed()`` is exact with the memory of one step.
         checkpoint_dir / checkpoint_every / resume: a checkpoint (pruner, optimizer, LR schedule,
             history, iteration) is written atomically every ``checkpoint_every`` iterations; with
-            ``resume`` the search continues from it.
+            ``resume`` the search continues from it, refusing one made with other settings
+            (:class:`SearchConfig`) and naming the first difference.
     """
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
-    if iterations < 1 or batch_size < 1 or target_batch < 1:
-        raise ValueError("iterations, batch_size and target_batch must be >= 1")
-    policy = G.resolve(gradient) if gradient is not None else G.Checkpointed()
-    tau = 1.0 - ratio if tau is None else tau
-    if isinstance(conditions, (list, tuple)):  # the sampler takes them as they are: embeddings, not labels
-        raise ValueError("conditions must be a non-empty batch of conditioning (a tensor, a dict of tensors) or None")
-    n_cond = C.count(conditions)
-    model = sampler.model
+    policy = G.resolve(gradient)
+    if policy is None:
+        raise ValueError("gradient: the search needs a gradient policy, e.g. Checkpointed(), got None")
     shape = sample_shape if sample_shape is not None else sampler.sample_shape
-    if shape is None:
-        raise ValueError("sample_shape: the model's configuration has no sample size; pass sample_shape=(C, H, W)")
-    shape = tuple(shape)
-    device = next(unwrap(model).parameters()).device
-    timesteps = [float(t) for t in sampler.timesteps]
-    example = torch.zeros(1, *shape, device=device)
-    prof = profile(model, example, C.first(conditions), blocks)
-    gamma = prof.gamma.to(device)
-    block_macs = torch.tensor(prof.block_macs, dtype=torch.float64, device=device)
-
-    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
-        torch.manual_seed(seed)
-        pruner = Pruner(len(timesteps), len(prof.blocks), blocks=list(prof.blocks), timesteps=timesteps,
-                        **(pruner_kwargs or {})).to(device)
-    if optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    optimizer_name = optimizer
-    optimizer = (torch.optim.Adam(pruner.parameters(), lr=lr) if optimizer == "adam"
-                 else torch.optim.SGD(pruner.parameters(), lr=lr, momentum=momentum))
-    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
-    settings = {"ratio": ratio, "iterations": iterations, "batch_size": batch_size, "optimizer": optimizer_name,
-                "lr": lr, "momentum": momentum,
-                "alpha": alpha, "tau": tau, "gradient": repr(policy), "seed": seed,
-                "num_inference_steps": len(timesteps), "guidance_scale": sampler.guidance_scale}
-    history = {"settings": settings, "loss": [], "ssim": [], "macs_ratio": [], "seconds": []}
-    start = 0
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    if ckpt_path is not None:
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and ckpt_path.exists():
-            state = load_matching(ckpt_path, settings, map_location=device)
-            pruner.load_state_dict(state["pruner"])
-            optimizer.load_state_dict(state["optimizer"])
-            lr_schedule.load_state_dict(state["lr_schedule"])
-            history, start = state["history"], state["iteration"]
-
-    perm = torch.randperm(n_cond, generator=torch.Generator().manual_seed(seed))
-
-    def batch_for(iteration: int):
-        noise = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + iteration))
-        rows = perm[(iteration * batch_size + torch.arange(batch_size)) % n_cond]
-        return noise.to(device), C.take(conditions, rows)
-
-    net = SuperNet(model, timesteps, list(prof.blocks))
-    frozen = [p for p in unwrap(model).parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    net.attach()
-    targets: dict[int, torch.Tensor] = {}
+    _check_search_args(ratio, iterations, batch_size, target_batch, conditions, shape)
+    config = SearchConfig(
+        ratio=ratio, iterations=iterations, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+        alpha=alpha, tau=1.0 - ratio if tau is None else tau, gradient=repr(policy),
+        blocks=tuple(blocks) if blocks is not None else None, sample_shape=tuple(shape), seed=seed,
+        target_batch=target_batch, pruner_kwargs=pruner_kwargs, sampler=sampler.describe(),
+        conditions=C.fingerprint(conditions))
+    search = _Search(sampler, conditions, policy, config)
+    checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
+    start = search.restore(checkpoint)
     bar = tqdm(range(start, iterations), desc="pruner search", disable=not progress, initial=start, total=iterations)
-    try:
+    with search.attached():
         for it in bar:
-            if it not in targets:  # the full model's images for target_batch iterations, in one rollout
-                first = it - it % target_batch  # pools start at fixed iterations: a resumed run sees the same
-                its = list(range(first, min(first + target_batch, iterations)))
-                pairs = [batch_for(j) for j in its]
-                noise = torch.cat([p[0] for p in pairs])
-                cond = None if conditions is None else C.concat(*[p[1] for p in pairs])
-                net.use_table(torch.zeros(len(timesteps), len(prof.blocks), dtype=torch.bool))
-                full = sampler(noise, cond).detach()
-                targets = dict(zip(its, full.split(batch_size)))
-            with Timer() as timer:
-                noise, cond = batch_for(it)
-                gates = pruner.gates()
-                net.use_gates(gates)
-                images = sampler(noise, cond, gradient=policy, generator=torch.Generator().manual_seed(seed + it))
-                similarity = ssim(images, targets.pop(it)).mean()
-                keep_macs = (gates[..., KEEP].double() @ gamma).mean()  # mean_t sum_b gamma_b g_keep[t, b]
-                # the kept MACs fraction of the current hard gates, summed in whole MACs (exactly 1 when all keep)
-                kept = (prof.other_macs + float((gates[..., KEEP].detach().double() @ block_macs).mean())) / prof.total_macs
-                sparsity = keep_macs if kept > tau else torch.zeros((), dtype=keep_macs.dtype, device=device)
-                loss = (1 - similarity) + alpha * sparsity
-                if not torch.isfinite(loss):
-                    raise SearchError(f"iteration {it}: non-finite loss (SSIM {float(similarity.detach())}); "
-                                      "the last checkpoint is left as it was")
-                optimizer.zero_grad(set_to_none=True)
-                if loss.requires_grad:  # a one-step graph at step 0 (where no gate acts) gives nothing
-                    loss.backward()
-                    optimizer.step()
-                lr_schedule.step()
-            record = {"loss": float(loss.detach()), "ssim": float(similarity.detach()), "macs_ratio": kept,
-                      "seconds": timer.seconds}
-            for key, value in record.items():
-                history[key].append(value)
-            bar.set_postfix(ssim=f"{record['ssim']:.3f}", macs=f"{kept:.3f}")
+            record = search.step(it)
+            bar.set_postfix(ssim=f"{record['ssim']:.3f}", macs=f"{record['macs_ratio']:.3f}")
             if callback is not None:
-                callback({"iteration": it, **record, "pruner": pruner})
-            done = it + 1
-            if ckpt_path is not None and (done % checkpoint_every == 0 or done == iterations):
-                save_atomically({"pruner": pruner.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "lr_schedule": lr_schedule.state_dict(), "history": history, "iteration": done,
-                                 "settings": settings}, ckpt_path)
-    finally:
-        net.detach()
+                callback({"iteration": it, **record, "pruner": search.pruner})
+            if checkpoint.due(it + 1, iterations):
+                checkpoint.save(it + 1, {"history": search.history}, **search.objects())
+    return SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history)
+
+
+class _Search:
+    """The state of one pruner search and its iteration (see :func:`train_pruner`)."""
+
+    def __init__(self, sampler, conditions, policy, config: SearchConfig):
+        self.sampler, self.conditions, self.policy, self.config = sampler, conditions, policy, config
+        model = sampler.model
+        self.device = next(unwrap(model).parameters()).device
+        self.timesteps = [float(t) for t in sampler.timesteps]
+        example = torch.zeros(1, *config.sample_shape, device=self.device)
+        self.profile = prof = profile(model, example, C.first(conditions),
+                                      list(config.blocks) if config.blocks else None)
+        self.gamma = prof.gamma.to(self.device)
+        self.block_macs = torch.tensor(prof.block_macs, dtype=torch.float64, device=self.device)
+        with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
+            torch.manual_seed(config.seed)
+            self.pruner = Pruner(len(self.timesteps), len(prof.blocks), blocks=list(prof.blocks),
+                                 timesteps=self.timesteps, **(config.pruner_kwargs or {})).to(self.device)
+        self.optimizer = make_optimizer(config.optimizer, self.pruner.parameters(), config.lr,
+                                        momentum=config.momentum if config.optimizer == "sgd" else 0.0)
+        self.lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.iterations)
+        self.history = {"settings": settings_of(config), "loss": [], "ssim": [], "macs_ratio": [], "seconds": []}
+        self.n_cond = C.count(conditions)
+        self.perm = torch.randperm(self.n_cond, generator=torch.Generator().manual_seed(config.seed))
+        self.net = SuperNet(model, self.timesteps, list(prof.blocks))
+        self.targets: dict[int, torch.Tensor] = {}
+
+    def objects(self) -> dict:
+        return {"pruner": self.pruner, "optimizer": self.optimizer, "lr_schedule": self.lr_schedule}
+
+    def restore(self, checkpoint: Checkpoint) -> int:
+        state = checkpoint.restore(map_location=self.device, **self.objects())
+        if state is None:
+            return 0
+        self.history = state["history"]
+        return state["iteration"]
+
+    @contextmanager
+    def attached(self):
+        """The SuperNet on the model and the model's weights frozen, for the duration of the search."""
+        frozen = [p for p in unwrap(self.sampler.model).parameters() if p.requires_grad]
         for p in frozen:
-            p.requires_grad_(True)
-    return SearchResult(pruner.eval(), prof, timesteps, history)
+            p.requires_grad_(False)
+        self.net.attach()
+        try:
+            yield
+        finally:
+            self.net.detach()
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def batch(self, iteration: int):
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+        noise = torch.randn((cfg.batch_size, *cfg.sample_shape), generator=gen)
+        rows = self.perm[(iteration * cfg.batch_size + torch.arange(cfg.batch_size)) % self.n_cond]
+        return noise.to(self.device), C.take(self.conditions, rows)
+
+    def target(self, it: int) -> torch.Tensor:
+        """The full model's images, made ``target_batch`` iterations at a time in one rollout; pools start
+        at fixed iterations, so a resumed run sees the same targets."""
+        if it not in self.targets:
+            first = it - it % self.config.target_batch
+            its = list(range(first, min(first + self.config.target_batch, self.config.iterations)))
+            pairs = [self.batch(j) for j in its]
+            noise = torch.cat([p[0] for p in pairs])
+            cond = None if self.conditions is None else C.concat(*[p[1] for p in pairs])
+            self.net.use_table(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
+            full = self.sampler(noise, cond).detach()
+            self.targets = dict(zip(its, full.split(self.config.batch_size)))
+        return self.targets.pop(it)
+
+    def step(self, it: int) -> dict:
+        cfg = self.config
+        target = self.target(it)
+        with Timer() as timer:
+            noise, cond = self.batch(it)
+            gates = self.pruner.gates()
+            self.net.use_gates(gates)
+            images = self.sampler(noise, cond, gradient=self.policy, generator=torch.Generator().manual_seed(cfg.seed + it))
+            similarity = ssim(images, target).mean()
+            keep_macs = (gates[..., KEEP].double() @ self.gamma).mean()  # mean_t sum_b gamma_b g_keep[t, b]
+            # the kept MACs fraction of the current hard gates, summed in whole MACs (exactly 1 when all keep)
+            kept = (self.profile.other_macs + float((gates[..., KEEP].detach().double() @ self.block_macs).mean())
+                    ) / self.profile.total_macs
+            sparsity = keep_macs if kept > cfg.tau else torch.zeros((), dtype=keep_macs.dtype, device=self.device)
+            loss = (1 - similarity) + cfg.alpha * sparsity
+            if not torch.isfinite(loss):
+                raise SearchError(f"iteration {it}: non-finite loss (SSIM {float(similarity.detach())}); "
+                                  "the last checkpoint is left as it was")
+            self.optimizer.zero_grad(set_to_none=True)
+            if loss.requires_grad:  # a one-step graph at step 0 (where no gate acts) gives nothing
+                loss.backward()
+                self.optimizer.step()
+            self.lr_schedule.step()
+        record = {"loss": float(loss.detach()), "ssim": float(similarity.detach()), "macs_ratio": kept,
+                  "seconds": timer.seconds}
+        for key, value in record.items():
+            self.history[key].append(value)
+        return record
 
 
 def search(sampler, conditions, ratio: float = 0.8, **kwargs) -> CacheSchedule:

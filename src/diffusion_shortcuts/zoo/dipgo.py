@@ -34,8 +34,8 @@ def ship(name: str, run_dir: Path) -> Path:
              f"{'full' if 'Full' in s['gradient'] else 'checkpointed'} --out RUN` and shipped with "
              f"`python -m diffusion_shortcuts.zoo.dipgo {name} RUN`.", "",
              f"- search: {len(history['loss'])} iterations, batch {s['batch_size']}, {s['optimizer']} lr {s['lr']}, "
-             f"alpha {s['alpha']}, tau {s['tau']:.2f}, gradient {s['gradient']}, DDIM {s['num_inference_steps']} steps, "
-             f"guidance {s['guidance_scale']}; {sum(history['seconds']) / 60:.1f} min on this machine's CPU",
+             f"alpha {s['alpha']}, tau {s['tau']:.2f}, gradient {s['gradient']}, DDIM {s['sampler']['num_inference_steps']} steps, "
+             f"guidance {s['sampler']['guidance_scale']}; {sum(history['seconds']) / 60:.1f} min on this machine's CPU",
              f"- schedule-{ratio:g}.json: {schedule.summary()}",
              "- pruner/: the trained gate network (`ds.prune.Pruner.from_pretrained`); `m.dipgo().schedule(r)` "
              "re-thresholds its keep scores at any ratio r", ""]

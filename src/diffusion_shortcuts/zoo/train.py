@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..checkpoints import Checkpoint, make_optimizer, settings_of, write_json
 from .architectures import NULL_LABEL, DigitClassifier, LabelEncoder, dit_config, unet_config
 from .data import load_digits
 
@@ -89,36 +91,51 @@ def _generator_parts(name: str):
     return {"transformer": model}, predict
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Write then rename, so that a kill mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Every setting that changes what training a zoo generator computes: its checkpoint is matched on all."""
+
+    name: str
+    steps: int
+    batch: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    warmup: int = 200
+    ema_decay: float = 0.999
+    label_dropout: float = LABEL_DROPOUT
+    noise_schedule: dict = field(default_factory=lambda: dict(NOISE_SCHEDULE))
+
+
+class _Generator:
+    """A torch.Generator as a checkpointable object."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self):
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["state"])
 
 
 def train_generator(name: str, out: Path, steps: int, batch: int, lr: float, seed: int,
                     checkpoint_every: int = 500, resume: bool = False) -> dict:
+    config = GeneratorConfig(name=name, steps=steps, batch=batch, lr=lr, seed=seed)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     images, labels = load_digits("train")
     parts, predict = _generator_parts(name)
     params = [p for m in parts.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    ema = EMAModel(params, decay=0.999)
+    opt = make_optimizer("adamw", params, lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup))
+    ema = EMAModel(params, decay=config.ema_decay)
     noise_schedule = DDPMScheduler(**NOISE_SCHEDULE)
-    losses, first = [], 0
-    checkpoint = out / "checkpoint.pt"
-    if resume and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        for sub, module in parts.items():
-            module.load_state_dict(state["parts"][sub])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        ema.load_state_dict(state["ema"])
-        gen.set_state(state["generator"])
-        losses, first = state["losses"], state["step"]
+    objects = {**{f"part.{k}": m for k, m in parts.items()}, "opt": opt, "sched": sched, "ema": ema,
+               "generator": _Generator(gen)}
+    checkpoint = Checkpoint(out, "checkpoint.pt", settings_of(config), checkpoint_every, resume)
+    state = checkpoint.restore(**objects)
+    losses, first = (state["losses"], state["iteration"]) if state is not None else ([], 0)
     for step in tqdm(range(first, steps), desc=f"train {name}", initial=first, total=steps):
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         x0, y = images[idx], labels[idx].clone()
@@ -133,20 +150,17 @@ def train_generator(name: str, out: Path, steps: int, batch: int, lr: float, see
         sched.step()
         ema.step(params)
         losses.append(loss.item())
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _save_checkpoint(checkpoint, {"parts": {k: m.state_dict() for k, m in parts.items()},
-                                          "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                          "ema": ema.state_dict(), "generator": gen.get_state(),
-                                          "losses": losses, "step": step + 1})
+        if checkpoint.due(step + 1, steps) and step + 1 < steps:
+            checkpoint.save(step + 1, {"losses": losses}, **objects)
     ema.copy_to(params)
     for sub, module in parts.items():
         module.save_pretrained(out / sub)
     DDIMScheduler(**NOISE_SCHEDULE).save_pretrained(out / "scheduler")
-    (out / "zoo.json").write_text(json.dumps({
-        "format_version": 1, "kind": name.split("-")[1], "guidance_scale": GUIDANCE_SCALE,
-        "num_inference_steps": 50, "null_label": NULL_LABEL, "num_classes": 10}, indent=2) + "\n")
-    checkpoint.unlink(missing_ok=True)
-    return {"steps": steps, "batch": batch, "lr": lr, "ema_decay": 0.999, "label_dropout": LABEL_DROPOUT,
+    write_json(out / "zoo.json", {"format_version": 1, "kind": name.split("-")[1], "guidance_scale": GUIDANCE_SCALE,
+                                  "num_inference_steps": 50, "null_label": NULL_LABEL, "num_classes": 10})
+    if checkpoint.path is not None:
+        checkpoint.path.unlink(missing_ok=True)
+    return {"steps": steps, "batch": batch, "lr": lr, "ema_decay": config.ema_decay, "label_dropout": LABEL_DROPOUT,
             "noise_schedule": NOISE_SCHEDULE, "loss": [sum(losses[i:i + 50]) / len(losses[i:i + 50])
                                                        for i in range(0, len(losses), 50)]}
 
@@ -174,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     log.update(name=args.name, seed=args.seed, seconds=time.perf_counter() - start,
                torch_threads=torch.get_num_threads(), command=f"python -m diffusion_shortcuts.zoo.train "
                f"{args.name} --out DIR --seed {args.seed}")
-    (args.out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    write_json(args.out / "train_log.json", log)
     print(json.dumps({k: v for k, v in log.items() if k != "loss"}))
 
 
