@@ -33,7 +33,7 @@ def test_a_loops_keyword_arguments_are_its_config_fields_with_the_same_defaults(
     assert set(params) - RUNTIME == set(fields), "a keyword argument is missing from the config (or vice versa)"
     for name, default in fields.items():
         given = params[name].default
-        assert (repr(given) if name == "gradient" else given) == default, name
+        assert (ds.gradients.resolve(given).spec if name == "gradient" else given) == default, name
     keyword_only = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     assert set(fields) - {"ratio"} <= set(keyword_only)
 

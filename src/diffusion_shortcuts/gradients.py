@@ -13,7 +13,9 @@ the graph unless the policy says the latent is detached; what differs is which n
 ``eps_theta`` keep their graph ("graph"), keep it by recomputation ("checkpoint"), or run under
 ``torch.no_grad()`` and enter the step as constants ("nograd").
 
-A policy is a small immutable object; ``plan(n, generator)`` returns a :class:`StepPlan`.
+A policy is a small immutable object; ``plan(n, generator)`` returns a :class:`StepPlan`. Each policy
+configuration has one spec string (``"full"``, ``"truncated:4"``, ``"shortcut:random"``, ...), registered
+by its class: ``resolve("truncated:4")`` makes the policy and ``policy.spec`` gives the string back.
 """
 
 from __future__ import annotations
@@ -42,13 +44,38 @@ class StepPlan:
         return tuple(i for i, m in enumerate(self.modes) if m != NOGRAD)
 
 
+SPECS: dict[str, type] = {}
+
+
+def register(cls):
+    """Class decorator: make ``cls`` known to :func:`resolve` by its ``name``."""
+    SPECS[cls.name] = cls
+    return cls
+
+
 class GradientPolicy:
-    """Base class: subclasses implement ``plan``."""
+    """Base class: subclasses implement ``plan``; those with a parameter override ``from_arg``/``arg``."""
 
     name = "policy"
+    arg_help = ""  # what may follow the name after a colon, for help texts ("K", "random|K")
 
     def plan(self, num_steps: int, generator: torch.Generator | None = None) -> StepPlan:
         raise NotImplementedError
+
+    @classmethod
+    def from_arg(cls, arg: str | None) -> "GradientPolicy":
+        if arg is not None:
+            raise ValueError(f"{cls.name} takes no argument, got {cls.name}:{arg}")
+        return cls()
+
+    @property
+    def arg(self) -> str | None:
+        return None
+
+    @property
+    def spec(self) -> str:
+        """The one string that :func:`resolve` turns back into this policy."""
+        return self.name if self.arg is None else f"{self.name}:{self.arg}"
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -60,6 +87,15 @@ def _check_steps(num_steps: int) -> None:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
 
 
+def _positive_int(cls, arg: str | None) -> int:
+    try:
+        return int(arg)
+    except (TypeError, ValueError):
+        given = cls.name if arg is None else f"{cls.name}:{arg}"
+        raise ValueError(f"{cls.name} needs a positive integer, e.g. {cls.name}:4, got {given}") from None
+
+
+@register
 class Full(GradientPolicy):
     """Plain backpropagation through time (BPTT).
 
@@ -75,6 +111,7 @@ class Full(GradientPolicy):
         return StepPlan((GRAPH,) * num_steps)
 
 
+@register
 class Checkpointed(GradientPolicy):
     """Full backpropagation with gradient checkpointing of each network call.
 
@@ -90,6 +127,7 @@ class Checkpointed(GradientPolicy):
         return StepPlan((CHECKPOINT,) * num_steps)
 
 
+@register
 class Truncated(GradientPolicy):
     """Truncated backpropagation through the last ``k`` steps (DRaFT-K; k=1 is DRaFT-1).
 
@@ -99,11 +137,20 @@ class Truncated(GradientPolicy):
     """
 
     name = "truncated"
+    arg_help = "K"
 
     def __init__(self, k: int = 1):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"Truncated: k must be a positive int, got {k!r}")
         self.k = k
+
+    @classmethod
+    def from_arg(cls, arg):
+        return cls(_positive_int(cls, arg))
+
+    @property
+    def arg(self):
+        return str(self.k)
 
     def plan(self, num_steps, generator=None):
         _check_steps(num_steps)
@@ -112,6 +159,7 @@ class Truncated(GradientPolicy):
         return StepPlan((NOGRAD,) * first + (GRAPH,) * k, detach_before=first if first > 0 else None)
 
 
+@register
 class RandomTruncated(GradientPolicy):
     """Truncation after a random number of final steps (AlignProp).
 
@@ -120,11 +168,20 @@ class RandomTruncated(GradientPolicy):
     """
 
     name = "random_truncated"
+    arg_help = "MAX_K"
 
     def __init__(self, max_k: int = 10):
         if not isinstance(max_k, int) or max_k < 1:
             raise ValueError(f"RandomTruncated: max_k must be a positive int, got {max_k!r}")
         self.max_k = max_k
+
+    @classmethod
+    def from_arg(cls, arg):
+        return cls(_positive_int(cls, arg))
+
+    @property
+    def arg(self):
+        return str(self.max_k)
 
     def draw_k(self, num_steps: int, generator: torch.Generator | None) -> int:
         high = min(self.max_k, num_steps)
@@ -135,6 +192,7 @@ class RandomTruncated(GradientPolicy):
         return Truncated(self.draw_k(num_steps, generator)).plan(num_steps)
 
 
+@register
 class Shortcut(GradientPolicy):
     """The SDO one-step shortcut (arXiv 2505.07477).
 
@@ -155,11 +213,25 @@ class Shortcut(GradientPolicy):
     """
 
     name = "shortcut"
+    arg_help = "random|S"
 
     def __init__(self, step: str | int = "first"):
         if not (step in ("first", "random") or (isinstance(step, int) and not isinstance(step, bool) and step >= 0)):
             raise ValueError(f"Shortcut: step must be 'first', 'random' or a non-negative int, got {step!r}")
         self.step = step
+
+    @classmethod
+    def from_arg(cls, arg):
+        """``shortcut`` (the first step), ``shortcut:random``, ``shortcut:S`` (step S)."""
+        if arg is None or arg == "random":
+            return cls("first" if arg is None else "random")
+        if arg.isdigit():
+            return cls(int(arg))
+        raise ValueError(f"shortcut takes random or a step number, e.g. shortcut:random, got shortcut:{arg}")
+
+    @property
+    def arg(self):
+        return None if self.step == "first" else str(self.step)
 
     def choose_step(self, num_steps: int, generator: torch.Generator | None) -> int:
         if self.step == "first":
@@ -176,6 +248,7 @@ class Shortcut(GradientPolicy):
         return StepPlan(tuple(GRAPH if i == s else NOGRAD for i in range(num_steps)))
 
 
+@register
 class StraightThrough(GradientPolicy):
     """Ablation: no network call keeps a graph; only the linear skip path carries the gradient.
 
@@ -189,16 +262,23 @@ class StraightThrough(GradientPolicy):
         return StepPlan((NOGRAD,) * num_steps)
 
 
-POLICIES = {cls.name: cls for cls in (Full, Checkpointed, Truncated, RandomTruncated, Shortcut, StraightThrough)}
+def known_specs() -> str:
+    """The spec strings :func:`resolve` takes, for help texts: ``full, checkpointed, truncated:K, ...``."""
+    return ", ".join(f"{name}:{cls.arg_help}" if cls.arg_help and name != "shortcut" else
+                     (f"{name}[:{cls.arg_help}]" if cls.arg_help else name) for name, cls in SPECS.items())
 
 
 def resolve(policy: GradientPolicy | str | None) -> GradientPolicy | None:
-    """Accept a policy object, a policy name ('full', 'shortcut', ...) or None (no gradient)."""
+    """A policy object as it is, a spec string (``"full"``, ``"truncated:4"``, ``"shortcut:random"``; see
+    :func:`known_specs`) as the policy it names, None as None (no gradient)."""
     if policy is None or isinstance(policy, GradientPolicy):
         return policy
-    if isinstance(policy, str):
-        key = policy.strip().lower().replace("-", "_")
-        if key in POLICIES:
-            return POLICIES[key]()
-        raise ValueError(f"gradient: unknown policy name {policy!r}; known: {', '.join(sorted(POLICIES))}")
-    raise ValueError(f"gradient: expected a GradientPolicy, a policy name or None, got {type(policy).__name__}")
+    if not isinstance(policy, str):
+        raise ValueError(f"gradient: expected a GradientPolicy, a spec string or None, got {type(policy).__name__}")
+    name, colon, arg = policy.strip().lower().replace("-", "_").partition(":")
+    if name not in SPECS:
+        raise ValueError(f"gradient: unknown policy {policy!r}; known: {known_specs()}")
+    try:
+        return SPECS[name].from_arg(arg if colon else None)
+    except ValueError as exc:
+        raise ValueError(f"gradient: {exc}") from None

@@ -56,3 +56,20 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, t
         img = labelled(img, title)
     img.save(path)
     return Path(path)
+
+
+def read_image(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A PNG/JPEG file as a (1, C, H, W) tensor in [0, 1] with C = shape[0] (grey or RGB). An image of
+    another size than (H, W) is refused: resizing it silently would change what the reward asks for."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+                         ) from None
+    if (img.height, img.width) != tuple(shape[1:]):
+        raise ValueError(f"image {path} is {img.width}x{img.height} but the model makes {shape[2]}x{shape[1]} images")
+    arr = torch.from_numpy(np.asarray(img.convert("L" if shape[0] == 1 else "RGB"), dtype=np.float32) / 255.0)
+    return (arr[None, None] if arr.ndim == 2 else arr.permute(2, 0, 1)[None]).contiguous()

@@ -140,7 +140,7 @@ class FinetuneConfig:
 
     noise_shape: tuple[int, ...] | None = None
     params: str = "lora"
-    gradient: str = "Shortcut(step='random')"
+    gradient: str = "shortcut:random"
     iterations: int = 100
     batch_size: int = 4
     lr: float = 1e-3
@@ -228,7 +228,7 @@ def finetune(sampler, reward: Callable, conditions, *, noise_shape: tuple[int, .
     trainable = _select(sampler.model, params)
     config = FinetuneConfig(
         noise_shape=tuple(noise_shape), params=params if isinstance(params, str) else "callable",
-        gradient=repr(policy), iterations=iterations, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        gradient=policy.spec, iterations=iterations, batch_size=batch_size, lr=lr, optimizer=optimizer,
         grad_clip=grad_clip, warmup=warmup, seed=seed, base_weight=base_weight, ema=ema,
         sampler=sampler.describe(), reward=reward_name(reward),
         trainable_parameters=sum(p.numel() for p in trainable.values()))

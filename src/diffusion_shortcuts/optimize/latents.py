@@ -85,7 +85,7 @@ class LatentConfig:
 
     iterations: int = 100
     lr: float = 0.01
-    gradient: str = "Shortcut(step='first')"
+    gradient: str = "shortcut"
     start_step: int = 0
     optimize_cond: bool = False
     noise_prior: str | None = None
@@ -161,7 +161,7 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
     policy = G.resolve(gradient)
     _check_latent_args(policy, noise_prior, iterations, optimize_cond, cond)
     config = LatentConfig(
-        iterations=iterations, lr=lr, gradient=repr(policy), start_step=start_step, optimize_cond=optimize_cond,
+        iterations=iterations, lr=lr, gradient=policy.spec, start_step=start_step, optimize_cond=optimize_cond,
         noise_prior=noise_prior, prior_weight=prior_weight, grad_clip=grad_clip, target_reward=target_reward,
         optimizer=optimizer, seed=seed, sampler=sampler.describe(), reward=reward_name(reward),
         latents=C.fingerprint(latents), cond=C.fingerprint(cond) if cond is not None else "")

@@ -73,7 +73,7 @@ class SearchConfig:
     momentum: float = 0.9
     alpha: float = 1.0
     tau: float | None = None
-    gradient: str = "Checkpointed()"
+    gradient: str = "checkpointed"
     blocks: tuple[str, ...] | None = None
     sample_shape: tuple[int, ...] | None = None
     seed: int = 0
@@ -121,7 +121,7 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
     _check_search_args(ratio, iterations, batch_size, target_batch, conditions, shape)
     config = SearchConfig(
         ratio=ratio, iterations=iterations, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-        alpha=alpha, tau=1.0 - ratio if tau is None else tau, gradient=repr(policy),
+        alpha=alpha, tau=1.0 - ratio if tau is None else tau, gradient=policy.spec,
         blocks=tuple(blocks) if blocks is not None else None, sample_shape=tuple(shape), seed=seed,
         target_batch=target_batch, pruner_kwargs=pruner_kwargs, sampler=sampler.describe(),
         conditions=C.fingerprint(conditions))

@@ -1,15 +1,52 @@
-"""The reward protocol: ``reward(images, cond) -> Tensor[B]``, images in [0, 1], higher is better."""
+"""Rewards are callables ``reward(images, cond) -> Tensor[B]``, images in [0, 1], higher is better.
+
+Reward classes register the spec strings that make them (``"digit:3"``, ``"reference:IMG[:MASK]"``) with
+:func:`register_spec`; :func:`from_spec` parses one. What a spec needs to know about the model (its sample
+shape, whether it takes labels) comes in a :class:`SpecContext`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 
-@runtime_checkable
-class Reward(Protocol):
-    def __call__(self, images: torch.Tensor, cond: Any = None) -> torch.Tensor: ...
+@dataclass(frozen=True)
+class SpecContext:
+    """What a reward spec may need from the model it rewards."""
+
+    sample_shape: tuple[int, int, int] | None = None   # (C, H, W) of the images the reward sees
+    conditional: bool = True                            # the model takes class labels
+
+
+SPECS: dict[str, tuple[Callable[[str | None, SpecContext], Any], str, str]] = {}
+
+
+def register_spec(name: str, arg: str = "", help: str = ""):
+    """Decorator: ``factory(arg, context) -> reward`` makes the reward for ``name[:arg]``."""
+    def decorate(factory):
+        SPECS[name] = (factory, arg, help)
+        return factory
+    return decorate
+
+
+def known_specs() -> str:
+    """The spec strings :func:`from_spec` takes, for help texts: ``label, digit:N, ...``."""
+    return ", ".join(f"{name}:{arg}" if arg else name for name, (_, arg, _) in SPECS.items())
+
+
+def from_spec(text: str, context: SpecContext | None = None):
+    """The reward a spec string names (see :func:`known_specs`); a ValueError naming the spec otherwise."""
+    name, colon, arg = text.partition(":")
+    if name not in SPECS:
+        raise ValueError(f"reward {text!r}: unknown reward; known: {known_specs()}")
+    factory, _, _ = SPECS[name]
+    try:
+        return factory(arg if colon else None, context or SpecContext())
+    except ValueError as exc:
+        raise ValueError(f"reward {text!r}: {exc}") from None
 
 
 def check_reward_output(value: Any, batch: int, name: str = "reward") -> torch.Tensor:

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from .base import SpecContext, register_spec
+
 
 class DigitClass:
     """``log p(target | image)`` under the zoo's ``digits-classifier`` (never the eval classifier).
@@ -42,6 +44,22 @@ def _check_digits(target: torch.Tensor) -> torch.Tensor:
     return target
 
 
+@register_spec("label", help="each sample's own class (class-conditional models)")
+def _label_spec(arg, context: SpecContext):
+    if arg is not None:
+        raise ValueError("label takes no argument")
+    if not context.conditional:
+        raise ValueError("label needs a class-conditional model")
+    return DigitClass(None)
+
+
+@register_spec("digit", arg="N", help="log p(N | image) under digits-classifier")
+def _digit_spec(arg, context: SpecContext):
+    if arg is None or not arg.isdigit() or not 0 <= int(arg) <= 9:
+        raise ValueError(f"expected digit:N with N in 0-9, got {arg}")
+    return DigitClass(int(arg))
+
+
 class Reference:
     """Negative mean squared error to a reference image inside a mask (inpainting, editing).
 
@@ -69,3 +87,17 @@ class Reference:
         mask = self.mask.to(images.device)
         err = (images - self.image.to(images.device)).square() * mask
         return -err.flatten(1).sum(1) / (mask.expand_as(err).flatten(1).sum(1))
+
+
+@register_spec("reference", arg="IMAGE[:MASK]", help="closeness to an image file inside a mask file")
+def _reference_spec(arg, context: SpecContext):
+    from ..images import read_image
+
+    parts = (arg or "").split(":")
+    if not parts[0] or len(parts) > 2:
+        raise ValueError("expected reference:IMAGE.png[:MASK.png]")
+    if context.sample_shape is None:
+        raise ValueError("the model's image size is not known")
+    image = read_image(parts[0], context.sample_shape)
+    mask = read_image(parts[1], (1, *context.sample_shape[1:]))[:, :1].gt(0.5).float() if len(parts) == 2 else None
+    return Reference(image, mask)
