@@ -41,7 +41,7 @@ CONFIGS = {"unet-lora": ("digits-unet", "lora", 1e-3), "unet-all": ("digits-unet
 
 def policy_of(name: str):
     """A policy name with optional regularisers: ``shortcut``, ``full+base=0.5``, ``shortcut+ema=0.9``."""
-    from diffusion_shortcuts.cli import parse_gradient
+    from diffusion_shortcuts.gradients import resolve
 
     policy, *options = name.split("+")
     regularisers = {"base_weight": 0.0, "ema": None}
@@ -50,7 +50,7 @@ def policy_of(name: str):
         if key not in ("base", "ema"):
             raise ValueError(f"unknown regulariser {option!r} in {name!r}; known: base=W, ema=D")
         regularisers["base_weight" if key == "base" else "ema"] = float(value)
-    return parse_gradient("sdo" if policy == "shortcut" else policy), regularisers
+    return resolve("shortcut:random" if policy == "shortcut" else policy), regularisers
 
 
 def probe_cost(sampler, policy, reward, noise, cond, labels, params) -> dict:

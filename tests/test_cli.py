@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import tiny_unet
 from diffusers import DDIMScheduler, DDPMPipeline
 
@@ -82,9 +81,11 @@ def test_console_script_help():
 
 
 def test_labels_parser():
-    assert cli.parse_labels("0-3,7", 10) == [0, 1, 2, 3, 7]
-    with pytest.raises(cli.UsageError):
-        cli.parse_labels("9-10", 10)
+    from diffusion_shortcuts.reports import parse_labels
+
+    assert parse_labels("0-3,7", 10) == [0, 1, 2, 3, 7]
+    with pytest.raises(cli.UsageError, match=r"--labels '9-10': labels out of range \[10\]; the model takes 0-9"):
+        parse_labels("9-10", 10)
 
 
 def test_optimize_writes_curve_before_after_latents(tmp_path, capsys):
@@ -110,9 +111,18 @@ def test_optimize_reference_reward_with_mask(tmp_path, capsys):
     mask[:8] = 255
     Image.fromarray(mask).save(tmp_path / "mask.png")
     code, _, err = run(["optimize", "--model", "digits-dit", "--reward",
-                        f"reference:{tmp_path / 'white.png'}:{tmp_path / 'mask.png'}", "--iterations", "2",
-                        "--n", "1", "--steps", "4", "--out", str(tmp_path / "o")], capsys)
+                        f"reference:{tmp_path / 'white.png'}:{tmp_path / 'mask.png'}", "--iterations", "3",
+                        "--n", "1", "--steps", "4", "--lr", "0.2", "--out", str(tmp_path / "o")], capsys)
     assert code == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["reward_spec"].startswith("reference:") and len(metrics["reward"]) == 3
+    assert metrics["final_reward"] > metrics["reward"][0]  # the masked half moved toward white
+    reward = ds.rewards.from_spec(metrics["reward_spec"], ds.rewards.SpecContext((1, 16, 16)))
+    assert reward.mask.sum() == 8 * 16  # the mask file's upper half, not the whole image
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "small.png")
+    code, _, err = run(["optimize", "--model", "digits-dit", "--reward", f"reference:{tmp_path / 'small.png'}",
+                        "--out", str(tmp_path / "o2")], capsys)
+    assert code == 2 and "is 8x8 but the model makes 16x16 images" in err
 
 
 @pytest.mark.parametrize("reward,needle", [("digit:12", "0-9"), ("clip:cat", "unknown reward"),

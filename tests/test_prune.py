@@ -232,7 +232,7 @@ def test_schedule_and_pruner_files_round_trip_and_reject_corruption(tmp_path):
     again = Pruner.from_pretrained(tmp_path / "pruner")
     assert torch.equal(again(), pruner())
     (tmp_path / "pruner" / "diffusion_pytorch_model.safetensors").write_bytes(b"corrupt")
-    with pytest.raises(Exception, match="(?i)safetensors|header|deserializ|error"):
+    with pytest.raises(OSError, match="Unable to load weights from checkpoint file .*pruner/diffusion_pytorch_model"):
         Pruner.from_pretrained(tmp_path / "pruner")
 
 

@@ -32,7 +32,6 @@ import torch
 from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
                        SanaTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel)
 
-from . import conditions as C
 
 OUTPUT, RESIDUAL = "output", "residual"
 CFG, EMBEDDED = "cfg", "embedded"

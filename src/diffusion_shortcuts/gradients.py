@@ -95,6 +95,21 @@ def _positive_int(cls, arg: str | None) -> int:
         raise ValueError(f"{cls.name} needs a positive integer, e.g. {cls.name}:4, got {given}") from None
 
 
+class _CountedPolicy(GradientPolicy):
+    """A policy with one positive integer parameter, written ``name:N`` (its attribute ``count``)."""
+
+    count = "k"
+    arg_help = "K"
+
+    @classmethod
+    def from_arg(cls, arg):
+        return cls(_positive_int(cls, arg))
+
+    @property
+    def arg(self):
+        return str(getattr(self, self.count))
+
+
 @register
 class Full(GradientPolicy):
     """Plain backpropagation through time (BPTT).
@@ -128,7 +143,7 @@ class Checkpointed(GradientPolicy):
 
 
 @register
-class Truncated(GradientPolicy):
+class Truncated(_CountedPolicy):
     """Truncated backpropagation through the last ``k`` steps (DRaFT-K; k=1 is DRaFT-1).
 
     Graph: the network calls of steps n-k .. n-1. The latent entering step n-k is detached, so
@@ -137,20 +152,11 @@ class Truncated(GradientPolicy):
     """
 
     name = "truncated"
-    arg_help = "K"
 
     def __init__(self, k: int = 1):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"Truncated: k must be a positive int, got {k!r}")
         self.k = k
-
-    @classmethod
-    def from_arg(cls, arg):
-        return cls(_positive_int(cls, arg))
-
-    @property
-    def arg(self):
-        return str(self.k)
 
     def plan(self, num_steps, generator=None):
         _check_steps(num_steps)
@@ -160,7 +166,7 @@ class Truncated(GradientPolicy):
 
 
 @register
-class RandomTruncated(GradientPolicy):
+class RandomTruncated(_CountedPolicy):
     """Truncation after a random number of final steps (AlignProp).
 
     k is drawn uniformly from 1..max_k once per sampler call (from the call's generator), then the
@@ -168,20 +174,12 @@ class RandomTruncated(GradientPolicy):
     """
 
     name = "random_truncated"
-    arg_help = "MAX_K"
+    count, arg_help = "max_k", "MAX_K"
 
     def __init__(self, max_k: int = 10):
         if not isinstance(max_k, int) or max_k < 1:
             raise ValueError(f"RandomTruncated: max_k must be a positive int, got {max_k!r}")
         self.max_k = max_k
-
-    @classmethod
-    def from_arg(cls, arg):
-        return cls(_positive_int(cls, arg))
-
-    @property
-    def arg(self):
-        return str(self.max_k)
 
     def draw_k(self, num_steps: int, generator: torch.Generator | None) -> int:
         high = min(self.max_k, num_steps)

@@ -40,11 +40,6 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + torch.trace(cov_a + cov_b - 2 * cross))
 
 
-def fid(extractor, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
-    """FID of two image sets in [0, 1] on ``extractor``'s features (e.g. a digits classifier's ``features``)."""
-    return frechet_distance(features(extractor, images_a), features(extractor, images_b))
-
-
 def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> torch.Tensor:
     x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-x ** 2 / (2 * sigma ** 2))

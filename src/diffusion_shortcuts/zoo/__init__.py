@@ -10,7 +10,7 @@ pipeline folder (``model_index.json``: DDPM/DDIM, DiT).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class ZooModel:
     null_label: int | None
     label_encoder: LabelEncoder | None = None
     path: Path | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -189,7 +188,7 @@ def _load_generator(path: Path, device) -> ZooModel:
     return ZooModel(name=path.name, model=_frozen(model).to(device), scheduler=scheduler,
                     guidance_scale=float(meta["guidance_scale"]), num_inference_steps=int(meta["num_inference_steps"]),
                     num_classes=int(meta.get("num_classes", NUM_CLASSES)),
-                    null_label=int(meta.get("null_label", NULL_LABEL)), label_encoder=encoder, path=path, extra=meta)
+                    null_label=int(meta.get("null_label", NULL_LABEL)), label_encoder=encoder, path=path)
 
 
 def _load_pipeline(path: Path, device) -> ZooModel:
