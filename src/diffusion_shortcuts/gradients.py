@@ -110,8 +110,18 @@ class _CountedPolicy(GradientPolicy):
         return str(getattr(self, self.count))
 
 
+class _EveryStep(GradientPolicy):
+    """A policy that treats every step alike: ``mode`` for each network call."""
+
+    mode = GRAPH
+
+    def plan(self, num_steps, generator=None):
+        _check_steps(num_steps)
+        return StepPlan((self.mode,) * num_steps)
+
+
 @register
-class Full(GradientPolicy):
+class Full(_EveryStep):
     """Plain backpropagation through time (BPTT).
 
     Graph: every network call of every step. Gradient: exact, the product of all step Jacobians
@@ -119,15 +129,11 @@ class Full(GradientPolicy):
     conditioning. Memory grows linearly with the number of steps.
     """
 
-    name = "full"
-
-    def plan(self, num_steps, generator=None):
-        _check_steps(num_steps)
-        return StepPlan((GRAPH,) * num_steps)
+    name, mode = "full", GRAPH
 
 
 @register
-class Checkpointed(GradientPolicy):
+class Checkpointed(_EveryStep):
     """Full backpropagation with gradient checkpointing of each network call.
 
     Graph: every step, but a network call's activations are not stored; they are recomputed during
@@ -135,11 +141,7 @@ class Checkpointed(GradientPolicy):
     Memory: only the step inputs are kept; time: one extra forward per step.
     """
 
-    name = "checkpointed"
-
-    def plan(self, num_steps, generator=None):
-        _check_steps(num_steps)
-        return StepPlan((CHECKPOINT,) * num_steps)
+    name, mode = "checkpointed", CHECKPOINT
 
 
 @register
@@ -247,17 +249,13 @@ class Shortcut(GradientPolicy):
 
 
 @register
-class StraightThrough(GradientPolicy):
+class StraightThrough(_EveryStep):
     """Ablation: no network call keeps a graph; only the linear skip path carries the gradient.
 
     Latent gradient: ``(prod_i a_i) * g``. Weights and conditioning get no gradient.
     """
 
-    name = "straight_through"
-
-    def plan(self, num_steps, generator=None):
-        _check_steps(num_steps)
-        return StepPlan((NOGRAD,) * num_steps)
+    name, mode = "straight_through", NOGRAD
 
 
 def known_specs() -> str:

@@ -39,17 +39,8 @@ def unet_config() -> dict:
 
 
 def dit_config() -> dict:
-    return dict(
-        num_attention_heads=4,
-        attention_head_dim=16,
-        in_channels=1,
-        out_channels=1,
-        num_layers=6,
-        norm_num_groups=8,
-        sample_size=16,
-        patch_size=2,
-        num_embeds_ada_norm=NUM_CLASSES,
-    )
+    return dict(num_attention_heads=4, attention_head_dim=16, in_channels=1, out_channels=1, num_layers=6,
+                norm_num_groups=8, sample_size=16, patch_size=2, num_embeds_ada_norm=NUM_CLASSES)
 
 
 class LabelEncoder(ModelMixin, ConfigMixin):
