@@ -65,23 +65,36 @@ FLAGS = {
     "eval_every": dict(type=int, default=10, help="held-out evaluation every K iterations"),
     "eval_samples": dict(type=int, default=5, help="held-out samples per class (diversity needs 2)"),
     "digit": dict(type=int, default=3, help="the digit the SDO part steers toward"),
+    "prompt": dict(action="append", default=None, help="a prompt (repeatable), for a text-to-image pipeline folder"),
+    "prompts": dict(default=None, help="a file of prompts, one a line"),
+    "negative_prompt": dict(default=None, help="the negative prompt of classifier-free guidance"),
+    "scheduler": dict(choices=["ddim", "dpm++", "euler", "flow-euler"], default=None,
+                      help="a diffusers scheduler made from the pipeline's scheduler config (default: the pipeline's)"),
+    "height": dict(type=int, default=None, help="image height in pixels (pipelines; default: the model's)"),
+    "width": dict(type=int, default=None, help="image width in pixels (pipelines; default: the model's)"),
+    "device": dict(choices=["auto", "cpu", "cuda"], default="auto"),
+    "dtype": dict(choices=["float32", "bfloat16", "float16"], default="float32",
+                  help="precision of the denoiser, text encoders and VAE; trained tensors stay float32"),
 }
+MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, scheduler=None, height=None, width=None,
+             device=None, dtype=None)
 
 VERBS = {
     "demo": ("both shortcuts on the embedded zoo, with a report",
              dict(out="diffusion-shortcuts-demo", n=100, seed=0, steps=50, digit=3, iterations=15)),
     "sample": ("sample a model and judge the samples",
-               dict(model=None, labels=None, n=64, seed=0, steps=50, guidance=None, schedule=None, out=None)),
+               dict(**MODEL, labels=None, n=64, seed=0, steps=50, guidance=None, schedule=None, out=None)),
     "optimize": ("optimize initial noise against a reward (SDO by default)",
-                 dict(model=None, reward=None, gradient=None, iterations=None, n=None, lr=None, steps=None, seed=None,
-                      noise_prior=None, labels="null", out=None)),
+                 dict(**MODEL, reward=None, gradient=None, iterations=None, n=None, lr=None, steps=None, seed=None,
+                      guidance=None, noise_prior=None, labels="null", out=None)),
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
-              dict(model=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed", steps=None,
-                   samples=None, seed=None, resume=None, out=None)),
+              dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
+                   steps=None, guidance=None, samples=None, seed=None, resume=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
-                 dict(model=None, reward=None, params=None, rank=None, gradient="shortcut:random", iterations=None,
-                      batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None, base_weight=None,
-                      warmup=None, eval_every=None, eval_samples=None, checkpoint_every=None, resume=None, out=None)),
+                 dict(**MODEL, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
+                      iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,
+                      base_weight=None, warmup=None, eval_every=None, eval_samples=None, checkpoint_every=None,
+                      resume=None, out=None)),
 }
 
 
@@ -131,7 +144,10 @@ def write_metrics(out: Path, metrics: dict) -> Path:
 def run_verb(verb: str, flags: dict, out: Path) -> dict:
     from . import reports
 
-    return getattr(reports, f"{verb}_report")(out, **flags)
+    if verb == "demo":
+        return reports.demo_report(out, **flags)
+    subject = reports.subject_from(flags)
+    return getattr(reports, f"{verb}_report")(out, subject, **flags)
 
 
 def main(argv: list[str] | None = None) -> int:

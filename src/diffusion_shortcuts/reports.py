@@ -17,8 +17,8 @@ import torch
 from . import gradients, rewards, zoo
 from .images import grid, labelled, save_grid, side_by_side
 from .metrics import Timer, accuracy
+from .subjects import JUDGE
 
-JUDGE = "digits-classifier-eval"
 SDO_DEMO_MODEL = "digits-dit"
 
 
@@ -54,14 +54,17 @@ def cycled_labels(text: str, num_classes: int, n: int) -> torch.Tensor:
     return torch.tensor([pool[i % len(pool)] for i in range(n)])
 
 
-def load_generator(name: str) -> zoo.ZooModel:
+def subject_from(flags: dict):
+    """Pop the model flags (--model, --labels, --prompt, ...) off ``flags`` and load what they name."""
+    from .subjects import load_subject
+
+    names = ("labels", "prompt", "prompts", "negative_prompt", "scheduler", "height", "width", "device", "dtype")
+    options = {k: flags.pop(k) for k in names if k in flags}
+    options = {k: v for k, v in options.items() if v is not None}
     try:
-        model = zoo.load(name)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(f"--model: {exc}") from None
-    if not isinstance(model, zoo.ZooModel):
-        raise UsageError(f"--model {name}: a classifier, not a generator; generators: {', '.join(zoo.GENERATORS)}")
-    return model
+        return load_subject(flags.pop("model"), **options)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def parse_gradient(text: str):
@@ -71,21 +74,23 @@ def parse_gradient(text: str):
         raise UsageError(f"--{exc}") from None
 
 
-def parse_reward(text: str, model: zoo.ZooModel):
+def parse_reward(text: str, subject):
     try:
-        return rewards.from_spec(text, rewards.SpecContext(model.sample_shape, model.conditional))
+        return rewards.from_spec(text, subject.reward_context())
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
 
 
-def load_schedule(path: str, model: zoo.ZooModel, steps: int):
-    """A schedule file (or ``zoo``: the model's shipped 0.8 schedule), checked against the model and a
+def load_schedule(path: str, subject, steps: int):
+    """A schedule file (or ``zoo``: a zoo model's shipped 0.8 schedule), checked against the model and a
     sampler with ``steps`` steps."""
     from .prune import CacheSchedule, ScheduleError, apply
 
     try:
-        schedule = model.cache_schedule() if path == "zoo" else CacheSchedule.load(path)
-        with apply(model.model, schedule, model.sampler(steps)):
+        if path == "zoo" and not hasattr(subject.m, "cache_schedule"):
+            raise ValueError(f"{subject.name} ships no schedule: pass a schedule file")
+        schedule = subject.m.cache_schedule() if path == "zoo" else CacheSchedule.load(path)
+        with apply(subject.model, schedule, subject.sampler(steps)):
             pass
     except (ScheduleError, ValueError, FileNotFoundError) as exc:
         raise UsageError(f"--schedule: {exc}") from None
@@ -97,105 +102,133 @@ def judged_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
     return accuracy(zoo.load(JUDGE), images, labels)
 
 
+def captioned_grid(images: torch.Tensor, captions: list[str] | None, path: Path) -> str:
+    """A grid with one row per distinct caption (a label or a prompt), the caption above each row."""
+    from PIL import Image
+
+    images = images.float().cpu()
+    if not captions:
+        return save_grid(images, path).name
+    rows = []
+    for caption in dict.fromkeys(captions):
+        index = [i for i, c in enumerate(captions) if c == caption]
+        rows.append(labelled(grid(images[index], nrow=len(index)), caption[:60]))
+    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    top = 0
+    for row in rows:
+        canvas.paste(row, (0, top))
+        top += row.height
+    canvas.save(path)
+    return path.name
+
+
 # ---- the verbs ------------------------------------------------------------------------------------------
 
-def sample_report(out: Path, *, model: str, labels: str, n: int, seed: int, steps: int, guidance: float | None,
+def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance: float | None,
                   schedule: str | None = None, tag: str = "", progress: bool = True) -> dict:
-    """Sample n images cycling through labels, judge them with the eval classifier, write a grid."""
-    from .prune import apply
+    """Sample n images cycling through the conditions, judge them, write a captioned grid."""
+    from .prune.compare import generate
 
-    generator = load_generator(model)
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
-    label_batch = cycled_labels(labels, generator.num_classes, n) if generator.conditional else None
-    cache = load_schedule(schedule, generator, steps) if schedule else None
-    with apply(generator.model, cache) if cache is not None else nullcontext(), Timer() as timer:
-        images = generator.generate(label_batch, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
-                                    progress=progress, batch_size=min(n, 100))[:n]
-    metrics = {"model": model, "n": n, "seed": seed, "num_inference_steps": steps,
-               "guidance_scale": guidance if guidance is not None else generator.guidance_scale,
-               "scheduler": type(generator.scheduler).__name__, "seconds": timer.seconds,
-               "schedule": schedule, "macs_ratio": cache.macs_ratio if cache is not None else 1.0}
-    nrow = None
-    if label_batch is not None:
-        if generator.num_classes == 10:
-            metrics["accuracy"], metrics["accuracy_judge"] = judged_accuracy(images, label_batch), JUDGE
-        images = images[torch.argsort(label_batch, stable=True)]  # one row per label
-        nrow = -(-n // len(set(label_batch.tolist())))
-    metrics["grid"] = save_grid(images, out / f"grid{tag}.png", nrow=nrow).name
+    conditions = subject.conditions(n)
+    sampler = subject.sampler(steps, guidance)
+    cache = load_schedule(schedule, subject, steps) if schedule else None
+    noise = subject.noise(n, torch.Generator().manual_seed(seed))
+    with Timer() as timer:
+        images = generate(sampler, subject.encode, conditions, noise, batch_size=min(n, 100), schedule=cache,
+                          progress=progress, desc=f"sampling {subject.name}")
+    metrics = {"model": subject.name, "n": n, "seed": seed, "num_inference_steps": steps,
+               "guidance_scale": sampler.guidance_scale, "scheduler": type(sampler.scheduler).__name__,
+               "seconds": timer.seconds, "schedule": schedule, "macs_ratio": cache.macs_ratio if cache else 1.0,
+               "prompts": subject.distinct_conditions() if subject.text else None}
+    judged = subject.judge(images, conditions)
+    if judged:
+        metrics.update(judged, accuracy_judge=JUDGE)
+    if conditions is not None and not subject.text:  # one row per label
+        order = torch.argsort(conditions, stable=True)
+        images, conditions = images[order], conditions[order]
+    metrics["grid"] = captioned_grid(images, subject.captions(conditions), out / f"grid{tag}.png")
     return metrics
 
 
-def prune_report(out: Path, *, model: str, ratio: float, iterations: int, batch_size: int, lr: float, gradient: str,
-                 steps: int, samples: int, seed: int, resume: bool) -> dict:
-    """DiP-GO: search a cache schedule at ``ratio``, compare it with the full model, write everything."""
+def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_size: int, lr: float, gradient: str,
+                 steps: int, samples: int, seed: int, resume: bool, guidance: float | None = None) -> dict:
+    """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model."""
     from .plots import schedule_heatmap
     from .prune import SearchError, train_pruner
-    from .zoo.judge import compare_with_full
+    from .prune.compare import compare_schedule
 
-    generator = load_generator(model)
     if not 0.0 < ratio < 1.0:
         raise UsageError(f"--ratio must be in (0, 1), got {ratio}")
     if iterations < 1 or samples < 1:
         raise UsageError("--iterations and --samples must be at least 1")
     policy = parse_gradient(gradient)
-    sampler = generator.sampler(steps)
-    conditions = generator.encode(torch.arange(generator.num_classes)).detach() if generator.conditional else None
+    sampler = subject.sampler(steps, guidance)
+    distinct = subject.distinct_conditions()
     try:
-        result = train_pruner(sampler, conditions, ratio, iterations=iterations, batch_size=batch_size, lr=lr,
-                              gradient=policy, seed=seed, checkpoint_dir=out, resume=resume)
+        result = train_pruner(sampler, subject.encode(distinct) if distinct is not None else None, ratio,
+                              iterations=iterations, batch_size=batch_size, lr=lr, gradient=policy, seed=seed,
+                              checkpoint_dir=out, resume=resume)
     except (SearchError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
     schedule = result.schedule(ratio)
     schedule.save(out / "schedule.json")
     result.pruner.save_pretrained(out / "pruner")
     (out / "search.json").write_text(json.dumps(result.history) + "\n")
-    schedule_heatmap(schedule, out / "heatmap.png", label=f"{model}, ratio {ratio}")
-    metrics, full, pruned = compare_with_full(generator, schedule, n=samples, seed=seed + 1, sampler=sampler)
+    schedule_heatmap(schedule, out / "heatmap.png", label=f"{subject.name}, ratio {ratio}")
+    conditions = subject.conditions(samples)
+    noise = subject.noise(samples, torch.Generator().manual_seed(seed + 1))
+    metrics, full, pruned = compare_schedule(sampler, schedule, subject.encode, conditions, noise,
+                                             subject.schedule_judge())
+    if not subject.text and subject.conditional:
+        metrics.update(accuracy_judge=JUDGE, fid_features="digits-classifier" if "fid_full" in metrics else None)
     show = slice(0, min(20, samples))
     side_by_side([labelled(grid(full[show], nrow=10), "full model"),
                   labelled(grid(pruned[show], nrow=10), f"schedule: {metrics['speedup']:.1f}x faster")]).save(
         out / "full_vs_pruned.png")
     history = result.history
-    return {"model": model, "ratio": ratio, "schedule": "schedule.json", "pruner": "pruner", "heatmap": "heatmap.png",
-            "picture": "full_vs_pruned.png", "search_seconds": sum(history["seconds"]),
+    return {"model": subject.name, "ratio": ratio, "schedule": "schedule.json", "pruner": "pruner",
+            "heatmap": "heatmap.png", "picture": "full_vs_pruned.png", "search_seconds": sum(history["seconds"]),
             "search_iterations": len(history["loss"]), "search_settings": history["settings"],
             "within_tolerance": schedule.info["within_tolerance"], "search_ssim": history["ssim"],
-            "search_macs_ratio": history["macs_ratio"], **metrics}
+            "search_macs_ratio": history["macs_ratio"], "seed": seed + 1, **metrics}
 
 
-def optimize_report(out: Path, *, model: str, reward: str, gradient: str, iterations: int, n: int, lr: float,
-                    steps: int, seed: int, noise_prior: str | None, labels: str, tag: str = "") -> dict:
+def optimize_report(out: Path, subject, *, reward: str, gradient: str, iterations: int, n: int, lr: float,
+                    steps: int, seed: int, noise_prior: str | None, guidance: float | None = None,
+                    tag: str = "") -> dict:
     """Optimize the initial noise of n samples against a reward; write curve, before/after and latents."""
     from safetensors.torch import save_file
 
     from .optimize import OptimizationError, optimize_latents
     from .plots import reward_curves
+    from .rewards import given_conditions
 
-    generator = load_generator(model)
-    reward_fn, policy = parse_reward(reward, generator), parse_gradient(gradient)
+    reward_fn, policy = parse_reward(reward, subject), parse_gradient(gradient)
     if iterations < 1 or n < 1:
         raise UsageError(f"--iterations and --n must be at least 1, got {iterations} and {n}")
-    label_batch = (torch.full((n,), generator.null_label) if labels == "null"
-                   else cycled_labels(labels, generator.num_classes, n))
-    cond = generator.encode(label_batch).detach()
-    # with the null label in both guidance branches, guidance changes nothing but doubles the cost
-    sampler = generator.sampler(steps, guidance_scale=1.0 if labels == "null" else None)
-    noise = generator.noise(n, torch.Generator().manual_seed(seed))
-    before = sampler(noise, cond).clamp(0, 1)
+    conditions = subject.conditions(n)
+    cond = subject.encode(conditions)
+    sampler = subject.sampler(steps, guidance)
+    noise = subject.noise(n, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        before = sampler(noise, cond).clamp(0, 1)
     error = None
-    try:
-        result = optimize_latents(sampler, reward_fn, noise, cond, iterations=iterations, lr=lr, gradient=policy,
-                                  noise_prior=noise_prior, seed=seed)
+    try:  # the reward sees the labels or prompts, the sampler their encoding
+        result = optimize_latents(sampler, given_conditions(reward_fn, conditions), noise, cond, iterations=iterations,
+                                  lr=lr, gradient=policy, noise_prior=noise_prior, seed=seed)
     except OptimizationError as exc:
         result, error = exc.result, str(exc)
-    save_file({"latents": result.latents.contiguous(), "initial_noise": noise.contiguous()},
+    save_file({"latents": result.latents.float().contiguous().cpu(), "initial_noise": noise.contiguous().cpu()},
               str(out / f"latents{tag}.safetensors"))
     history = result.history
-    metrics = {"model": model, "reward_spec": reward, "gradient": policy.spec, "n": n, "lr": lr,
-               "num_inference_steps": steps, "seed": seed, "noise_prior": noise_prior, "labels": labels,
-               "reward": history["reward"], "seconds_per_iteration": history["seconds"],
+    metrics = {"model": subject.name, "reward_spec": reward, "gradient": policy.spec, "n": n, "lr": lr,
+               "num_inference_steps": steps, "seed": seed, "noise_prior": noise_prior,
+               "conditions": subject.captions(conditions), "reward": history["reward"],
+               "seconds_per_iteration": history["seconds"],
                "mean_seconds_per_iteration": sum(history["seconds"]) / max(1, len(history["seconds"])),
+               "peak_memory_mb": max(history["peak_rss_mb"], default=None), "graph_mb": history["graph_mb"],
                "final_reward": history.get("final_reward"), "shell_drift": history.get("final_shell_drift"),
                "latents": f"latents{tag}.safetensors", "error": error}
     after = result.images.clamp(0, 1) if result.images is not None else before
@@ -204,76 +237,75 @@ def optimize_report(out: Path, *, model: str, reward: str, gradient: str, iterat
         metrics.update(success_before=judged_accuracy(before, target), success_after=judged_accuracy(after, target),
                        success_judge=JUDGE)
     if history["reward"]:
-        reward_curves({gradient: history}, out / f"curve{tag}.png", title=f"{model}, {reward}")
-    side_by_side([labelled(grid(before, nrow=n), "before"), labelled(grid(after, nrow=n), "after")]).save(
-        out / f"before_after{tag}.png")
+        reward_curves({gradient: history}, out / f"curve{tag}.png", title=f"{subject.name}, {reward}")
+    side_by_side([labelled(grid(before.float().cpu(), nrow=n), "before"),
+                  labelled(grid(after.float().cpu(), nrow=n), "after")]).save(out / f"before_after{tag}.png")
     if error:
         raise UsageError(f"{error}; the last good latents are in {out / f'latents{tag}.safetensors'}")
     return metrics
 
 
-def _heldout_set(generator: zoo.ZooModel, samples: int, every: int, seed: int):
-    """Fixed noise per class (the held-out set) judged by the eval classifier, and the rows to picture."""
+def _heldout_set(subject, samples: int, every: int, seed: int):
+    """Fixed noise per condition (the held-out set), judged by the subject's judge, and the rows to picture."""
     from .optimize import HeldOut
 
-    def judge(images, conditions):
-        return {"accuracy": judged_accuracy(images, conditions)}
-
-    if generator.conditional:
-        labels = torch.arange(generator.num_classes)
-        heldout = HeldOut.per_condition(labels, samples, generator.sample_shape, seed=10_000 + seed, every=every,
+    conditions = subject.distinct_conditions()
+    judge = subject.judge if conditions is not None else None
+    if conditions is not None:
+        heldout = HeldOut.per_condition(conditions, samples, subject.sample_shape, seed=10_000 + seed, every=every,
                                         judge=judge)
-        return heldout, (heldout.noise[::samples], heldout.conditions[::samples])
-    heldout = HeldOut(generator.noise(10 * samples, torch.Generator().manual_seed(10_000 + seed)), every=every)
+        index = torch.arange(0, len(heldout.noise), samples)
+        return heldout, (heldout.noise[index], None if heldout.conditions is None else
+                         [heldout.conditions[i] for i in index] if subject.text else heldout.conditions[index])
+    heldout = HeldOut(subject.noise(10 * samples, torch.Generator().manual_seed(10_000 + seed)), every=every)
     return heldout, (heldout.noise[:10], None)
 
 
-def finetune_report(out: Path, *, model: str, reward: str, params: str, rank: int, gradient: str, iterations: int,
+def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, gradient: str, iterations: int,
                     batch_size: int, lr: float, steps: int, guidance: float | None, seed: int, ema: float | None,
                     base_weight: float, warmup: int, eval_every: int, eval_samples: int, checkpoint_every: int,
                     resume: bool) -> dict:
-    """Fine-tune a zoo generator's LoRA adapter (or all weights) against a reward; resumable; judged on a
-    held-out set by the eval classifier, with the diversity of each class's samples."""
-    from .optimize import FinetuneError, add_lora, finetune, save_lora
+    """Fine-tune a LoRA adapter (or all weights) against a reward; resumable; judged on a held-out set (the
+    zoo's by the eval classifier), with the diversity of each condition's samples."""
+    from .optimize import FinetuneError, add_lora, finetune
     from .plots import heldout_curves, reward_curves
 
-    generator = load_generator(model)
-    reward_fn, policy = parse_reward(reward, generator), parse_gradient(gradient)
+    reward_fn, policy = parse_reward(reward, subject), parse_gradient(gradient)
     if min(iterations, batch_size, rank, eval_every, checkpoint_every) < 1 or eval_samples < 2:
         raise UsageError("--iterations, --batch-size, --rank, --eval-every and --checkpoint-every must be at least 1, "
                          "--eval-samples at least 2")
-    sampler = generator.sampler(steps, guidance)
-    encode = generator.encode if generator.conditional else None
-    heldout, (show_noise, show_labels) = _heldout_set(generator, eval_samples, eval_every, seed)
+    sampler = subject.sampler(steps, guidance)
+    heldout, (show_noise, show_conditions) = _heldout_set(subject, eval_samples, eval_every, seed)
+    encode = subject.encode if subject.conditional else None
 
     def samples():
         with torch.no_grad():
-            return sampler(show_noise, encode(show_labels) if encode else None).clamp(0, 1)
+            return sampler(show_noise, encode(show_conditions) if encode else None).clamp(0, 1).float().cpu()
 
     before = samples()
     if params == "lora":
-        add_lora(generator.model, rank=rank, seed=seed)
+        add_lora(subject.model, rank=rank, seed=seed)
     try:
-        result = finetune(sampler, reward_fn, torch.arange(generator.num_classes) if generator.conditional else None,
-                          noise_shape=generator.sample_shape, params=params, gradient=policy, iterations=iterations,
-                          batch_size=batch_size, lr=lr, seed=seed, encode=encode, ema=ema, base_weight=base_weight,
-                          warmup=warmup, heldout=heldout, checkpoint_dir=out, checkpoint_every=checkpoint_every,
-                          resume=resume)
+        result = finetune(sampler, reward_fn, subject.distinct_conditions(), noise_shape=subject.sample_shape,
+                          params=params, gradient=policy, iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
+                          encode=encode, ema=ema, base_weight=base_weight, warmup=warmup, heldout=heldout,
+                          checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume)
     except (FinetuneError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'finetune_checkpoint.pt'})") from None
     if params == "lora":
-        save_lora(generator.model, out / "adapter.safetensors")
+        weights = subject.save_adapter(out)
     else:
-        generator.model.save_pretrained(out / "model")
+        subject.model.save_pretrained(out / "model")
+        weights = "model"
     side_by_side([labelled(grid(before, nrow=10), "base model"), labelled(grid(samples(), nrow=10), "fine-tuned")]
                  ).save(out / "before_after.png")
-    reward_curves({gradient: result.history}, out / "curve.png", title=f"{model}, {reward}")
-    heldout_curves(result.history["eval"], out / "heldout.png", title=f"{model}, {reward}, held out")
-    return {"model": model, "reward_spec": reward, "rank": rank, "gradient_policy": policy.spec,
+    reward_curves({gradient: result.history}, out / "curve.png", title=f"{subject.name}, {reward}")
+    heldout_curves(result.history["eval"], out / "heldout.png", title=f"{subject.name}, {reward}, held out")
+    return {"model": subject.name, "reward_spec": reward, "rank": rank, "gradient_policy": policy.spec,
             "num_inference_steps": steps, "guidance_scale": sampler.guidance_scale, **result.history["settings"],
             "reward": result.history["reward"], "seconds_per_iteration": result.history["seconds"],
-            "heldout": result.history["eval"], "accuracy_judge": JUDGE,
-            "weights": "adapter.safetensors" if params == "lora" else "model"}
+            "heldout": result.history["eval"], "accuracy_judge": JUDGE if not subject.text else None,
+            "weights": weights, "trainable_dtype": str(next(iter(result.trainable.values())).dtype)}
 
 
 def demo_report(out: Path, *, n: int, seed: int, steps: int, digit: int, iterations: int) -> dict:
@@ -281,11 +313,14 @@ def demo_report(out: Path, *, n: int, seed: int, steps: int, digit: int, iterati
     schedules, and SDO steering unconditional samples to a digit; a short markdown report."""
     from PIL import Image
 
+    from .subjects import load_subject
+
     report, panels, pruned_panels = {"models": {}}, [], []
     for name in ("digits-unet", "digits-dit"):
-        m = sample_report(out, model=name, labels="0-9", n=n, seed=seed, steps=steps, guidance=None, tag=f"_{name}")
-        p = sample_report(out, model=name, labels="0-9", n=n, seed=seed, steps=steps, guidance=None,
-                          tag=f"_{name}_pruned", schedule="zoo")
+        subject = load_subject(name, labels="0-9")
+        m = sample_report(out, subject, n=n, seed=seed, steps=steps, guidance=None, tag=f"_{name}")
+        p = sample_report(out, subject, n=n, seed=seed, steps=steps, guidance=None, tag=f"_{name}_pruned",
+                          schedule="zoo")
         p["speedup"] = m["seconds"] / p["seconds"]
         report["models"][name], report["models"][f"{name} (schedule 0.8)"] = m, p
         panels.append(labelled(Image.open(out / m["grid"]), f"{name}: accuracy {m.get('accuracy', 0):.0%}, "
@@ -299,9 +334,9 @@ def demo_report(out: Path, *, n: int, seed: int, steps: int, digit: int, iterati
     report.update(picture="demo.png", picture_pruned="demo_pruned.png")
     # The DiT's unconditional samples are the cleaner start; the sphere prior keeps the noise on the
     # Gaussian shell, without which the steered samples drift into adversarial noise for the reward classifier.
-    report["sdo"] = optimize_report(out, model=SDO_DEMO_MODEL, reward=f"digit:{digit}", gradient="shortcut",
-                                    iterations=iterations, n=8, lr=0.05, steps=steps, seed=seed, noise_prior="sphere",
-                                    labels="null", tag="_sdo")
+    report["sdo"] = optimize_report(out, load_subject(SDO_DEMO_MODEL, labels="null"), reward=f"digit:{digit}",
+                                    gradient="shortcut", iterations=iterations, n=8, lr=0.05, steps=steps, seed=seed,
+                                    noise_prior="sphere", tag="_sdo")
     (out / "report.md").write_text(_demo_markdown(report, digit, iterations))
     return report
 

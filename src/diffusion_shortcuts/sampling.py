@@ -37,9 +37,17 @@ def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond,
                   ) -> torch.Tensor:
     """One call of a registered denoiser at scheduler timestep ``t``, as its model family calls it
     (:mod:`diffusion_shortcuts.families`); returns the output tensor shaped like ``x`` (plus any
-    learned-variance channels). ``guidance`` is the scale of families with embedded guidance (Flux)."""
+    learned-variance channels). ``guidance`` is the scale of families with embedded guidance (Flux).
+
+    A model in lower precision (bfloat16, float16) gets ``x`` and the floating conditioning in its dtype
+    and gives its output back in ``x``'s: latents and the scheduler arithmetic stay in ``x``'s precision.
+    """
     t_batch = t.reshape(-1).expand(x.shape[0]) if t.ndim <= 1 else t
-    return family_of(model).call(model, x, t_batch, cond, guidance)
+    dtype = getattr(unwrap(model), "dtype", x.dtype)
+    if dtype == x.dtype or not dtype.is_floating_point:
+        return family_of(model).call(model, x, t_batch, cond, guidance)
+    cond = C.tree_map(lambda leaf: leaf.to(dtype) if leaf.is_floating_point() else leaf, cond)
+    return family_of(model).call(model, x.to(dtype), t_batch, cond, guidance).to(x.dtype)
 
 
 def _scale_input(sched, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -354,12 +362,12 @@ def _vae_codec(vae):
     scale = vae.config.scaling_factor
     shift = vae.config.get("shift_factor", None) or 0.0
 
-    def decode(z):
-        return vae.decode(z / scale + shift).sample / 2 + 0.5
+    def decode(z):  # in the VAE's precision, back in the latents'
+        return vae.decode((z / scale + shift).to(vae.dtype)).sample.to(z.dtype) / 2 + 0.5
 
     def encode(images):
-        out = vae.encode(images * 2 - 1)
+        out = vae.encode((images * 2 - 1).to(vae.dtype))
         latents = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent  # DC-AE: deterministic
-        return (latents - shift) * scale
+        return ((latents - shift) * scale).to(images.dtype)
 
     return decode, encode

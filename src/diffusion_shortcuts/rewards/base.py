@@ -19,6 +19,7 @@ class SpecContext:
 
     sample_shape: tuple[int, int, int] | None = None   # (C, H, W) of the images the reward sees
     conditional: bool = True                            # the model takes class labels
+    device: str = "cpu"                                 # where a reward model should run
 
 
 SPECS: dict[str, tuple[Callable[[str | None, SpecContext], Any], str, str]] = {}
@@ -81,3 +82,16 @@ class Weighted:
         for reward, weight in self.weights.items():
             total = total + weight * check_reward_output(reward(images, cond), images.shape[0], reward_name(reward))
         return total
+
+
+class given_conditions:  # noqa: N801 (used like a function)
+    """``reward`` called with fixed ``conditions`` (the labels or prompts behind a batch) instead of the
+    conditioning the sampler was given: a loop over fixed samples hands the reward their embeddings, while
+    the reward wants the prompts (CLIP score of the prompt) or labels (the sample's own class)."""
+
+    def __init__(self, reward, conditions):
+        self.reward, self.conditions = reward, conditions
+        self.name = reward_name(reward)
+
+    def __call__(self, images: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return self.reward(images, self.conditions)

@@ -1,0 +1,155 @@
+"""Local diffusers pipeline folders as the command line's subjects: load, sample with prompts, save LoRA.
+
+``load_pipeline(folder, device, dtype)`` loads a text-to-image pipeline of any registered model family
+(:mod:`diffusion_shortcuts.families`) with ``local_files_only=True`` (nothing downloads), frozen, in the
+chosen precision; a folder that is not a pipeline, or one of a family the library does not know, is a
+``ValueError`` naming it. :func:`save_lora` writes a LoRA adapter in the format the pipeline's own
+``load_lora_weights`` reads, with its rank, alpha and target modules in the file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .families import UnknownModelError, family_of
+from .sampling import Sampler
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
+              "flow-euler": "FlowMatchEulerDiscreteScheduler"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA where there is one, else CPU), ``cpu`` or ``cuda``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def is_pipeline_folder(path: str | Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
+    """The pipeline's denoiser and its component name (``unet`` or ``transformer``)."""
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return name, getattr(pipe, name)
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+
+
+@dataclass
+class PipelineModel:
+    """A loaded pipeline with the sampling settings the user chose (steps are the verb's)."""
+
+    path: Path
+    pipe: object
+    device: torch.device
+    dtype: torch.dtype
+    negative_prompt: str | None = None
+    sample_size: tuple[int, int] | None = None   # (height, width) of the images, None: the model's default
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return denoiser_of(self.pipe)[1]
+
+    @property
+    def family(self):
+        return family_of(self.model)
+
+    @property
+    def text(self) -> bool:
+        return self.family.encode_prompt is not None and self.family.null_cond is None
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        channels, h, w = self.family.latent_shape(self.model)
+        if self.sample_size is None:
+            return channels, h, w
+        factor = getattr(self.pipe, "vae_scale_factor", 8)
+        height, width = self.sample_size
+        multiple = factor * self.family.spatial_multiple(self.model)
+        if height % multiple or width % multiple:
+            raise ValueError(f"--height/--width {height}x{width}: must be multiples of {multiple} for {self.family.name}")
+        return channels, height // factor, width // factor
+
+    def sampler(self, steps: int, guidance: float | None = None) -> Sampler:
+        return Sampler.from_pipeline(self.pipe, steps, guidance, negative_prompt=self.negative_prompt,
+                                     sample_shape=self.sample_shape)
+
+    def encode(self, prompts: list[str]):
+        return self.sampler(1, 1.0).encode_prompt(prompts)
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
+
+
+def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32", scheduler: str | None = None,
+                  negative_prompt: str | None = None, height: int | None = None,
+                  width: int | None = None) -> PipelineModel:
+    """A local pipeline folder, frozen, on ``device`` in ``dtype`` (see the module docstring)."""
+    import diffusers
+
+    path = Path(path)
+    if not is_pipeline_folder(path):
+        raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_device = resolve_device(device)
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and v in (None, [None, None])}
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=DTYPES[dtype],
+                                                           **absent)
+    except Exception as exc:  # diffusers raises many kinds for a damaged folder
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot load the pipeline in {path}: {first[:300]}") from None
+    try:
+        component, model = denoiser_of(pipe)
+        family_of(model)
+    except UnknownModelError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    pipe.to(torch_device)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    if scheduler is not None:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    size = None
+    if height is not None or width is not None:
+        default = getattr(pipe, "vae_scale_factor", 8) * family_of(model).latent_shape(model)[1]
+        size = (height or default, width or default)
+    return PipelineModel(path, pipe, torch_device, DTYPES[dtype], negative_prompt, size)
+
+
+def save_lora(pipe, folder: str | Path) -> Path:
+    """The denoiser's LoRA adapter as ``folder/pytorch_lora_weights.safetensors`` through the pipeline's own
+    ``save_lora_weights``, with the adapter's configuration (rank, alpha, target modules) in the file, so
+    that ``pipe.load_lora_weights(folder)`` restores the fine-tuned model without repeating them."""
+    from peft.utils import get_peft_model_state_dict
+
+    component, model = denoiser_of(pipe)
+    saver = getattr(type(pipe), "save_lora_weights", None)
+    params = inspect.signature(saver).parameters if saver is not None else {}
+    if f"{component}_lora_layers" not in params:
+        raise ValueError(f"{type(pipe).__name__} cannot save LoRA weights in its own format")
+    config = model.peft_config["default"]
+    metadata = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    saver(folder, **{f"{component}_lora_layers": get_peft_model_state_dict(model),
+                     f"{component}_lora_adapter_metadata": metadata})
+    return Path(folder) / "pytorch_lora_weights.safetensors"
