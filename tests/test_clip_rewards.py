@@ -1,7 +1,5 @@
 """CLIP rewards load a tiny random CLIP model from a local folder (no download) and are differentiable."""
 
-import json
-
 import pytest
 import torch
 
@@ -12,27 +10,9 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-clip")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in letters:
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
-    tokenizer.save_pretrained(path)
-    config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2),
-        projection_dim=8)
-    torch.manual_seed(0)
-    transformers.CLIPModel(config).save_pretrained(path)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
-    return path
+    from tiny_pipelines import clip_model_folder
+
+    return clip_model_folder(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def test_clip_score_loads_locally_and_is_differentiable(clip_folder):

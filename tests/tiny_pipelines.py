@@ -163,6 +163,33 @@ def sana_pipeline(seed: int = 0):
     return pipe, {"height": 2 * SIZE, "width": 2 * SIZE, "use_resolution_binning": False, "max_sequence_length": 12}
 
 
+def clip_model_folder(path) -> str:
+    """A tiny random CLIP model (text and vision towers) with a character-level CLIP tokenizer, saved to
+    ``path`` as a reward model folder."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2),
+        projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
+    return str(path)
+
+
 BUILDERS = {"sd-unet": sd_pipeline, "sdxl-unet": sdxl_pipeline, "pixart": pixart_pipeline, "sd3": sd3_pipeline,
             "flux": flux_pipeline, "sana": sana_pipeline}
 # other members of the same families: SD 2.x's v-prediction, PixArt-sigma, Flux-schnell (no guidance embedding)

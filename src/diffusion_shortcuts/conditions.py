@@ -122,5 +122,5 @@ def fingerprint(conditions: Cond) -> str:
     else:
         digest.update(repr(signature(conditions)).encode())
         for leaf in leaves(conditions):
-            digest.update(leaf.detach().to("cpu").contiguous().numpy().tobytes())
+            digest.update(leaf.detach().to("cpu").contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .families import UnknownModelError, family_of
+from .loading import quiet_loading
 from .sampling import Sampler
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
@@ -112,8 +113,9 @@ def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32"
     try:
         index = json.loads((path / "model_index.json").read_text())
         absent = {k: None for k, v in index.items() if not k.startswith("_") and v in (None, [None, None])}
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=DTYPES[dtype],
-                                                           **absent)
+        with quiet_loading():
+            pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=DTYPES[dtype],
+                                                               **absent)
     except Exception as exc:  # diffusers raises many kinds for a damaged folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"cannot load the pipeline in {path}: {first[:300]}") from None

@@ -1,8 +1,8 @@
 """Rewards: callables ``reward(images, cond) -> Tensor[B]``, images in [0, 1], higher is better."""
 
 from .base import SpecContext, Weighted, check_reward_output, from_spec, given_conditions, known_specs, register_spec
-from .clip import Aesthetic, ClipScore
+from .clip import Aesthetic, ClipScore, PickScore
 from .digits import DigitClass, Reference
 
 __all__ = ["Weighted", "check_reward_output", "from_spec", "known_specs", "register_spec", "SpecContext",
-           "DigitClass", "Reference", "ClipScore", "Aesthetic", "given_conditions"]
+           "DigitClass", "Reference", "ClipScore", "Aesthetic", "PickScore", "given_conditions"]

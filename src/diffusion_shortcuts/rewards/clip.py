@@ -1,10 +1,16 @@
 """Rewards that Stable Diffusion users optimize, on a CLIP model loaded from a LOCAL folder (never downloaded).
 
 - ``ClipScore(model_path, prompt)``: ``100 * cos(E_image(x), E_text(prompt))``, the CLIPScore of Hessel
-  et al. 2021 without its clipping at 0 (kept differentiable).
+  et al. 2021 without its clipping at 0 (kept differentiable); with ``prompt=None`` each image is scored
+  against its own prompt (the conditions the reward is given).
+- ``PickScore(model_path)``: a CLIP preference model (Kirstain et al. 2023): ``exp(logit_scale) *
+  cos(E_image(x), E_text(prompt))`` against each image's own prompt.
 - ``Aesthetic(clip_path, head_path)``: a linear or MLP head on the L2-normalised CLIP image embedding,
   as the LAION aesthetic predictor is built (a stack of Linear layers, no activations); the head is
   read from a safetensors or torch state-dict file whose Linear weights are taken in key order.
+
+Spec strings (``from_spec``): ``clip:DIR[:TEXT]``, ``aesthetic:DIR[:HEAD]`` (the head file defaults to
+``DIR/aesthetic_head.safetensors``), ``pickscore:DIR``.
 
 Images (B, C, H, W) in [0, 1] are resized (bicubic) and centre-cropped to the model's input size and
 normalised with the processor's mean and std, all differentiably. Needs ``transformers``
@@ -18,6 +24,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ..loading import quiet_loading
+from .base import SpecContext, register_spec
 
 
 def _transformers():
@@ -37,7 +46,9 @@ class _ClipImages:
         if not path.is_dir():
             raise ValueError(f"CLIP model folder {path} does not exist (rewards load local folders only)")
         try:
-            self.model = tf.CLIPModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False).to(device)
+            with quiet_loading():
+                self.model = tf.CLIPModel.from_pretrained(path, local_files_only=True)
+            self.model = self.model.eval().requires_grad_(False).to(device)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path} is not a loadable CLIP model folder: {exc}") from exc
         try:
@@ -66,26 +77,68 @@ class _ClipImages:
         return F.normalize(emb, dim=-1)
 
 
-class ClipScore:
-    """``100 * cos(CLIP image embedding, CLIP text embedding of prompt)`` per image."""
+class _ClipTexts:
+    """Normalised CLIP text embeddings of prompts, computed once per prompt."""
 
-    def __init__(self, model_path: str | Path, prompt: str, device: str | torch.device = "cpu"):
+    def __init__(self, clip: _ClipImages, device):
         tf = _transformers()
-        self.clip = _ClipImages(model_path, device)
         try:
-            tokenizer = tf.AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+            self.tokenizer = tf.AutoTokenizer.from_pretrained(clip.path, local_files_only=True)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{model_path} has no loadable tokenizer: {exc}") from exc
-        tokens = tokenizer([prompt], padding=True, return_tensors="pt").to(device)
-        with torch.no_grad():
-            text = self.clip.model.get_text_features(**tokens)
-        text = getattr(text, "pooler_output", text)
-        self.text = F.normalize(text, dim=-1)
+            raise ValueError(f"{clip.path} has no loadable tokenizer: {exc}") from exc
+        self.clip, self.device, self.cache = clip, device, {}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            tokens = self.tokenizer(missing, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            with torch.no_grad():
+                text = self.clip.model.get_text_features(**tokens)
+            text = F.normalize(getattr(text, "pooler_output", text), dim=-1)
+            self.cache.update(zip(missing, text))
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+def _prompts_of(cond, batch: int, fixed: str | None, name: str) -> list[str]:
+    if fixed is not None:
+        return [fixed] * batch
+    if isinstance(cond, (list, tuple)) and len(cond) == batch and all(isinstance(c, str) for c in cond):
+        return list(cond)
+    raise ValueError(f"{name} without a text scores each image against its prompt, but the conditions are "
+                     f"{type(cond).__name__}, not {batch} prompts")
+
+
+class ClipScore:
+    """``100 * cos(CLIP image embedding, CLIP text embedding)`` per image, against ``prompt`` or (None) each
+    image's own prompt."""
+
+    def __init__(self, model_path: str | Path, prompt: str | None = None, device: str | torch.device = "cpu"):
+        self.clip = _ClipImages(model_path, device)
+        self.texts = _ClipTexts(self.clip, device)
         self.prompt = prompt
-        self.name = f"clip:{prompt}"
+        self.name = f"clip:{prompt}" if prompt is not None else "clip:prompt"
+
+    @property
+    def text(self) -> torch.Tensor:
+        return self.texts([self.prompt])
 
     def __call__(self, images: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        return 100 * (self.clip.embed(images) * self.text.to(images.dtype)).sum(-1)
+        text = self.texts(_prompts_of(cond, len(images), self.prompt, self.name))
+        return 100 * (self.clip.embed(images) * text.to(images.dtype)).sum(-1)
+
+
+class PickScore:
+    """A CLIP preference model's score of each image for its own prompt: ``exp(logit_scale) * cos``."""
+
+    def __init__(self, model_path: str | Path, device: str | torch.device = "cpu"):
+        self.clip = _ClipImages(model_path, device)
+        self.texts = _ClipTexts(self.clip, device)
+        self.scale = float(self.clip.model.logit_scale.exp())
+        self.name = "pickscore"
+
+    def __call__(self, images: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        text = self.texts(_prompts_of(cond, len(images), None, self.name))
+        return self.scale * (self.clip.embed(images) * text.to(images.dtype)).sum(-1)
 
 
 def load_linear_head(path: str | Path) -> torch.nn.Sequential:
@@ -125,8 +178,8 @@ class Aesthetic:
     """A linear/MLP head on the normalised CLIP image embedding (LAION aesthetic predictor style)."""
 
     def __init__(self, clip_path: str | Path, head_path: str | Path, device: str | torch.device = "cpu"):
-        self.clip = _ClipImages(clip_path, device)
         self.head = load_linear_head(head_path).to(device)
+        self.clip = _ClipImages(clip_path, device)
         dim = self.clip.model.config.projection_dim
         if self.head[0].in_features != dim:
             raise ValueError(f"aesthetic head takes {self.head[0].in_features} features, the CLIP model gives {dim}")
@@ -134,3 +187,27 @@ class Aesthetic:
 
     def __call__(self, images: torch.Tensor, cond: Any = None) -> torch.Tensor:
         return self.head(self.clip.embed(images)).squeeze(-1)
+
+
+@register_spec("clip", arg="DIR[:TEXT]", help="CLIP score of TEXT (default: each image's prompt), CLIP in DIR")
+def _clip_spec(arg, context: SpecContext):
+    folder, _, text = (arg or "").partition(":")
+    if not folder:
+        raise ValueError("expected clip:DIR[:TEXT]")
+    return ClipScore(folder, text or None, context.device)
+
+
+@register_spec("aesthetic", arg="DIR[:HEAD]", help="a LAION-style aesthetic head on the CLIP model in DIR")
+def _aesthetic_spec(arg, context: SpecContext):
+    folder, _, head = (arg or "").partition(":")
+    if not folder:
+        raise ValueError("expected aesthetic:DIR[:HEAD]")
+    head_path = Path(head) if head else Path(folder) / "aesthetic_head.safetensors"
+    return Aesthetic(folder, head_path, context.device)
+
+
+@register_spec("pickscore", arg="DIR", help="a CLIP preference model (PickScore) in DIR, against each prompt")
+def _pickscore_spec(arg, context: SpecContext):
+    if not arg:
+        raise ValueError("expected pickscore:DIR")
+    return PickScore(arg, context.device)

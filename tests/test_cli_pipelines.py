@@ -1,0 +1,138 @@
+"""The three jobs on local text-to-image pipeline folders from the command line, as a user runs them: tiny
+Stable Diffusion and SDXL folders saved with save_pretrained, a tiny CLIP reward folder, prompts."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_pipelines import clip_model_folder, sd_pipeline, sdxl_pipeline
+
+import diffusion_shortcuts as ds
+from diffusion_shortcuts import cli
+from diffusion_shortcuts.checkpoints import load_checkpoint
+from diffusion_shortcuts.pipelines import load_pipeline
+
+PROMPTS = ["--prompt", "a red car", "--prompt", "a blue house"]
+SMALL = ["--steps", "3", "--height", "16", "--width", "16"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    sd_pipeline()[0].save_pretrained(root / "sd")
+    sdxl_pipeline()[0].save_pretrained(root / "sdxl")
+    (root / "clip").mkdir()
+    clip_model_folder(root / "clip")
+    return root
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def metrics_of(folder):
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_sample_and_steer_a_stable_diffusion_folder_with_prompts(folders, tmp_path, capsys):
+    code, err = run(["sample", "--model", folders / "sd", *PROMPTS, *SMALL, "--n", "4", "--out", tmp_path / "s"], capsys)
+    assert code == 0, err
+    assert metrics_of(tmp_path / "s")["prompts"] == ["a red car", "a blue house"]
+    assert (tmp_path / "s" / "grid.png").stat().st_size > 100
+
+    code, err = run(["optimize", "--model", folders / "sd", *PROMPTS, *SMALL, "--n", "2", "--iterations", "3",
+                     "--reward", f"clip:{folders / 'clip'}", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    metrics = metrics_of(tmp_path / "o")
+    assert metrics["conditions"] == ["a red car", "a blue house"] and metrics["gradient"] == "shortcut"
+    assert metrics["final_reward"] > metrics["reward"][0]  # the CLIP score of each sample's own prompt rose
+    assert metrics["peak_memory_mb"] > 0 and len(metrics["graph_mb"]) == 3
+    assert (tmp_path / "o" / "before_after.png").exists()
+
+
+def test_finetune_saves_a_lora_that_the_stock_pipeline_loads(folders, tmp_path, capsys):
+    out = tmp_path / "f"
+    code, err = run(["finetune", "--model", folders / "sd", *PROMPTS, *SMALL, "--iterations", "2", "--batch-size", "1",
+                     "--lr", "0.05", "--eval-every", "1", "--eval-samples", "2", "--reward", f"clip:{folders / 'clip'}",
+                     "--out", out], capsys)
+    assert code == 0, err
+    metrics = metrics_of(out)
+    assert metrics["weights"] == "lora/pytorch_lora_weights.safetensors" and len(metrics["heldout"]) == 3
+
+    trained = load_checkpoint(out / "finetune_checkpoint.pt")["params"]  # the weights the run ended with
+    tuned = load_pipeline(folders / "sd", "cpu")
+    ds.add_lora(tuned.model, rank=4)
+    with torch.no_grad():
+        for name, param in tuned.model.named_parameters():
+            if name in trained:
+                param.copy_(trained[name])
+    stock = load_pipeline(folders / "sd", "cpu")
+    base = stock.sampler(3).encode_prompt(["a red car"])
+    noise = stock.noise(1, torch.Generator().manual_seed(0))
+    before = stock.sampler(3)(noise, base)
+    stock.pipe.load_lora_weights(out / "lora")  # rank, alpha and targets come from the file
+    loaded = stock.sampler(3)(noise, base)
+    assert torch.allclose(loaded, tuned.sampler(3)(noise, base), atol=1e-6)
+    assert (loaded - before).abs().max() > 1e-4
+
+
+def test_prune_over_a_prompts_file_then_sample_with_the_schedule(folders, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red car\n# a comment\n\na blue house\na green tree\n")
+    out = tmp_path / "p"
+    code, err = run(["prune", "--model", folders / "sd", "--prompts", prompts, "--steps", "4", "--height", "16",
+                     "--iterations", "3", "--samples", "3", "--ratio", "0.5", "--gradient", "full", "--out", out],
+                    capsys)
+    assert code == 0, err
+    metrics = metrics_of(out)
+    schedule = ds.prune.CacheSchedule.load(out / "schedule.json")
+    assert schedule.num_steps == 4 and metrics["macs_ratio"] == pytest.approx(schedule.macs_ratio)
+    assert metrics["search_settings"]["sampler"]["num_inference_steps"] == 4 and "ssim" in metrics
+    code, err = run(["sample", "--model", folders / "sd", "--prompts", prompts, "--steps", "4", "--n", "3",
+                     "--schedule", out / "schedule.json", "--out", tmp_path / "s"], capsys)
+    assert code == 0, err
+    assert metrics_of(tmp_path / "s")["macs_ratio"] == pytest.approx(schedule.macs_ratio)
+    code, err = run(["sample", "--model", folders / "sd", "--prompts", prompts, "--steps", "5",
+                     "--schedule", out / "schedule.json", "--out", tmp_path / "s5"], capsys)
+    assert code == 2 and "schedule has 4 steps, the sampler 5" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bfloat16_on_cpu_keeps_what_is_trained_in_float32(folders, tmp_path, capsys):
+    code, err = run(["optimize", "--model", folders / "sdxl", *PROMPTS, *SMALL, "--dtype", "bfloat16", "--n", "2",
+                     "--iterations", "2", "--reward", f"clip:{folders / 'clip'}", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    latents = load_file(str(tmp_path / "o" / "latents.safetensors"))["latents"]
+    assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
+    code, err = run(["finetune", "--model", folders / "sdxl", *PROMPTS, *SMALL, "--dtype", "bfloat16",
+                     "--iterations", "2", "--batch-size", "1", "--eval-every", "2", "--eval-samples", "2",
+                     "--reward", f"clip:{folders / 'clip'}", "--out", tmp_path / "f"], capsys)
+    assert code == 0, err
+    assert metrics_of(tmp_path / "f")["trainable_dtype"] == "torch.float32"
+    saved = load_file(str(tmp_path / "f" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert saved and all(v.dtype == torch.float32 for v in saved.values())
+    pipe = load_pipeline(folders / "sdxl", "cpu", "bfloat16")
+    assert pipe.model.dtype == torch.bfloat16 and pipe.pipe.vae.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["sample", "--model", "{tmp}", "--prompt", "a cat"], "not a diffusers model"),
+    (["sample", "--model", "{broken}", "--prompt", "a cat"], "cannot load the pipeline in"),
+    (["sample", "--model", "{sd}"], "--prompt: sd is a text-to-image pipeline"),
+    (["sample", "--model", "digits-dit", "--prompt", "a cat"], "takes class labels (--labels), not prompts"),
+    (["sample", "--model", "{sd}", "--prompts", "{tmp}/missing.txt"], "--prompts"),
+    (["sample", "--model", "{sd}", "--prompt", "a cat", "--height", "18"], "must be multiples of 4"),
+    (["optimize", "--model", "{sd}", "--prompt", "a cat", "--reward", "clip:{tmp}/no-clip"], "does not exist"),
+    (["optimize", "--model", "{sd}", "--prompt", "a cat", "--reward", "aesthetic:{clip}"], "aesthetic head file"),
+])
+def test_bad_pipeline_input_is_one_line(folders, tmp_path, capsys, argv, needle):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                         "unet": ["diffusers", "UNet2DConditionModel"]}))
+    names = {"tmp": tmp_path, "broken": broken, "sd": folders / "sd", "clip": folders / "clip"}
+    code, err = run([a.format(**names) for a in argv] + ["--out", tmp_path / "o"], capsys)
+    assert code == 2, err
+    assert needle in err and len(err.strip().splitlines()) == 1
