@@ -125,7 +125,8 @@ def test_optimize_reference_reward_with_mask(tmp_path, capsys):
     assert code == 2 and "is 8x8 but the model makes 16x16 images" in err
 
 
-@pytest.mark.parametrize("reward,needle", [("digit:12", "0-9"), ("clip:cat", "unknown reward"),
+@pytest.mark.parametrize("reward,needle", [("digit:12", "0-9"), ("clip:cat", "CLIP model folder cat does not exist"),
+                                           ("bold:3", "unknown reward; known: clip:DIR[:TEXT]"),
                                            ("reference:/nonexistent.png", "cannot read image")])
 def test_optimize_bad_reward(tmp_path, capsys, reward, needle):
     code, _, err = run(["optimize", "--model", "digits-dit", "--reward", reward, "--out", str(tmp_path)], capsys)
@@ -177,7 +178,8 @@ def test_prune_bad_input(tmp_path, capsys, argv, needle):
 
 @pytest.mark.parametrize("argv,needle", [
     (["finetune", "--model", "digits-dit", "--reward", "label", "--eval-samples", "1"], "--eval-samples"),
-    (["finetune", "--model", "digits-dit", "--reward", "bold"], "known: label"),
+    (["finetune", "--model", "digits-dit", "--reward", "bold"], "unknown reward; known: clip:DIR[:TEXT], "
+                                                                "aesthetic:DIR[:HEAD], pickscore:DIR, label, digit:N"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--ema", "1.5"], "ema"),
 ])
 def test_finetune_bad_input(tmp_path, capsys, argv, needle):

@@ -9,7 +9,6 @@ and returns the figures that ``cli.main`` writes to ``out/metrics.json``. Bad in
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
