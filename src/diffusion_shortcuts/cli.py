@@ -75,9 +75,11 @@ FLAGS = {
     "device": dict(choices=["auto", "cpu", "cuda"], default="auto"),
     "dtype": dict(choices=["float32", "bfloat16", "float16"], default="float32",
                   help="precision of the denoiser, text encoders and VAE; trained tensors stay float32"),
+    "vae_checkpointing": dict(action="store_true", help="decode with VAE gradient checkpointing (less memory)"),
 }
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, scheduler=None, height=None, width=None,
              device=None, dtype=None)
+TRAIN = dict(vae_checkpointing=None)  # for the verbs that backpropagate through the decoder
 
 VERBS = {
     "demo": ("both shortcuts on the embedded zoo, with a report",
@@ -85,13 +87,13 @@ VERBS = {
     "sample": ("sample a model and judge the samples",
                dict(**MODEL, labels=None, n=64, seed=0, steps=50, guidance=None, schedule=None, out=None)),
     "optimize": ("optimize initial noise against a reward (SDO by default)",
-                 dict(**MODEL, reward=None, gradient=None, iterations=None, n=None, lr=None, steps=None, seed=None,
-                      guidance=None, noise_prior=None, labels="null", out=None)),
+                 dict(**MODEL, **TRAIN, reward=None, gradient=None, iterations=None, n=None, lr=None, steps=None,
+                      seed=None, guidance=None, noise_prior=None, labels="null", out=None)),
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, resume=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
-                 dict(**MODEL, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
+                 dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
                       iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,
                       base_weight=None, warmup=None, eval_every=None, eval_samples=None, checkpoint_every=None,
                       resume=None, out=None)),
@@ -157,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = prepare_out(args.out)
         metrics = run_verb(args.verb, flags, out)
-        write_metrics(out, metrics)
+        if metrics:  # empty on the other processes of an `accelerate launch` run: the main one writes
+            write_metrics(out, metrics)
     except UsageError as exc:
         print(f"diffusion-shortcuts {args.verb}: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))} or {"out": str(out)}))
+    if metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
     return 0
 
 

@@ -151,6 +151,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_memory_mb(device: torch.device | str = "cpu") -> float:
+    """The high-water mark of memory in MB: CUDA's allocator on a GPU, this process's resident memory on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
 def diversity(images: torch.Tensor, groups: torch.Tensor) -> float:
     """Mean pairwise root-mean-square pixel distance between images of the same group, averaged over the
     groups with at least two images: how different the samples of one condition are. It falls toward 0

@@ -99,9 +99,13 @@ class PipelineModel:
 
 
 def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32", scheduler: str | None = None,
-                  negative_prompt: str | None = None, height: int | None = None,
-                  width: int | None = None) -> PipelineModel:
-    """A local pipeline folder, frozen, on ``device`` in ``dtype`` (see the module docstring)."""
+                  negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
+                  vae_checkpointing: bool = False) -> PipelineModel:
+    """A local pipeline folder, frozen, on ``device`` in ``dtype`` (see the module docstring).
+
+    ``vae_checkpointing``: decode through the VAE with gradient checkpointing (diffusers' own), so that the
+    reward's gradient through a large decoder keeps the memory of one block; same gradient, more time.
+    """
     import diffusers
 
     path = Path(path)
@@ -114,7 +118,7 @@ def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32"
         index = json.loads((path / "model_index.json").read_text())
         absent = {k: None for k, v in index.items() if not k.startswith("_") and v in (None, [None, None])}
         with quiet_loading():
-            pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=DTYPES[dtype],
+            pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype],
                                                                **absent)
     except Exception as exc:  # diffusers raises many kinds for a damaged folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -128,6 +132,11 @@ def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32"
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
+    if vae_checkpointing:
+        vae = getattr(pipe, "vae", None)
+        if vae is None or not getattr(vae, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"--vae-checkpointing: the VAE of {path} ({type(vae).__name__}) does not support it")
+        vae.enable_gradient_checkpointing()
     if scheduler is not None:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")

@@ -15,7 +15,7 @@ import torch
 
 from . import gradients, rewards, zoo
 from .images import grid, labelled, save_grid, side_by_side
-from .metrics import Timer, accuracy
+from .metrics import Timer, accuracy, peak_memory_mb
 from .subjects import JUDGE
 
 SDO_DEMO_MODEL = "digits-dit"
@@ -57,7 +57,8 @@ def subject_from(flags: dict):
     """Pop the model flags (--model, --labels, --prompt, ...) off ``flags`` and load what they name."""
     from .subjects import load_subject
 
-    names = ("labels", "prompt", "prompts", "negative_prompt", "scheduler", "height", "width", "device", "dtype")
+    names = ("labels", "prompt", "prompts", "negative_prompt", "scheduler", "height", "width", "device", "dtype",
+             "vae_checkpointing")
     options = {k: flags.pop(k) for k in names if k in flags}
     options = {k: v for k, v in options.items() if v is not None}
     try:
@@ -94,6 +95,13 @@ def load_schedule(path: str, subject, steps: int):
     except (ScheduleError, ValueError, FileNotFoundError) as exc:
         raise UsageError(f"--schedule: {exc}") from None
     return schedule
+
+
+def is_main_process() -> bool:
+    """False on the other processes of an ``accelerate launch`` run (they train, the main one writes)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def judged_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -227,7 +235,7 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
                "conditions": subject.captions(conditions), "reward": history["reward"],
                "seconds_per_iteration": history["seconds"],
                "mean_seconds_per_iteration": sum(history["seconds"]) / max(1, len(history["seconds"])),
-               "peak_memory_mb": max(history["peak_rss_mb"], default=None), "graph_mb": history["graph_mb"],
+               "peak_memory_mb": peak_memory_mb(subject.device), "graph_mb": history["graph_mb"],
                "final_reward": history.get("final_reward"), "shell_drift": history.get("final_shell_drift"),
                "latents": f"latents{tag}.safetensors", "error": error}
     after = result.images.clamp(0, 1) if result.images is not None else before
@@ -291,6 +299,8 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
                           checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume)
     except (FinetuneError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'finetune_checkpoint.pt'})") from None
+    if not is_main_process():  # under `accelerate launch` every process holds the same weights: one writes
+        return {}
     if params == "lora":
         weights = subject.save_adapter(out)
     else:
@@ -304,7 +314,8 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
             "num_inference_steps": steps, "guidance_scale": sampler.guidance_scale, **result.history["settings"],
             "reward": result.history["reward"], "seconds_per_iteration": result.history["seconds"],
             "heldout": result.history["eval"], "accuracy_judge": JUDGE if not subject.text else None,
-            "weights": weights, "trainable_dtype": str(next(iter(result.trainable.values())).dtype)}
+            "weights": weights, "trainable_dtype": str(next(iter(result.trainable.values())).dtype),
+            "peak_memory_mb": peak_memory_mb(subject.device)}
 
 
 def demo_report(out: Path, *, n: int, seed: int, steps: int, digit: int, iterations: int) -> dict:

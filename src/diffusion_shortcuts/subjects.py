@@ -145,11 +145,11 @@ def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str
 
 
 def load_subject(model: str, *, labels: str = "0-9", prompt=None, prompts=None, negative_prompt=None,
-                 scheduler=None, height=None, width=None, device="auto", dtype="float32"):
+                 scheduler=None, height=None, width=None, device="auto", dtype="float32", vae_checkpointing=False):
     """A zoo name or a folder: a pipeline folder of a text family becomes a :class:`PipelineSubject`."""
     texts = read_prompts(prompt, prompts)
     if is_pipeline_folder(model):
-        pipeline = load_pipeline(model, device, dtype, scheduler, negative_prompt, height, width)
+        pipeline = load_pipeline(model, device, dtype, scheduler, negative_prompt, height, width, vae_checkpointing)
         if pipeline.text:
             return PipelineSubject(pipeline, texts)
     try:
