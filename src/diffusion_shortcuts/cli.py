@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -25,6 +26,24 @@ from pathlib import Path
 from .reports import UsageError
 
 METRICS_VERSION = 1
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, open_low: bool = False,
+           open_high: bool = False):
+    """An argparse type: a finite int or float within bounds, else one line naming the allowed range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value < low or (open_low and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if open_low else '>='} {low}, got {text}")
+        if high is not None and (value > high or (open_high and value == high)):
+            raise argparse.ArgumentTypeError(f"must be {'<' if open_high else '<='} {high}, got {text}")
+        return value
+    return parse
 
 
 def _gradient_help() -> str:
@@ -41,37 +60,39 @@ def _reward_help() -> str:
 FLAGS = {
     "model": dict(default="digits-unet", help="a zoo name or a local diffusers pipeline folder"),
     "out": dict(required=True, help="output folder (metrics.json, pictures, checkpoints)"),
-    "seed": dict(type=int, default=0),
-    "steps": dict(type=int, default=50, help="denoising steps"),
-    "n": dict(type=int, default=8, help="number of samples"),
+    "seed": dict(type=number(int, 0), default=0),
+    "steps": dict(type=number(int, 1, 1000), default=50, help="denoising steps"),
+    "n": dict(type=number(int, 1, 100_000), default=8, help="number of samples"),
     "labels": dict(default="0-9", help="labels like 0-9, 3 or 1,4,7"),
-    "guidance": dict(type=float, default=None, help="guidance scale (default: the model's)"),
-    "iterations": dict(type=int, default=100),
-    "lr": dict(type=float, default=0.05, help="learning rate"),
+    "guidance": dict(type=number(float, 0), default=None, help="guidance scale (default: the model's)"),
+    "iterations": dict(type=number(int, 1, 1_000_000), default=100),
+    "lr": dict(type=number(float, 0, open_low=True), default=0.05, help="learning rate"),
     "gradient": dict(default="shortcut", help=_gradient_help),
     "reward": dict(required=True, help=_reward_help),
     "resume": dict(action="store_true", help="continue a run killed in the same --out"),
-    "batch_size": dict(type=int, default=4),
-    "checkpoint_every": dict(type=int, default=10, help="iterations between checkpoints"),
+    "batch_size": dict(type=number(int, 1, 4096), default=4),
+    "checkpoint_every": dict(type=number(int, 1), default=10, help="iterations between checkpoints"),
     "schedule": dict(default=None, help="a cache schedule JSON (from `prune`), or `zoo` for the model's shipped one"),
     "noise_prior": dict(choices=["chi2", "sphere"], default=None, help="keep optimized noise on the Gaussian shell"),
-    "ratio": dict(type=float, default=0.8, help="fraction of the MACs to prune"),
-    "samples": dict(type=int, default=1000, help="samples for the quality comparison"),
+    "ratio": dict(type=number(float, 0, 1, open_low=True, open_high=True), default=0.8,
+                  help="fraction of the MACs to prune"),
+    "samples": dict(type=number(int, 1, 100_000), default=1000, help="samples for the quality comparison"),
     "params": dict(choices=["lora", "all"], default="lora"),
-    "rank": dict(type=int, default=4, help="LoRA rank"),
-    "ema": dict(type=float, default=None, help="EMA decay of the trained weights, e.g. 0.99"),
-    "base_weight": dict(type=float, default=0.0, help="weight on the distance to the base model's samples"),
-    "warmup": dict(type=int, default=0, help="iterations of learning-rate warm-up"),
-    "eval_every": dict(type=int, default=10, help="held-out evaluation every K iterations"),
-    "eval_samples": dict(type=int, default=5, help="held-out samples per class (diversity needs 2)"),
-    "digit": dict(type=int, default=3, help="the digit the SDO part steers toward"),
+    "rank": dict(type=number(int, 1, 1024), default=4, help="LoRA rank"),
+    "ema": dict(type=number(float, 0, 1, open_low=True, open_high=True), default=None,
+                help="EMA decay of the trained weights, e.g. 0.99"),
+    "base_weight": dict(type=number(float, 0), default=0.0, help="weight on the distance to the base model's samples"),
+    "warmup": dict(type=number(int, 0), default=0, help="iterations of learning-rate warm-up"),
+    "eval_every": dict(type=number(int, 1), default=10, help="held-out evaluation every K iterations"),
+    "eval_samples": dict(type=number(int, 2, 1000), default=5, help="held-out samples per class (diversity needs 2)"),
+    "digit": dict(type=number(int, 0, 9), default=3, help="the digit the SDO part steers toward"),
     "prompt": dict(action="append", default=None, help="a prompt (repeatable), for a text-to-image pipeline folder"),
     "prompts": dict(default=None, help="a file of prompts, one a line"),
     "negative_prompt": dict(default=None, help="the negative prompt of classifier-free guidance"),
     "scheduler": dict(choices=["ddim", "dpm++", "euler", "flow-euler"], default=None,
                       help="a diffusers scheduler made from the pipeline's scheduler config (default: the pipeline's)"),
-    "height": dict(type=int, default=None, help="image height in pixels (pipelines; default: the model's)"),
-    "width": dict(type=int, default=None, help="image width in pixels (pipelines; default: the model's)"),
+    "height": dict(type=number(int, 8, 8192), default=None, help="image height in pixels (default: the model's)"),
+    "width": dict(type=number(int, 8, 8192), default=None, help="image width in pixels (default: the model's)"),
     "device": dict(choices=["auto", "cpu", "cuda"], default="auto"),
     "dtype": dict(choices=["float32", "bfloat16", "float16"], default="float32",
                   help="precision of the denoiser, text encoders and VAE; trained tensors stay float32"),
@@ -112,26 +133,20 @@ def add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
         parser.add_argument("--" + name.replace("_", "-"), **spec)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffusion-shortcuts", description=__doc__.split("\n")[0])
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    parser = _Parser(prog="diffusion-shortcuts", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
     for verb, (help_text, flags) in VERBS.items():
         add_flags(verbs.add_parser(verb, help=help_text), flags)
     return parser
-
-
-def prepare_out(path: str) -> Path:
-    if not str(path).strip():
-        raise UsageError("--out: an empty path; name an output folder")
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"--out {out}: output folder is not writable ({exc.strerror or exc})") from None
-    return out
 
 
 def write_metrics(out: Path, metrics: dict) -> Path:
@@ -152,18 +167,40 @@ def run_verb(verb: str, flags: dict, out: Path) -> dict:
     return getattr(reports, f"{verb}_report")(out, subject, **flags)
 
 
+def _fail(verb: str, message: str, code: int) -> int:
+    print(f"diffusion-shortcuts {verb}: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a verb; bad input is one line and status 2, an interruption one line and 130, anything else one
+    line and 1 (``--debug`` shows its traceback)."""
+    from .outdir import OutputFolder
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("verb", "out")}
     try:
-        out = prepare_out(args.out)
-        metrics = run_verb(args.verb, flags, out)
-        if metrics:  # empty on the other processes of an `accelerate launch` run: the main one writes
-            write_metrics(out, metrics)
-    except UsageError as exc:
-        print(f"diffusion-shortcuts {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad flag (2, its one line already printed)
+        return int(exc.code or 0)
+    flags = {k: v for k, v in vars(args).items() if k not in ("verb", "out", "debug")}
+    try:
+        with OutputFolder(args.out) as out:
+            metrics = run_verb(args.verb, flags, out)
+            if metrics:  # empty on the other processes of an `accelerate launch` run: the main one writes
+                write_metrics(out, metrics)
+    except (ValueError, TypeError) as exc:  # bad input: UsageError, ScheduleError, CheckpointError, ...
+        if args.debug and not isinstance(exc, UsageError):
+            raise
+        return _fail(args.verb, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2)
+    except KeyboardInterrupt:
+        resume = " with --resume" if "resume" in flags else ""
+        return _fail(args.verb, f"interrupted; what was saved is in {args.out} (run the same command{resume} to "
+                                "continue)", 130)
+    except (OSError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        return _fail(args.verb, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                                f"(--debug shows the traceback; what was saved is in {args.out})", 1)
     if metrics:
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
     return 0

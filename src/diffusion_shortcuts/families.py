@@ -103,6 +103,7 @@ class Family:
                                                      #   -> (cond, uncond): through pipe.encode_prompt
     null_cond: Callable[[Any], Any] | None = None    # the unconditional input of class-conditional models
     set_timesteps: Callable | None = None            # (scheduler, n, device, latent_shape, model) -> None
+    check_cond: Callable | None = None               # (model, cond) -> None, a ValueError naming what is wrong
     matches: Callable[[Any], bool] = field(default=lambda model: True)
 
     def timestep_of(self, model_timestep, model) -> float:
@@ -353,6 +354,27 @@ def _dit_null(model) -> torch.Tensor:
     return torch.tensor([unwrap(model).config.num_embeds_ada_norm], device=unwrap(model).device)
 
 
+# ---- conditioning checks (a clear error before the model's own IndexError or shape mismatch) -----------
+
+def _check_unet_cond(model, cond) -> None:
+    if cond is None:
+        raise ValueError(f"cond: {type(model).__name__} needs conditioning (prompt embeddings), got None")
+    states = cond.get("encoder_hidden_states") if isinstance(cond, dict) else cond
+    width = model.config.cross_attention_dim
+    if isinstance(states, torch.Tensor) and model.config.get("encoder_hid_dim") is None and isinstance(width, int) \
+            and states.shape[-1] != width:
+        raise ValueError(f"cond: embeddings of width {states.shape[-1]}, but the model's cross-attention takes {width}")
+
+
+def _check_dit_cond(model, cond) -> None:
+    if not isinstance(cond, torch.Tensor) or cond.is_floating_point():
+        raise ValueError(f"cond: DiT takes integer class labels, got {type(cond).__name__ if cond is not None else None}")
+    highest = model.config.num_embeds_ada_norm  # the null class
+    bad = cond[(cond < 0) | (cond > highest)]
+    if len(bad):
+        raise ValueError(f"cond: class labels {bad.tolist()[:5]} out of range 0-{highest} ({highest}: no class)")
+
+
 # ---- the registered families --------------------------------------------------------------------------
 
 FAMILIES.register(UNet2DModel, Family(
@@ -361,17 +383,17 @@ FAMILIES.register(UNet2DModel, Family(
 
 FAMILIES.register(UNet2DConditionModel, Family(
     name="sd-unet", call=_call_cond_unet, blocks=_unet_blocks, latent_shape=_config_shape,
-    spatial_multiple=_unet_multiple, default_guidance=7.5, encode_prompt=_encode_sd))
+    spatial_multiple=_unet_multiple, default_guidance=7.5, encode_prompt=_encode_sd, check_cond=_check_unet_cond))
 
 FAMILIES.register(UNet2DConditionModel, Family(
     name="sdxl-unet", call=_call_cond_unet, blocks=_unet_blocks, latent_shape=_config_shape,
-    spatial_multiple=_unet_multiple, default_guidance=5.0, encode_prompt=_encode_sdxl,
+    spatial_multiple=_unet_multiple, default_guidance=5.0, encode_prompt=_encode_sdxl, check_cond=_check_unet_cond,
     matches=lambda model: unwrap(model).config.get("addition_embed_type") == "text_time"))
 
 FAMILIES.register(DiTTransformer2DModel, Family(
     name="dit", call=_call_dit, blocks=_listed_blocks("transformer_blocks"), latent_shape=_config_shape,
     spatial_multiple=_patch_multiple, reuse=RESIDUAL, learned_sigma=True, default_guidance=4.0,
-    encode_prompt=_encode_dit, null_cond=_dit_null))
+    encode_prompt=_encode_dit, null_cond=_dit_null, check_cond=_check_dit_cond))
 
 FAMILIES.register(PixArtTransformer2DModel, Family(
     name="pixart", call=_call_pixart, blocks=_listed_blocks("transformer_blocks"), latent_shape=_config_shape,

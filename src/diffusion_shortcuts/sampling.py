@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import warnings
 from typing import Callable
 
@@ -86,6 +87,12 @@ class Sampler:
                  pipeline=None, prompt_options: dict | None = None):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+        trained = scheduler.config.get("num_train_timesteps", None)
+        if trained is not None and num_inference_steps > trained:
+            raise ValueError(f"num_inference_steps={num_inference_steps} is more than the scheduler's {trained} "
+                             "training timesteps")
+        if not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         self.family = family_of(model)
         if guidance_scale != 1.0 and uncond is None and self.family.guidance == CFG:
             raise ValueError(f"guidance_scale={guidance_scale} needs uncond (the unconditional conditioning)")
@@ -158,9 +165,12 @@ class Sampler:
 
     # ---- checks ---------------------------------------------------------------------------------
     def _check_inputs(self, latents: torch.Tensor, cond: Cond, start_step: int, policy) -> None:
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] < 1:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"latents must be a (B, C, H, W) tensor, got {shape}")
+            raise ValueError(f"latents must be a (B, C, H, W) tensor with B >= 1, got {shape}")
+        if not latents.is_floating_point() or not torch.isfinite(latents.detach()).all():
+            raise ValueError(f"latents must be finite floating-point values, got {latents.dtype} with "
+                             f"{int((~torch.isfinite(latents.detach().float())).sum())} non-finite entries")
         channels = self.sample_shape[0] if self.sample_shape is not None else None
         if channels is not None and latents.shape[1] != channels:
             raise ValueError(f"latents have {latents.shape[1]} channels but the model takes {channels}: "
@@ -170,6 +180,8 @@ class Sampler:
             raise ValueError(f"latents spatial size {tuple(latents.shape[2:])} must be a multiple of {multiple} "
                              f"for {type(unwrap(self.model)).__name__}")
         C.check_fits(cond, latents.shape[0])
+        if self.family.check_cond is not None:
+            self.family.check_cond(unwrap(self.model), cond)
         if not isinstance(start_step, int) or not 0 <= start_step < self.num_inference_steps:
             raise ValueError(f"start_step must be an int in [0, {self.num_inference_steps - 1}], got {start_step!r}")
         if policy is not None and not self._warned_clip and self.scheduler.config.get("clip_sample", False):

@@ -192,6 +192,8 @@ class CacheSchedule:
     @classmethod
     def load(cls, path: str | Path) -> "CacheSchedule":
         path = Path(path)
+        if path.is_dir():
+            raise ScheduleError(f"{path}: a folder, not a schedule file (its schedule.json?)")
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -206,6 +208,9 @@ class CacheSchedule:
         keys = ("reuse", "timesteps", "blocks", "kinds", "block_macs", "total_macs", "model_id")
         if missing := [k for k in keys if k not in data]:
             raise ScheduleError(f"{path}: schedule lacks {missing}")
+        flat = torch.tensor(data["reuse"]).flatten().tolist() if data["reuse"] else []
+        if bad := [v for v in flat if v not in (0, 1, True, False)]:
+            raise ScheduleError(f"{path}: reuse entries must be 0/1 (false/true), found {bad[:3]}")
         try:
             return cls(torch.tensor(data["reuse"], dtype=torch.bool).reshape(len(data["timesteps"]), -1)
                        if data["timesteps"] else torch.zeros(0, len(data["blocks"]), dtype=torch.bool),

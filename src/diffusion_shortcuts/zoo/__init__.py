@@ -119,7 +119,8 @@ class ZooModel:
         uncond = self.null_cond() if guidance != 1.0 else None
         if uncond is not None:
             uncond = uncond.detach()
-        return Sampler(self.model, scheduler or self.scheduler, num_inference_steps or self.num_inference_steps,
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        return Sampler(self.model, scheduler or self.scheduler, steps,
                        guidance, decode=self.decode, encode=self.encode_images, uncond=uncond, **kwargs)
 
 

@@ -1,0 +1,70 @@
+"""The command line's output folder: made when a run starts, held by one run at a time, removed again when a
+run fails before writing anything into it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+LOCK = ".diffusion-shortcuts.lock"
+
+
+class OutputFolderError(ValueError):
+    """An output folder that cannot be used: empty path, not writable, or held by another run."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputFolder:
+    """``with OutputFolder(path) as out:`` makes ``path`` (if needed), takes its lock file, and on exit drops the
+    lock; a folder this run made and left empty (bad input found after it was made) is removed."""
+
+    def __init__(self, path: str):
+        if not str(path).strip():
+            raise OutputFolderError("--out: an empty path; name an output folder")
+        self.path = Path(path)
+        self.created = False
+        self.lock = self.path / LOCK
+
+    def __enter__(self) -> Path:
+        if os.environ.get("RANK", "0") != "0":  # a helper process of `accelerate launch`: the main one holds it
+            self.path.mkdir(parents=True, exist_ok=True)
+            return self.path
+        self.created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = self._holder()
+            if holder is not None and holder != os.getpid() and _alive(holder):
+                raise OutputFolderError(f"--out {self.path}: another run (process {holder}) is using this folder; "
+                                        "wait for it or choose another --out") from None
+            self.lock.unlink(missing_ok=True)  # a stale lock from a run that was killed
+            return self.__enter__()
+        except OSError as exc:
+            raise OutputFolderError(f"--out {self.path}: output folder is not writable "
+                                    f"({exc.strerror or exc})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return self.path
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.lock.read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self._holder() == os.getpid():
+            self.lock.unlink(missing_ok=True)
+        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
+            shutil.rmtree(self.path, ignore_errors=True)
