@@ -112,7 +112,7 @@ VERBS = {
                       seed=None, guidance=None, noise_prior=None, labels="null", out=None)),
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
-                   steps=None, guidance=None, samples=None, seed=None, resume=None, out=None)),
+                   steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, resume=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
                       iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,

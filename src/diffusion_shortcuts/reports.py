@@ -35,6 +35,9 @@ def parse_labels(text: str, num_classes: int) -> list[int]:
             part = part.strip()
             if "-" in part:
                 lo, hi = (int(p) for p in part.split("-", 1))
+                if hi - lo >= 10_000:
+                    raise UsageError(f"--labels {text!r}: a range of {hi - lo + 1} labels; the model takes "
+                                     f"0-{num_classes - 1}")
                 labels.extend(range(lo, hi + 1))
             else:
                 labels.append(int(part))
@@ -104,6 +107,19 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+def check_resume(resume: bool, out: Path, checkpoint: str) -> None:
+    """``--resume`` with nothing to resume is an error: starting afresh is done by leaving it out."""
+    if resume and not (out / checkpoint).exists():
+        raise UsageError(f"--resume: no checkpoint {out / checkpoint} to resume; leave --resume out to start afresh")
+
+
+def check_finite(images: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(images).all():
+        raise UsageError(f"{what}: the model produced non-finite values (NaN or inf); check --guidance and the "
+                         "model's weights")
+    return images
+
+
 def judged_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
     """The fraction of images the evaluation classifier (never a reward) assigns to ``labels``."""
     return accuracy(zoo.load(JUDGE), images, labels)
@@ -145,6 +161,7 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
     with Timer() as timer:
         images = generate(sampler, subject.encode, conditions, noise, batch_size=min(n, 100), schedule=cache,
                           progress=progress, desc=f"sampling {subject.name}")
+    check_finite(images, "sample")
     metrics = {"model": subject.name, "n": n, "seed": seed, "num_inference_steps": steps,
                "guidance_scale": sampler.guidance_scale, "scheduler": type(sampler.scheduler).__name__,
                "seconds": timer.seconds, "schedule": schedule, "macs_ratio": cache.macs_ratio if cache else 1.0,
@@ -160,7 +177,8 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
 
 
 def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_size: int, lr: float, gradient: str,
-                 steps: int, samples: int, seed: int, resume: bool, guidance: float | None = None) -> dict:
+                 steps: int, samples: int, seed: int, resume: bool, checkpoint_every: int = 25,
+                 guidance: float | None = None) -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model."""
     from .plots import schedule_heatmap
     from .prune import SearchError, train_pruner
@@ -171,12 +189,13 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     if iterations < 1 or samples < 1:
         raise UsageError("--iterations and --samples must be at least 1")
     policy = parse_gradient(gradient)
+    check_resume(resume, out, "search_checkpoint.pt")
     sampler = subject.sampler(steps, guidance)
     distinct = subject.distinct_conditions()
     try:
         result = train_pruner(sampler, subject.encode(distinct) if distinct is not None else None, ratio,
                               iterations=iterations, batch_size=batch_size, lr=lr, gradient=policy, seed=seed,
-                              checkpoint_dir=out, resume=resume)
+                              checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume)
     except (SearchError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
     schedule = result.schedule(ratio)
@@ -281,6 +300,7 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
     if min(iterations, batch_size, rank, eval_every, checkpoint_every) < 1 or eval_samples < 2:
         raise UsageError("--iterations, --batch-size, --rank, --eval-every and --checkpoint-every must be at least 1, "
                          "--eval-samples at least 2")
+    check_resume(resume, out, "finetune_checkpoint.pt")
     sampler = subject.sampler(steps, guidance)
     heldout, (show_noise, show_conditions) = _heldout_set(subject, eval_samples, eval_every, seed)
     encode = subject.encode if subject.conditional else None
@@ -325,6 +345,8 @@ def demo_report(out: Path, *, n: int, seed: int, steps: int, digit: int, iterati
 
     from .subjects import load_subject
 
+    if steps != 50:  # checked before any file is written
+        raise UsageError(f"--steps {steps}: the demo compares with the zoo's shipped schedules, made for 50 steps")
     report, panels, pruned_panels = {"models": {}}, [], []
     for name in ("digits-unet", "digits-dit"):
         subject = load_subject(name, labels="0-9")

@@ -319,6 +319,9 @@ class _Run:
                     base_images = self.sampler(noise, model_cond, generator=torch.Generator().manual_seed(step_seed))
             images = self.sampler(noise, model_cond, gradient=self.policy, generator=gen)
             rewards = check_reward_output(self.reward(images, cond), len(images), "reward")
+            if not rewards.requires_grad:
+                raise ValueError(f"reward {reward_name(self.reward)} does not depend on the images (its value carries "
+                                 "no gradient): it cannot train the model")
             loss = -rewards.mean()
             if self.base is not None:
                 loss = loss + cfg.base_weight * (images - base_images).square().mean()

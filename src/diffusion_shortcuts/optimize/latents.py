@@ -232,6 +232,9 @@ class _LatentRun:
             values = check_reward_output(self.reward(images, self.c), x.shape[0], reward_name(self.reward))
         if not torch.isfinite(values).all():
             raise OptimizationError(f"non-finite reward at iteration {it}: {values.detach().tolist()}", result)
+        if not values.requires_grad:
+            raise ValueError(f"reward {reward_name(self.reward)} does not depend on the images (its value carries no "
+                             "gradient): it cannot steer them")
         loss = -values.sum()
         if cfg.noise_prior == "chi2":
             loss = loss + cfg.prior_weight * chi2_prior(x).sum()

@@ -161,7 +161,18 @@ def _resolve(name_or_path: str | Path) -> Path:
 
 
 def load(name_or_path: str | Path, device: str | torch.device = "cpu"):
-    """Load a zoo model by name, or a local folder (a zoo folder or a diffusers pipeline folder)."""
+    """Load a zoo model by name, or a local folder (a zoo folder or a diffusers pipeline folder). A damaged
+    folder (missing, truncated or corrupt weights, a broken ``zoo.json``) is a ValueError naming the file."""
+    try:
+        return _load(name_or_path, device)
+    except (OSError, json.JSONDecodeError, KeyError, EnvironmentError) as exc:
+        if isinstance(exc, FileNotFoundError) and str(name_or_path) in NAMES:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{name_or_path}: a damaged model folder ({type(exc).__name__}: {first[:300]})") from None
+
+
+def _load(name_or_path: str | Path, device):
     path = _resolve(name_or_path)
     if (path / "zoo.json").exists():
         return _load_generator(path, device)
@@ -176,7 +187,10 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu"):
 def _load_generator(path: Path, device) -> ZooModel:
     from diffusers import DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel
 
-    meta = json.loads((path / "zoo.json").read_text())
+    try:
+        meta = json.loads((path / "zoo.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path / 'zoo.json'}: not valid JSON ({exc})") from None
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
     encoder = None
     if meta["kind"] == "unet":
