@@ -41,6 +41,8 @@ def parse_labels(text: str, num_classes: int) -> list[int]:
                 labels.extend(range(lo, hi + 1))
             else:
                 labels.append(int(part))
+    except UsageError:
+        raise
     except ValueError:
         raise UsageError(f"--labels {text!r}: expected digits like 0-9, 3 or 1,4,7") from None
     bad = [v for v in labels if not 0 <= v < num_classes]
