@@ -27,9 +27,24 @@ def setup():
 def test_reward_improves(setup, policy):
     sampler, noise, cond, target = setup
     reward = ds.rewards.Reference(target)
-    res = ds.optimize_latents(sampler, reward, noise, cond, iterations=25, lr=0.05, gradient=policy, progress=False)
+    # no noise prior: matching a reference pixel by pixel wants latents off the Gaussian shell
+    res = ds.optimize_latents(sampler, reward, noise, cond, iterations=25, lr=0.05, gradient=policy, noise_prior=None,
+                              progress=False)
     assert res.history["final_reward"] > res.reward[0] + 0.5 * abs(res.reward[0])
     assert len(res.history["seconds"]) == 25 and not torch.equal(res.latents, noise)
+
+
+def test_the_default_prior_keeps_initial_noise_on_the_shell_and_leaves_intermediate_latents_free(setup):
+    sampler, noise, cond, target = setup
+    reward = ds.rewards.Reference(target)
+    on_shell = ds.optimize_latents(sampler, reward, noise, cond, iterations=5, lr=0.2, progress=False)
+    free = ds.optimize_latents(sampler, reward, noise, cond, iterations=5, lr=0.2, noise_prior=None, progress=False)
+    assert on_shell.settings["noise_prior"] == "auto"
+    assert on_shell.history["final_shell_drift"] < 1e-5 < free.history["final_shell_drift"]
+    middle = ds.optimize_latents(sampler, reward, noise, cond, iterations=2, lr=0.2, start_step=3, progress=False)
+    explicit = ds.optimize_latents(sampler, reward, noise, cond, iterations=2, lr=0.2, start_step=3, noise_prior=None,
+                                   progress=False)
+    assert torch.equal(middle.latents, explicit.latents)  # no projection of an intermediate latent
 
 
 def test_optimize_cond_changes_only_what_it_should(setup):

@@ -368,3 +368,60 @@ def test_sdo_through_a_pruned_model_checkpointing_recomputes_the_same_caches():
     x = noise.clone().requires_grad_(True)
     sampler(x, cond, gradient="full").square().sum().backward()  # unpruned: a different gradient
     assert not torch.allclose(x.grad, grads["full"])
+
+
+# ---- whole steps --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["unet", "pixel-unet"])
+def test_a_step_that_reuses_every_block_skips_the_call_exactly(case):
+    if case == "unet":
+        sampler, noise, cond = unet_case()
+    else:
+        sampler = ds.Sampler(tiny_unet(), ddim(), STEPS)
+        noise, cond = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), None
+    prof = profile(sampler.model, noise, cond[:1] if cond is not None else None)
+    reuse = torch.zeros(STEPS, len(prof.blocks), dtype=torch.bool)
+    reuse[2] = reuse[3] = reuse[5] = True  # every block reused at steps 2, 3 and 5
+    reuse[4, 1] = True
+    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof)
+    assert schedule.whole_steps and prof.whole_steps
+    computing = CacheSchedule.from_table(reuse, sampler.timesteps, prof)
+    computing.whole_steps = False  # the same table, with the layers outside the blocks run at every step
+    calls = []
+    handle = sampler.model.conv_in.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with apply(sampler.model, computing, sampler):
+            reference = sampler(noise, cond)
+        assert len(calls) == STEPS
+        calls.clear()
+        with apply(sampler.model, schedule, sampler) as net:
+            skipped = sampler(noise, cond)
+            assert net.skipped_calls == 3 and len(calls) == STEPS - 3  # no denoiser call at the three whole steps
+            measured, _ = count_macs(lambda: sampler(noise, cond))
+    finally:
+        handle.remove()
+    assert torch.equal(skipped, reference)
+    batch = noise.shape[0]
+    assert measured == schedule.macs(batch=batch, guidance=sampler.guidance_scale != 1.0)
+    assert schedule.macs() < computing.macs()
+
+
+def test_whole_steps_keep_gradients_exact_under_checkpointing():
+    sampler, noise, cond = unet_case(dtype=torch.float64, steps=4)
+    prof = profile(sampler.model, noise, cond)
+    reuse = torch.zeros(4, len(prof.blocks), dtype=torch.bool)
+    reuse[2] = True
+    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof)
+    grads = []
+    for policy in (ds.gradients.Full(), ds.gradients.Checkpointed()):
+        x = noise.clone().requires_grad_(True)
+        with apply(sampler.model, schedule, sampler):
+            sampler(x, cond, gradient=policy).square().sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_a_transformer_or_a_block_subset_never_skips_the_call():
+    sampler, noise, cond = dit_case()
+    assert not profile(sampler.model, noise, cond).whole_steps  # the output layer reads the timestep
+    unet, noise, cond = unet_case()
+    assert not profile(unet.model, noise, cond, blocks=["down_blocks.0", "mid_block"]).whole_steps

@@ -104,6 +104,9 @@ class Family:
     null_cond: Callable[[Any], Any] | None = None    # the unconditional input of class-conditional models
     set_timesteps: Callable | None = None            # (scheduler, n, device, latent_shape, model) -> None
     check_cond: Callable | None = None               # (model, cond) -> None, a ValueError naming what is wrong
+    whole_step_reuse: Callable[[Any], bool] | None = None  # model -> True when a step that reuses every default
+                                                     # block may reuse the whole output (nothing after the blocks
+                                                     # depends on the new input or timestep)
     matches: Callable[[Any], bool] = field(default=lambda model: True)
 
     def timestep_of(self, model_timestep, model) -> float:
@@ -377,17 +380,25 @@ def _check_dit_cond(model, cond) -> None:
 
 # ---- the registered families --------------------------------------------------------------------------
 
+def _unet_output_is_the_blocks(model) -> bool:
+    """A UNet's output is norm, activation and convolution of its last up block's: nothing else enters, except
+    UNet2DModel's Fourier time embedding, which divides the output by the timestep."""
+    return unwrap(model).config.get("time_embedding_type", "positional") != "fourier"
+
+
 FAMILIES.register(UNet2DModel, Family(
     name="ddpm-unet", call=_call_pixel_unet, blocks=_unet_blocks, latent_shape=_config_shape,
-    spatial_multiple=_unet_multiple))
+    spatial_multiple=_unet_multiple, whole_step_reuse=_unet_output_is_the_blocks))
 
 FAMILIES.register(UNet2DConditionModel, Family(
     name="sd-unet", call=_call_cond_unet, blocks=_unet_blocks, latent_shape=_config_shape,
-    spatial_multiple=_unet_multiple, default_guidance=7.5, encode_prompt=_encode_sd, check_cond=_check_unet_cond))
+    spatial_multiple=_unet_multiple, default_guidance=7.5, encode_prompt=_encode_sd, check_cond=_check_unet_cond,
+    whole_step_reuse=_unet_output_is_the_blocks))
 
 FAMILIES.register(UNet2DConditionModel, Family(
     name="sdxl-unet", call=_call_cond_unet, blocks=_unet_blocks, latent_shape=_config_shape,
     spatial_multiple=_unet_multiple, default_guidance=5.0, encode_prompt=_encode_sdxl, check_cond=_check_unet_cond,
+    whole_step_reuse=_unet_output_is_the_blocks,
     matches=lambda model: unwrap(model).config.get("addition_embed_type") == "text_time"))
 
 FAMILIES.register(DiTTransformer2DModel, Family(

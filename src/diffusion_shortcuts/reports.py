@@ -245,7 +245,8 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
     error = None
     try:  # the reward sees the labels or prompts, the sampler their encoding
         result = optimize_latents(sampler, given_conditions(reward_fn, conditions), noise, cond, iterations=iterations,
-                                  lr=lr, gradient=policy, noise_prior=noise_prior, seed=seed)
+                                  lr=lr, gradient=policy, noise_prior=None if noise_prior == "none" else noise_prior,
+                                  seed=seed)
     except OptimizationError as exc:
         result, error = exc.result, str(exc)
     save_file({"latents": result.latents.float().contiguous().cpu(), "initial_noise": noise.contiguous().cpu()},

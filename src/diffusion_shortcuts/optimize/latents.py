@@ -23,7 +23,7 @@ from ..checkpoints import Checkpoint, make_optimizer, settings_of
 from ..metrics import peak_rss_mb
 from ..rewards.base import check_reward_output, reward_name
 
-NOISE_PRIORS = (None, "chi2", "sphere")
+NOISE_PRIORS = ("auto", None, "chi2", "sphere")
 CHECKPOINT = "optimize_checkpoint.pt"
 
 
@@ -88,7 +88,7 @@ class LatentConfig:
     gradient: str = "shortcut"
     start_step: int = 0
     optimize_cond: bool = False
-    noise_prior: str | None = None
+    noise_prior: str | None = "auto"
     prior_weight: float = 1.0
     grad_clip: float | None = None
     target_reward: float | None = None
@@ -132,7 +132,7 @@ def _check_latent_args(policy, noise_prior, iterations, optimize_cond, cond) -> 
 
 def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any = None, *, iterations: int = 100,
                      lr: float = 0.01, gradient: G.GradientPolicy | str = G.Shortcut(), start_step: int = 0,
-                     optimize_cond: bool = False, noise_prior: str | None = None, prior_weight: float = 1.0,
+                     optimize_cond: bool = False, noise_prior: str | None = "auto", prior_weight: float = 1.0,
                      grad_clip: float | None = None, target_reward: float | None = None,
                      optimizer: str = "adam", seed: int = 0, checkpoint_dir: str | Path | None = None,
                      checkpoint_every: int = 10, resume: bool = False, progress: bool = True,
@@ -144,8 +144,10 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
             ``sampler.invert`` of an image to edit). Not modified.
         cond: conditioning; with ``optimize_cond`` a float tensor that is optimized too.
         gradient: the policy (``Shortcut()`` = SDO; ``Full()``, ``Checkpointed()``, ``StraightThrough()``).
-        noise_prior: None, "chi2" (penalty ``prior_weight * chi2_prior``) or "sphere" (projection
-            after every step); only meaningful for initial noise.
+        noise_prior: "sphere" (projection onto the Gaussian shell after every step), "chi2" (penalty
+            ``prior_weight * chi2_prior``), None, or "auto" (the default): "sphere" for initial noise
+            (``start_step == 0``), None for an intermediate latent. Without a prior the optimized noise drifts
+            off the shell into adversarial noise that the reward model likes and no other judge does.
         grad_clip: clip the gradient norm of each optimized tensor to this value.
         target_reward: stop once the mean reward reaches it.
         seed: seeds the sampler's per-iteration generator (stochastic samplers, random policies).
@@ -193,6 +195,8 @@ class _LatentRun:
 
     def __init__(self, sampler, reward, latents, cond, policy, config: LatentConfig):
         self.sampler, self.reward, self.policy, self.config, self.cond = sampler, reward, policy, config, cond
+        self.prior = config.noise_prior if config.noise_prior != "auto" else (
+            "sphere" if config.start_step == 0 else None)
         self.x = latents.detach().clone().requires_grad_(True)
         self.params = [self.x]
         self.c = cond
@@ -236,7 +240,7 @@ class _LatentRun:
             raise ValueError(f"reward {reward_name(self.reward)} does not depend on the images (its value carries no "
                              "gradient): it cannot steer them")
         loss = -values.sum()
-        if cfg.noise_prior == "chi2":
+        if self.prior == "chi2":
             loss = loss + cfg.prior_weight * chi2_prior(x).sum()
         self.opt.zero_grad()
         loss.backward()
@@ -259,7 +263,7 @@ class _LatentRun:
             self._final(values, mean)
             return mean
         self.opt.step()
-        if cfg.noise_prior == "sphere":
+        if self.prior == "sphere":
             with torch.no_grad():
                 x.copy_(project_to_sphere(x))
         self._record_cost(start)

@@ -29,7 +29,7 @@ def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None) -> Sup
         if sampler.model is not model:
             raise ValueError("the sampler drives another model than the one the schedule is applied to")
         schedule.check_timesteps(sampler.timesteps)
-    net = SuperNet(model, schedule.timesteps, schedule.blocks, schedule.kinds)
+    net = SuperNet(model, schedule.timesteps, schedule.blocks, schedule.kinds, whole_steps=schedule.whole_steps)
     net.use_table(schedule.reuse)
     return net.attach()
 

@@ -73,6 +73,7 @@ class BlockProfile:
     total_macs: int
     model_id: str
     sample_shape: tuple[int, ...]
+    whole_steps: bool = False  # a step reusing every block reuses the whole call (see Family.whole_step_reuse)
 
     @property
     def other_macs(self) -> int:
@@ -105,6 +106,8 @@ def profile(model: torch.nn.Module, sample: torch.Tensor, cond=None, blocks: lis
         total, per_module = count_macs(call_denoiser, model, x, t, C.first(cond), guidance)
         root = type(model).__name__
         block_macs = tuple(int(per_module.get(f"{root}.{n}", 0)) for n in names)
+        whole = family.whole_step_reuse is not None and family.whole_step_reuse(model) and \
+            names == default_block_names(model)
         _PROFILES[key] = BlockProfile(tuple(names), tuple(reuse_kind(model, n) for n in names), block_macs,
-                                      int(total), key[0], tuple(sample.shape[1:]))
+                                      int(total), key[0], tuple(sample.shape[1:]), bool(whole))
     return _PROFILES[key]

@@ -41,6 +41,7 @@ class CacheSchedule:
     total_macs: int
     model_id: str
     info: dict = field(default_factory=dict)
+    whole_steps: bool = False  # a step that reuses every block reuses the whole denoiser call (costs nothing)
 
     def __post_init__(self):
         self.reuse = torch.as_tensor(self.reuse, dtype=torch.bool).cpu()
@@ -63,7 +64,8 @@ class CacheSchedule:
     @classmethod
     def from_table(cls, reuse, timesteps, profile: BlockProfile, **info) -> "CacheSchedule":
         return cls(torch.as_tensor(reuse, dtype=torch.bool), [float(t) for t in timesteps], list(profile.blocks),
-                   list(profile.kinds), list(profile.block_macs), profile.total_macs, profile.model_id, dict(info))
+                   list(profile.kinds), list(profile.block_macs), profile.total_macs, profile.model_id, dict(info),
+                   profile.whole_steps)
 
     @classmethod
     def keep_all(cls, timesteps, profile: BlockProfile) -> "CacheSchedule":
@@ -134,9 +136,13 @@ class CacheSchedule:
         return len(self.timesteps)
 
     def step_macs(self) -> torch.Tensor:
-        """MACs of each step's call for one sample without guidance, shape (T,)."""
+        """MACs of each step's call for one sample without guidance, shape (T,); a step that reuses every block
+        costs nothing where the whole call is reused (``whole_steps``)."""
         kept = (~self.reuse).to(torch.float64) @ torch.tensor(self.block_macs, dtype=torch.float64)
-        return kept + (self.total_macs - sum(self.block_macs))
+        macs = kept + (self.total_macs - sum(self.block_macs))
+        if self.whole_steps and self.blocks:
+            macs[self.reuse.all(dim=1)] = 0.0
+        return macs
 
     def macs(self, batch: int = 1, guidance: bool = False) -> int:
         """MACs of one whole generation of ``batch`` samples; guidance runs both branches every call."""
@@ -180,7 +186,7 @@ class CacheSchedule:
         return {"format": "diffusion-shortcuts/cache-schedule", "version": FORMAT_VERSION,
                 "model_id": self.model_id, "blocks": self.blocks, "kinds": self.kinds,
                 "block_macs": self.block_macs, "total_macs": self.total_macs, "timesteps": self.timesteps,
-                "reuse": [[int(v) for v in row] for row in self.reuse.tolist()],
+                "reuse": [[int(v) for v in row] for row in self.reuse.tolist()], "whole_steps": self.whole_steps,
                 "macs_ratio": self.macs_ratio, "info": self.info}
 
     def save(self, path: str | Path) -> Path:
@@ -215,7 +221,8 @@ class CacheSchedule:
             return cls(torch.tensor(data["reuse"], dtype=torch.bool).reshape(len(data["timesteps"]), -1)
                        if data["timesteps"] else torch.zeros(0, len(data["blocks"]), dtype=torch.bool),
                        data["timesteps"], data["blocks"], data["kinds"], data["block_macs"],
-                       int(data["total_macs"]), str(data["model_id"]), dict(data.get("info", {})))
+                       int(data["total_macs"]), str(data["model_id"]), dict(data.get("info", {})),
+                       bool(data.get("whole_steps", False)))
         except ScheduleError as e:
             raise ScheduleError(f"{path}: {e}") from None
         except (TypeError, ValueError, RuntimeError) as e:

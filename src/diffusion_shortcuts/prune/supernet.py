@@ -89,6 +89,15 @@ class _StepHook(ModelHook):
         self.net.enter(timestep)
         return args, kwargs
 
+    def new_forward(self, module, *args, **kwargs):
+        """The whole call, or (at a step that reuses every block, where that is exact) its cached output."""
+        cached = self.net.whole_step_output()
+        if cached is not None:
+            return cached
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        self.net.remember_output(out)
+        return out
+
     def reset_state(self, module):
         self.net.reset(announced=True)
         return module
@@ -109,7 +118,8 @@ class _BlockHook(ModelHook):
 class SuperNet:
     """Gated blocks of ``model`` for a sampler with the given ``timesteps`` (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, timesteps, blocks: list[str] | None = None, kinds=None):
+    def __init__(self, model: torch.nn.Module, timesteps, blocks: list[str] | None = None, kinds=None,
+                 whole_steps: bool = False):
         self.model = unwrap(model)
         self.family = family_of(self.model)
         resolved = resolve_blocks(self.model, blocks)
@@ -121,6 +131,8 @@ class SuperNet:
         self.reuse: torch.Tensor | None = torch.zeros(len(self.timesteps), len(self.names), dtype=torch.bool)
         self.gates: torch.Tensor | None = None
         self.computed = [0] * len(self.names)  # block forwards really run, for accounting and tests
+        self.whole_steps = whole_steps  # see CacheSchedule.whole_steps
+        self.skipped_calls = 0
         self.attached = False
         self.reset()
 
@@ -143,6 +155,7 @@ class SuperNet:
         """Forget every cache: the next call starts a new generation (at any step if ``announced`` by the
         Sampler, which may start mid-way; else at step 0)."""
         self.caches: list[dict[int, object]] = [{} for _ in self.names]
+        self.outputs: dict[int, object] = {}  # whole-call outputs by step, for steps that reuse everything
         self.step: int | None = None
         self.last_step: int | None = None
         self.announced = announced
@@ -206,6 +219,27 @@ class SuperNet:
         self.step = step
         self.last_step = step
         self.announced = False
+
+    def whole_step_output(self):
+        """The output of the latest call before this step, when this step reuses every block and ``whole_steps``
+        says that is exact; else None (the call runs)."""
+        step = self.step
+        if not self.whole_steps or self.gates is not None or step is None or not bool(self.reuse[step].all()):
+            return None
+        earlier = [s for s in self.outputs if s < step]
+        if not earlier or any(self._cached(i, step) is None for i in range(len(self.names))):
+            return None
+        self.skipped_calls += 1
+        return self.outputs[max(earlier)]
+
+    def remember_output(self, out) -> None:
+        if self.step is None or not self.whole_steps:
+            return
+        if self.step not in self.outputs:
+            self.outputs[self.step] = out
+            if not torch.is_grad_enabled():
+                for old in [s for s in self.outputs if s < self.step]:
+                    del self.outputs[old]
 
     def _cached(self, index: int, step: int):
         earlier = [s for s in self.caches[index] if s < step]
