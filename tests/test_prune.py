@@ -425,3 +425,21 @@ def test_a_transformer_or_a_block_subset_never_skips_the_call():
     assert not profile(sampler.model, noise, cond).whole_steps  # the output layer reads the timestep
     unet, noise, cond = unet_case()
     assert not profile(unet.model, noise, cond, blocks=["down_blocks.0", "mid_block"]).whole_steps
+
+
+def test_full_graph_steps_compute_every_block_at_sdos_graph_step_only():
+    sampler, noise, cond = unet_case(steps=4)
+    prof = profile(sampler.model, noise, cond)
+    reuse = torch.zeros(4, len(prof.blocks), dtype=torch.bool)
+    reuse[1:, 1:3] = True  # blocks 1 and 2 reused at steps 1-3
+    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof)
+    computed = {}
+    for full in (False, True):
+        x = noise.clone().requires_grad_(True)
+        with apply(sampler.model, schedule, sampler, full_graph_steps=full) as net:
+            out = sampler(x, cond, gradient=ds.gradients.Shortcut(step=2))
+            computed[full] = list(net.computed)
+        out.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    # with full graph steps, blocks 1 and 2 run at step 2 (the graph step) as well; nothing else changes
+    assert [b - a for a, b in zip(computed[False], computed[True])] == [0, 1, 1, 0, 0]

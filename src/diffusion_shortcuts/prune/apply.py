@@ -11,8 +11,12 @@ from .schedule import CacheSchedule, ScheduleError
 from .supernet import SuperNet
 
 
-def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None) -> SuperNet:
+def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full_graph_steps: bool = False
+           ) -> SuperNet:
     """Make ``model`` follow ``schedule`` until :func:`disable`: reused blocks are not computed.
+
+    ``full_graph_steps``: a call that keeps its autograd graph (the one step of SDO's ``Shortcut``) computes
+    every block, so that only the no-grad rollout is pruned.
 
     Fails with :class:`~diffusion_shortcuts.prune.ScheduleError` when the schedule was made for other
     blocks or another model configuration, or (given ``sampler``, or at the first call otherwise) for
@@ -29,7 +33,8 @@ def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None) -> Sup
         if sampler.model is not model:
             raise ValueError("the sampler drives another model than the one the schedule is applied to")
         schedule.check_timesteps(sampler.timesteps)
-    net = SuperNet(model, schedule.timesteps, schedule.blocks, schedule.kinds, whole_steps=schedule.whole_steps)
+    net = SuperNet(model, schedule.timesteps, schedule.blocks, schedule.kinds, whole_steps=schedule.whole_steps,
+                   full_graph_steps=full_graph_steps)
     net.use_table(schedule.reuse)
     return net.attach()
 
@@ -44,9 +49,9 @@ def disable(model: torch.nn.Module) -> bool:
 
 
 @contextmanager
-def apply(model: torch.nn.Module, schedule: CacheSchedule, sampler=None):
+def apply(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full_graph_steps: bool = False):
     """Context manager around :func:`enable` / :func:`disable`; yields the :class:`SuperNet`."""
-    net = enable(model, schedule, sampler)
+    net = enable(model, schedule, sampler, full_graph_steps=full_graph_steps)
     try:
         yield net
     finally:

@@ -119,7 +119,7 @@ class SuperNet:
     """Gated blocks of ``model`` for a sampler with the given ``timesteps`` (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, timesteps, blocks: list[str] | None = None, kinds=None,
-                 whole_steps: bool = False):
+                 whole_steps: bool = False, full_graph_steps: bool = False):
         self.model = unwrap(model)
         self.family = family_of(self.model)
         resolved = resolve_blocks(self.model, blocks)
@@ -132,6 +132,8 @@ class SuperNet:
         self.gates: torch.Tensor | None = None
         self.computed = [0] * len(self.names)  # block forwards really run, for accounting and tests
         self.whole_steps = whole_steps  # see CacheSchedule.whole_steps
+        # a call that keeps its autograd graph (SDO's one step) computes every block: only no-grad calls reuse
+        self.full_graph_steps = full_graph_steps
         self.skipped_calls = 0
         self.attached = False
         self.reset()
@@ -224,13 +226,17 @@ class SuperNet:
         """The output of the latest call before this step, when this step reuses every block and ``whole_steps``
         says that is exact; else None (the call runs)."""
         step = self.step
-        if not self.whole_steps or self.gates is not None or step is None or not bool(self.reuse[step].all()):
+        if not self.whole_steps or self.gates is not None or step is None or not bool(self.reuse[step].all()) \
+                or self._graph_step_in_full():
             return None
         earlier = [s for s in self.outputs if s < step]
         if not earlier or any(self._cached(i, step) is None for i in range(len(self.names))):
             return None
         self.skipped_calls += 1
         return self.outputs[max(earlier)]
+
+    def _graph_step_in_full(self) -> bool:
+        return self.full_graph_steps and torch.is_grad_enabled()
 
     def remember_output(self, out) -> None:
         if self.step is None or not self.whole_steps:
@@ -275,7 +281,8 @@ class SuperNet:
         if cached is not None and _batch(cached) != x.shape[0]:
             raise ScheduleError(f"block {self.names[index]} cached a batch of {_batch(cached)} but is called with "
                                 f"{x.shape[0]}: call the model once per step with both guidance branches batched")
-        if self.gates is None and cached is not None and bool(self.reuse[step, index]):
+        if self.gates is None and cached is not None and bool(self.reuse[step, index]) \
+                and not self._graph_step_in_full():
             return self._updated(streams, cached) if residual else cached
 
         out = forward(*args, **kwargs)

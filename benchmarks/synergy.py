@@ -1,0 +1,138 @@
+"""Both shortcuts together: SDO latent optimization with the shipped DiP-GO schedule on its no-grad rollout.
+
+On digits-unet and digits-dit, DDIM 50 steps, guidance 3, a batch of 8 noises steered to a target digit
+((seed + 3) mod 10, reward ``log p(digit | image)`` under digits-classifier), 20 Adam iterations, lr 0.05,
+the default sphere prior, each variant in its own process:
+
+- ``full``: plain backpropagation through the unpruned model;
+- ``shortcut``: SDO (one step's graph) on the unpruned model;
+- ``shortcut+schedule``: SDO with the shipped 0.8 schedule applied to every call, the graph step included;
+- ``shortcut+schedule, full graph step``: the schedule on the no-grad rollout only, the graph step computes
+  every block.
+
+Seconds per iteration (median), the autograd graph kept (MB) and peak RSS, the reward at equal iterations and at
+equal wall-clock (at the time the fastest variant finished), and success judged by digits-classifier-eval (never
+a reward). Also the cosine between the first iteration's gradient with and without the schedule.
+
+    OMP_NUM_THREADS=2 python benchmarks/synergy.py      # writes benchmarks/results/synergy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, emit, peak_rss_mb, run_child, write_results  # noqa: E402
+
+VARIANTS = ["full", "shortcut", "shortcut+schedule", "shortcut+schedule, full graph step"]
+
+
+def task(m, batch: int):
+    import torch
+
+    import diffusion_shortcuts as ds
+
+    seeds = list(range(batch))
+    noise = torch.cat([m.noise(1, torch.Generator().manual_seed(s)) for s in seeds])
+    cond = m.encode(torch.full((batch,), m.null_label)).detach()
+    targets = torch.tensor([(s + 3) % 10 for s in seeds])
+    return noise, cond, ds.rewards.DigitClass(targets), targets
+
+
+def context(m, sampler, variant: str):
+    from diffusion_shortcuts.prune import apply
+
+    if "schedule" not in variant:
+        return nullcontext()
+    return apply(m.model, m.cache_schedule(0.8), sampler, full_graph_steps="full graph step" in variant)
+
+
+def run_one(model_name: str, variant: str, iterations: int, batch: int, lr: float) -> dict:
+    import torch
+
+    import diffusion_shortcuts as ds
+    from diffusion_shortcuts.metrics import accuracy
+
+    torch.manual_seed(0)
+    m = ds.zoo.load(model_name)
+    sampler = m.sampler(50)
+    noise, cond, reward, targets = task(m, batch)
+    policy = "full" if variant == "full" else "shortcut"
+    with context(m, sampler, variant):
+        result = ds.optimize_latents(sampler, reward, noise, cond, iterations=iterations, lr=lr, gradient=policy,
+                                     progress=False)
+    judge = ds.zoo.load("digits-classifier-eval")
+    history = result.history
+    return {"model": model_name, "variant": variant, "seconds": history["seconds"], "reward": history["reward"],
+            "final_reward": history["final_reward"], "graph_mb": statistics.median(history["graph_mb"]),
+            "peak_rss_mb": peak_rss_mb(), "success": accuracy(judge, result.images.clamp(0, 1), targets),
+            "seconds_per_iteration": statistics.median(history["seconds"])}
+
+
+def gradient_cosine(model_name: str, batch: int) -> float:
+    """The first SDO gradient with the schedule on every call against the unpruned model's."""
+    import torch
+
+    import diffusion_shortcuts as ds
+
+    m = ds.zoo.load(model_name)
+    sampler = m.sampler(50)
+    noise, cond, reward, _ = task(m, batch)
+    grads = []
+    for variant in ("shortcut", "shortcut+schedule"):
+        x = noise.clone().requires_grad_(True)
+        with context(m, sampler, variant):
+            reward(sampler(x, cond, gradient="shortcut"), cond).sum().backward()
+        grads.append(x.grad.flatten())
+    return float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
+
+
+def at_seconds(row: dict, budget: float) -> float:
+    """The reward reached within ``budget`` seconds of iterations."""
+    total, best = 0.0, row["reward"][0]
+    for seconds, value in zip(row["seconds"], row["reward"]):
+        total += seconds
+        if total > budget:
+            break
+        best = value
+    return best
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=5, metavar=("MODEL", "VARIANT", "ITERATIONS", "BATCH", "LR"))
+    parser.add_argument("--models", nargs="*", default=["digits-unet", "digits-dit"])
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.05)
+    args = parser.parse_args(argv)
+    if args.child:
+        name, variant, iterations, batch, lr = args.child
+        emit(run_one(name, variant, int(iterations), int(batch), float(lr)))
+        return 0
+    results = {}
+    for name in args.models:
+        rows = {v: run_child(__file__, [name, v, str(args.iterations), str(args.batch), str(args.lr)]) for v in VARIANTS}
+        fastest = min(sum(r["seconds"]) for r in rows.values())
+        full_time = rows["full"]["seconds_per_iteration"]
+        for variant, row in rows.items():
+            row["time_vs_full"] = row["seconds_per_iteration"] / full_time
+            row["reward_at_equal_seconds"] = at_seconds(row, fastest)
+            print(f"{name:12s} {variant:36s} {row['seconds_per_iteration']:.3f} s/it ({row['time_vs_full']:.2f}x full)"
+                  f"  graph {row['graph_mb']:.1f} MB  reward {row['reward'][0]:.3f} -> {row['final_reward']:.3f}"
+                  f"  at {fastest:.0f} s {row['reward_at_equal_seconds']:.3f}  judged {row['success']:.2f}", flush=True)
+        gain = {v: rows[v]["final_reward"] - rows[v]["reward"][0] for v in rows}
+        results[name] = {"rows": rows, "equal_seconds": fastest, "gradient_cosine": gradient_cosine(name, args.batch),
+                         "gain_vs_shortcut": {v: gain[v] / gain["shortcut"] for v in rows}}
+        print(f"{name}: gradient cosine with/without the schedule {results[name]['gradient_cosine']:.3f}")
+    write_results(RESULTS / "synergy.json", "synergy", {"iterations": args.iterations, "batch": args.batch,
+                                                          "lr": args.lr, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
