@@ -157,9 +157,18 @@ def test_prune_writes_schedule_pruner_heatmap_metrics_and_sample_uses_it(tmp_pat
                         str(out / "schedule.json"), "--out", str(tmp_path / "s")], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "s" / "metrics.json").read_text())["macs_ratio"] == pytest.approx(schedule.macs_ratio)
-    # the schedule was made for 6 steps and the DiT: other steps or another model fail in one line
+    summary = json.loads((tmp_path / "s" / "metrics.json").read_text())["cache_summary"]
+    assert summary["denoiser_calls"] == 6 * 1 and summary["block_calls_computed"] + summary["block_calls_reused"] == \
+        6 * len(schedule.blocks)  # one batched call per step (10 samples in one batch)
+    assert summary["block_calls_reused"] == int(schedule.reuse.sum())
+    # made for 6 steps: 8 steps resample it (its cost reported); --strict-schedule refuses in one line
     code, _, err = run(["sample", "--model", "digits-dit", "--n", "10", "--steps", "8", "--schedule",
-                        str(out / "schedule.json"), "--out", str(tmp_path / "s")], capsys)
+                        str(out / "schedule.json"), "--out", str(tmp_path / "s8")], capsys)
+    assert code == 0, err
+    resampled = json.loads((tmp_path / "s8" / "metrics.json").read_text())
+    assert resampled["schedule_resampled_from"] == 6 and 0 < resampled["macs_ratio"] < 1
+    code, _, err = run(["sample", "--model", "digits-dit", "--n", "10", "--steps", "8", "--schedule",
+                        str(out / "schedule.json"), "--strict-schedule", "--out", str(tmp_path / "s")], capsys)
     assert code == 2 and "schedule has 6 steps, the sampler 8" in err
     code, _, err = run(["sample", "--model", "digits-unet", "--n", "10", "--steps", "6", "--schedule",
                         str(out / "schedule.json"), "--out", str(tmp_path / "s")], capsys)

@@ -101,7 +101,7 @@ def test_prune_over_a_prompts_file_then_sample_with_the_schedule(folders, tmp_pa
                      "--schedule", out / "schedule.json", "--out", tmp_path / "s"], capsys)
     assert code == 0, err
     assert metrics_of(tmp_path / "s")["macs_ratio"] == pytest.approx(schedule.macs_ratio)
-    code, err = run(["sample", "--model", folders / "sd", "--prompts", prompts, "--steps", "5",
+    code, err = run(["sample", "--model", folders / "sd", "--prompts", prompts, "--steps", "5", "--strict-schedule",
                      "--schedule", out / "schedule.json", "--out", tmp_path / "s5"], capsys)
     assert code == 2 and "schedule has 4 steps, the sampler 5" in err and len(err.strip().splitlines()) == 1
 

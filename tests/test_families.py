@@ -322,3 +322,21 @@ def test_the_three_jobs_take_prompts_through_encode_prompt(name, tmp_path):
     assert len(tuned.history["reward"]) == 2
     after = {n: p.detach() for n, p in sampler.model.named_parameters() if "lora_B" in n}
     assert any(not torch.equal(lora[n], after[n]) for n in lora)  # the LoRA weights moved
+
+
+@pytest.mark.parametrize("name", ["sd-unet", "flux"])
+def test_enable_cache_finds_the_denoiser_and_resamples_for_the_stock_call(name):
+    case = make_case(name)
+    schedule = alternating_schedule(case)
+    net = ds.prune.enable_cache(case.pipe, schedule)
+    try:
+        assert (case.stock() - case.ours()).abs().max() < 1e-5 and net.model is case.sampler.model
+    finally:
+        ds.prune.disable(case.sampler.model)
+    net = ds.prune.enable_cache(case.pipe, schedule, num_inference_steps=3, height=16, width=16)  # resampled
+    try:
+        three = case.stock(3)
+        assert net.calls == 3 and torch.isfinite(three).all()
+        assert ds.prune.summary(net)["block_calls_reused"] > 0
+    finally:
+        ds.prune.disable(case.sampler.model)

@@ -443,3 +443,24 @@ def test_full_graph_steps_compute_every_block_at_sdos_graph_step_only():
         assert x.grad is not None and torch.isfinite(x.grad).all()
     # with full graph steps, blocks 1 and 2 run at step 2 (the graph step) as well; nothing else changes
     assert [b - a for a, b in zip(computed[False], computed[True])] == [0, 1, 1, 0, 0]
+
+
+def test_a_schedule_is_resampled_to_another_step_count_by_nearest_timestep():
+    sampler, noise, cond = unet_case(steps=6)
+    prof = profile(sampler.model, noise, cond)
+    reuse = torch.zeros(6, len(prof.blocks), dtype=torch.bool)
+    reuse[1:, 0] = True
+    reuse[4, 3] = True
+    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof)
+    shorter = ds.Sampler(sampler.model, ddim(), 3, guidance_scale=2.0, uncond=sampler.uncond)
+    with pytest.raises(ScheduleError, match="schedule has 6 steps, the sampler 3"):
+        apply(sampler.model, schedule, shorter).__enter__()
+    resampled = schedule.fitted(shorter.timesteps)
+    assert resampled.info["resampled_from"] == 6 and resampled.num_steps == 3
+    theirs, ours = shorter.timesteps.tolist(), sampler.timesteps.tolist()
+    for j, t in enumerate(theirs):  # each new step takes the nearest old step's row; the first computes everything
+        nearest = min(range(6), key=lambda i: abs(ours[i] - t))
+        assert torch.equal(resampled.reuse[j], reuse[nearest] if j else torch.zeros(len(prof.blocks), dtype=torch.bool))
+    with apply(sampler.model, schedule, shorter, strict=False) as net:
+        shorter(noise, cond)
+    assert net.calls == 3 and schedule.fitted(sampler.timesteps) is schedule

@@ -9,6 +9,7 @@ and returns the figures that ``cli.main`` writes to ``out/metrics.json``. Bad in
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -86,16 +87,17 @@ def parse_reward(text: str, subject):
         raise UsageError(f"--{exc}") from None
 
 
-def load_schedule(path: str, subject, steps: int):
-    """A schedule file (or ``zoo``: a zoo model's shipped 0.8 schedule), checked against the model and a
-    sampler with ``steps`` steps."""
+def load_schedule(path: str, subject, sampler, strict: bool = False):
+    """A schedule file (or ``zoo``: a zoo model's shipped 0.8 schedule), checked against the model and fitted
+    to the sampler's timesteps (resampled to another step count unless ``strict``)."""
     from .prune import CacheSchedule, ScheduleError, apply
 
     try:
         if path == "zoo" and not hasattr(subject.m, "cache_schedule"):
             raise ValueError(f"{subject.name} ships no schedule: pass a schedule file")
         schedule = subject.m.cache_schedule() if path == "zoo" else CacheSchedule.load(path)
-        with apply(subject.model, schedule, subject.sampler(steps)):
+        schedule = schedule.fitted(sampler.timesteps, strict=strict)
+        with apply(subject.model, schedule, sampler):
             pass
     except (ScheduleError, ValueError, FileNotFoundError) as exc:
         raise UsageError(f"--schedule: {exc}") from None
@@ -150,23 +152,28 @@ def captioned_grid(images: torch.Tensor, captions: list[str] | None, path: Path)
 # ---- the verbs ------------------------------------------------------------------------------------------
 
 def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance: float | None,
-                  schedule: str | None = None, tag: str = "", progress: bool = True) -> dict:
-    """Sample n images cycling through the conditions, judge them, write a captioned grid."""
+                  schedule: str | None = None, strict_schedule: bool = False, tag: str = "",
+                  progress: bool = True) -> dict:
+    """Sample n images cycling through the conditions, judge them, write a captioned grid; with a schedule,
+    what it computed and reused."""
+    from .prune import apply, summary
     from .prune.compare import generate
 
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
     conditions = subject.conditions(n)
     sampler = subject.sampler(steps, guidance)
-    cache = load_schedule(schedule, subject, steps) if schedule else None
+    cache = load_schedule(schedule, subject, sampler, strict_schedule) if schedule else None
     noise = subject.noise(n, torch.Generator().manual_seed(seed))
-    with Timer() as timer:
-        images = generate(sampler, subject.encode, conditions, noise, batch_size=min(n, 100), schedule=cache,
+    with Timer() as timer, apply(subject.model, cache, sampler) if cache else nullcontext() as net:
+        images = generate(sampler, subject.encode, conditions, noise, batch_size=min(n, 100),
                           progress=progress, desc=f"sampling {subject.name}")
     check_finite(images, "sample")
     metrics = {"model": subject.name, "n": n, "seed": seed, "num_inference_steps": steps,
                "guidance_scale": sampler.guidance_scale, "scheduler": type(sampler.scheduler).__name__,
                "seconds": timer.seconds, "schedule": schedule, "macs_ratio": cache.macs_ratio if cache else 1.0,
+               "schedule_resampled_from": cache.info.get("resampled_from") if cache else None,
+               "cache_summary": summary(net) if cache else None,
                "prompts": subject.distinct_conditions() if subject.text else None}
     judged = subject.judge(images, conditions)
     if judged:

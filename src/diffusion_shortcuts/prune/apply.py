@@ -11,12 +11,13 @@ from .schedule import CacheSchedule, ScheduleError
 from .supernet import SuperNet
 
 
-def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full_graph_steps: bool = False
-           ) -> SuperNet:
+def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full_graph_steps: bool = False,
+           strict: bool = True) -> SuperNet:
     """Make ``model`` follow ``schedule`` until :func:`disable`: reused blocks are not computed.
 
     ``full_graph_steps``: a call that keeps its autograd graph (the one step of SDO's ``Shortcut``) computes
-    every block, so that only the no-grad rollout is pruned.
+    every block, so that only the no-grad rollout is pruned. ``strict=False`` (with a ``sampler``) resamples a
+    schedule made for other timesteps to the sampler's (:meth:`CacheSchedule.resampled`) instead of refusing.
 
     Fails with :class:`~diffusion_shortcuts.prune.ScheduleError` when the schedule was made for other
     blocks or another model configuration, or (given ``sampler``, or at the first call otherwise) for
@@ -32,7 +33,7 @@ def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, ful
     if sampler is not None:
         if sampler.model is not model:
             raise ValueError("the sampler drives another model than the one the schedule is applied to")
-        schedule.check_timesteps(sampler.timesteps)
+        schedule = schedule.fitted(sampler.timesteps, strict=strict)
     net = SuperNet(model, schedule.timesteps, schedule.blocks, schedule.kinds, whole_steps=schedule.whole_steps,
                    full_graph_steps=full_graph_steps)
     net.use_table(schedule.reuse)
@@ -49,10 +50,44 @@ def disable(model: torch.nn.Module) -> bool:
 
 
 @contextmanager
-def apply(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full_graph_steps: bool = False):
+def apply(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full_graph_steps: bool = False,
+          strict: bool = True):
     """Context manager around :func:`enable` / :func:`disable`; yields the :class:`SuperNet`."""
-    net = enable(model, schedule, sampler, full_graph_steps=full_graph_steps)
+    net = enable(model, schedule, sampler, full_graph_steps=full_graph_steps, strict=strict)
     try:
         yield net
     finally:
         net.detach()
+
+
+def enable_cache(pipe, schedule: CacheSchedule, num_inference_steps: int | None = None, height: int | None = None,
+                 width: int | None = None) -> SuperNet:
+    """``enable`` on a diffusers pipeline: finds its denoiser (``unet`` or ``transformer``); with
+    ``num_inference_steps`` the schedule is resampled to the timesteps the pipeline's scheduler will use for
+    that many steps (at ``height`` x ``width`` pixels, for schedulers that shift with the resolution), so that a
+    stock ``pipe(..., num_inference_steps=M)`` call runs with it."""
+    from ..families import family_of
+
+    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if model is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    if num_inference_steps is not None:
+        import copy
+
+        family = family_of(model)
+        scheduler = copy.deepcopy(pipe.scheduler)
+        channels, h, w = family.latent_shape(model)
+        factor = getattr(pipe, "vae_scale_factor", 8)
+        shape = (1, channels, height // factor if height else h, width // factor if width else w)
+        family.prepare_timesteps(scheduler, num_inference_steps, None, shape, model)
+        schedule = schedule.fitted(scheduler.timesteps)
+    return enable(model, schedule)
+
+
+def summary(net: SuperNet) -> dict:
+    """What a scheduled run computed and reused, per block and in all (as cache-dit's summary tells its users)."""
+    calls = net.calls
+    reused = {name: calls - computed for name, computed in zip(net.names, net.computed)}
+    return {"denoiser_calls": calls, "calls_skipped": net.skipped_calls,
+            "block_calls_computed": int(sum(net.computed)), "block_calls_reused": int(sum(reused.values())),
+            "per_block": {name: {"computed": c, "reused": reused[name]} for name, c in zip(net.names, net.computed)}}

@@ -181,6 +181,31 @@ class CacheSchedule:
             raise ScheduleError(f"the sampler's timesteps {theirs[:3]}...{theirs[-2:]} differ from the schedule's "
                                 f"{self.timesteps[:3]}...{self.timesteps[-2:]} (another scheduler or spacing)")
 
+    def resampled(self, timesteps) -> "CacheSchedule":
+        """This schedule for a sampler with other ``timesteps`` (another step count): each new step takes the
+        row of the nearest of the schedule's timesteps; the first step computes everything. The new schedule's
+        ``macs_ratio`` says what it costs; ``info["resampled_from"]`` the step count it was made for."""
+        new = [float(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
+        if not new:
+            raise ScheduleError("cannot resample a schedule to no timesteps")
+        ours = torch.tensor(self.timesteps, dtype=torch.float64)
+        rows = [int((ours - t).abs().argmin()) for t in new]
+        reuse = self.reuse[rows].clone()
+        reuse[0] = False
+        info = {**self.info, "resampled_from": self.num_steps}
+        return CacheSchedule(reuse, new, self.blocks, self.kinds, self.block_macs, self.total_macs, self.model_id,
+                             info, self.whole_steps)
+
+    def fitted(self, timesteps, strict: bool = False) -> "CacheSchedule":
+        """Itself when ``timesteps`` are its own; else (unless ``strict``) :meth:`resampled` to them."""
+        try:
+            self.check_timesteps(timesteps)
+            return self
+        except ScheduleError:
+            if strict:
+                raise
+            return self.resampled(timesteps)
+
     # ---- files --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": "diffusion-shortcuts/cache-schedule", "version": FORMAT_VERSION,

@@ -135,6 +135,7 @@ class SuperNet:
         # a call that keeps its autograd graph (SDO's one step) computes every block: only no-grad calls reuse
         self.full_graph_steps = full_graph_steps
         self.skipped_calls = 0
+        self.calls = 0  # denoiser calls seen (skipped ones included)
         self.attached = False
         self.reset()
 
@@ -206,6 +207,7 @@ class SuperNet:
         if _in_backward():  # a checkpoint recomputing an earlier step reads the caches its forward read
             self.step = step
             return
+        self.calls += 1
         if self.last_step is not None and step == self.last_step:
             raise ScheduleError(f"the model was called twice at step {step}: a cache schedule needs one call per "
                                 "step, with both guidance branches batched")
