@@ -1,6 +1,8 @@
 """DiP-GO: gated blocks, cache schedules, MACs accounting, the pruner and the search."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -464,3 +466,56 @@ def test_a_schedule_is_resampled_to_another_step_count_by_nearest_timestep():
     with apply(sampler.model, schedule, shorter, strict=False) as net:
         shorter(noise, cond)
     assert net.calls == 3 and schedule.fitted(sampler.timesteps) is schedule
+
+
+# ---- forecasting reuse -----------------------------------------------------------------------------------
+def test_taylor1_forecasts_a_blocks_work_from_its_two_latest_computed_steps():
+    sampler, noise, cond = dit_case()
+    net = SuperNet(sampler.model, sampler.timesteps, mode="taylor1")
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    net.caches[0] = {1: a, 3: b}
+    torch.testing.assert_close(net._cached(0, 4), b + (b - a) * 0.5)  # one step after s2, two steps between
+    torch.testing.assert_close(net._cached(0, 6), b + (b - a) * 1.5)
+    net.caches[1] = {2: (a, (b,))}  # one computed step: nothing to extrapolate from, the copy
+    assert net._cached(1, 5)[0] is a
+    with pytest.raises(ScheduleError, match="reuse mode must be one of copy, taylor1"):
+        SuperNet(sampler.model, sampler.timesteps, mode="taylor9")
+
+
+@pytest.mark.parametrize("case", ["unet", "dit"])
+def test_taylor1_keep_all_is_bit_identical_and_reuse_differs_from_copy(case):
+    sampler, noise, cond = CASES[case]()
+    plain = sampler(noise, cond)
+    prof = profile(sampler.model, noise, cond)
+    keep = CacheSchedule.keep_all(sampler.timesteps, prof).with_mode("taylor1")
+    with apply(sampler.model, keep, sampler):
+        assert torch.equal(sampler(noise, cond), plain)
+    reuse = torch.zeros(STEPS, len(prof.blocks), dtype=torch.bool)
+    reuse[3:, 1] = True  # block 1 computed at steps 0-2, then forecast
+    copy = CacheSchedule.from_table(reuse, sampler.timesteps, prof)
+    outs = {}
+    for schedule in (copy, copy.with_mode("taylor1")):
+        with apply(sampler.model, schedule, sampler) as net:
+            outs[schedule.mode] = sampler(noise, cond)
+        assert net.computed[1] == 3
+    assert (outs["copy"] - outs["taylor1"]).abs().max() > 1e-6
+    again = CacheSchedule.load(copy.with_mode("taylor1").save(Path(tempfile.mkdtemp()) / "s.json"))
+    assert again.mode == "taylor1" and torch.equal(again.reuse, copy.reuse)
+
+
+def test_gradients_through_a_forecast_equal_finite_differences():
+    sampler, noise, cond = dit_case(dtype=torch.float64, steps=5)
+    prof = profile(sampler.model, noise, cond)
+    reuse = torch.zeros(5, len(prof.blocks), dtype=torch.bool)
+    reuse[3:, 0] = reuse[4, 1] = True
+    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof).with_mode("taylor1")
+    weights = torch.randn(noise.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    direction = torch.randn(noise.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with apply(sampler.model, schedule, sampler):
+        x = noise.clone().requires_grad_(True)
+        (sampler(x, cond, gradient=ds.gradients.Full()) * weights).sum().backward()
+        h = 1e-5
+        with torch.no_grad():
+            numeric = ((sampler(noise + h * direction, cond) - sampler(noise - h * direction, cond)) * weights
+                       ).sum() / (2 * h)
+    torch.testing.assert_close((x.grad * direction).sum(), numeric, rtol=1e-6, atol=1e-9)

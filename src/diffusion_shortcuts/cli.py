@@ -75,6 +75,8 @@ FLAGS = {
     "schedule": dict(default=None, help="a cache schedule JSON (from `prune`), or `zoo` for the model's shipped one; "
                      "resampled to --steps when made for another step count"),
     "strict_schedule": dict(action="store_true", help="refuse a schedule made for other timesteps"),
+    "reuse_mode": dict(choices=["copy", "taylor1"], default="copy",
+                       help="what a reused block returns: its cached work, or that work extrapolated (first order)"),
     "noise_prior": dict(choices=["sphere", "chi2", "none"], default="sphere",
                         help="keep the optimized noise on the Gaussian shell (none: let it drift)"),
     "ratio": dict(type=number(float, 0, 1, open_low=True, open_high=True), default=0.8,
@@ -116,7 +118,8 @@ VERBS = {
                       seed=None, guidance=None, noise_prior=None, labels="null", out=None)),
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
-                   steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, resume=None, out=None)),
+                   steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None, resume=None,
+                   out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
                       iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,

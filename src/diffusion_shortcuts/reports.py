@@ -187,7 +187,7 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
 
 def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_size: int, lr: float, gradient: str,
                  steps: int, samples: int, seed: int, resume: bool, checkpoint_every: int = 25,
-                 guidance: float | None = None) -> dict:
+                 guidance: float | None = None, reuse_mode: str = "copy") -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model."""
     from .plots import schedule_heatmap
     from .prune import SearchError, train_pruner
@@ -204,7 +204,8 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     try:
         result = train_pruner(sampler, subject.encode(distinct) if distinct is not None else None, ratio,
                               iterations=iterations, batch_size=batch_size, lr=lr, gradient=policy, seed=seed,
-                              checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume)
+                              checkpoint_dir=out, checkpoint_every=checkpoint_every, reuse_mode=reuse_mode,
+                              resume=resume)
     except (SearchError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
     schedule = result.schedule(ratio)

@@ -35,7 +35,7 @@ def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, ful
             raise ValueError("the sampler drives another model than the one the schedule is applied to")
         schedule = schedule.fitted(sampler.timesteps, strict=strict)
     net = SuperNet(model, schedule.timesteps, schedule.blocks, schedule.kinds, whole_steps=schedule.whole_steps,
-                   full_graph_steps=full_graph_steps)
+                   full_graph_steps=full_graph_steps, mode=schedule.mode)
     net.use_table(schedule.reuse)
     return net.attach()
 

@@ -8,6 +8,7 @@ made for. Row 0 is always computed in full (nothing is cached yet). Saved as JSO
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class CacheSchedule:
     model_id: str
     info: dict = field(default_factory=dict)
     whole_steps: bool = False  # a step that reuses every block reuses the whole denoiser call (costs nothing)
+    mode: str = "copy"  # what a reused block returns: its cached work ("copy") or a forecast of it ("taylor1")
 
     def __post_init__(self):
         self.reuse = torch.as_tensor(self.reuse, dtype=torch.bool).cpu()
@@ -55,6 +57,8 @@ class CacheSchedule:
             raise ScheduleError(f"schedule has {n} blocks but {len(self.kinds)} kinds and {len(self.block_macs)} MACs")
         if bad := [k for k in self.kinds if k not in (OUTPUT, RESIDUAL)]:
             raise ScheduleError(f"unknown reuse kinds {bad}")
+        if self.mode not in ("copy", "taylor1"):
+            raise ScheduleError(f"unknown reuse mode {self.mode!r}; known: copy, taylor1")
         if t and self.reuse[0].any():
             raise ScheduleError("step 0 cannot reuse anything: nothing is cached before it")
         if sum(self.block_macs) > self.total_macs or min(self.block_macs, default=0) < 0:
@@ -140,7 +144,7 @@ class CacheSchedule:
         costs nothing where the whole call is reused (``whole_steps``)."""
         kept = (~self.reuse).to(torch.float64) @ torch.tensor(self.block_macs, dtype=torch.float64)
         macs = kept + (self.total_macs - sum(self.block_macs))
-        if self.whole_steps and self.blocks:
+        if self.whole_steps and self.mode == "copy" and self.blocks:
             macs[self.reuse.all(dim=1)] = 0.0
         return macs
 
@@ -194,7 +198,11 @@ class CacheSchedule:
         reuse[0] = False
         info = {**self.info, "resampled_from": self.num_steps}
         return CacheSchedule(reuse, new, self.blocks, self.kinds, self.block_macs, self.total_macs, self.model_id,
-                             info, self.whole_steps)
+                             info, self.whole_steps, self.mode)
+
+    def with_mode(self, mode: str) -> "CacheSchedule":
+        """The same table with another reuse mode (``"copy"`` or ``"taylor1"``)."""
+        return dataclasses.replace(self, mode=mode, info={**self.info, "mode": mode})
 
     def fitted(self, timesteps, strict: bool = False) -> "CacheSchedule":
         """Itself when ``timesteps`` are its own; else (unless ``strict``) :meth:`resampled` to them."""
@@ -212,6 +220,7 @@ class CacheSchedule:
                 "model_id": self.model_id, "blocks": self.blocks, "kinds": self.kinds,
                 "block_macs": self.block_macs, "total_macs": self.total_macs, "timesteps": self.timesteps,
                 "reuse": [[int(v) for v in row] for row in self.reuse.tolist()], "whole_steps": self.whole_steps,
+                "mode": self.mode,
                 "macs_ratio": self.macs_ratio, "info": self.info}
 
     def save(self, path: str | Path) -> Path:
@@ -247,7 +256,7 @@ class CacheSchedule:
                        if data["timesteps"] else torch.zeros(0, len(data["blocks"]), dtype=torch.bool),
                        data["timesteps"], data["blocks"], data["kinds"], data["block_macs"],
                        int(data["total_macs"]), str(data["model_id"]), dict(data.get("info", {})),
-                       bool(data.get("whole_steps", False)))
+                       bool(data.get("whole_steps", False)), str(data.get("mode", "copy")))
         except ScheduleError as e:
             raise ScheduleError(f"{path}: {e}") from None
         except (TypeError, ValueError, RuntimeError) as e:

@@ -39,6 +39,7 @@ from .blocks import OUTPUT, resolve_blocks, reuse_kind
 from .schedule import ScheduleError
 
 HOOK_NAME = "diffusion_shortcuts.prune"
+REUSE_MODES = ("copy", "taylor1")
 
 
 def _map(fn, *trees):
@@ -119,7 +120,7 @@ class SuperNet:
     """Gated blocks of ``model`` for a sampler with the given ``timesteps`` (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, timesteps, blocks: list[str] | None = None, kinds=None,
-                 whole_steps: bool = False, full_graph_steps: bool = False):
+                 whole_steps: bool = False, full_graph_steps: bool = False, mode: str = "copy"):
         self.model = unwrap(model)
         self.family = family_of(self.model)
         resolved = resolve_blocks(self.model, blocks)
@@ -131,7 +132,10 @@ class SuperNet:
         self.reuse: torch.Tensor | None = torch.zeros(len(self.timesteps), len(self.names), dtype=torch.bool)
         self.gates: torch.Tensor | None = None
         self.computed = [0] * len(self.names)  # block forwards really run, for accounting and tests
-        self.whole_steps = whole_steps  # see CacheSchedule.whole_steps
+        if mode not in REUSE_MODES:
+            raise ScheduleError(f"reuse mode must be one of {', '.join(REUSE_MODES)}, got {mode!r}")
+        self.mode = mode  # "copy": the cached work as it was; "taylor1": moved along its last change
+        self.whole_steps = whole_steps and mode == "copy"  # a forecast changes the output: the call must run
         # a call that keeps its autograd graph (SDO's one step) computes every block: only no-grad calls reuse
         self.full_graph_steps = full_graph_steps
         self.skipped_calls = 0
@@ -250,16 +254,27 @@ class SuperNet:
                     del self.outputs[old]
 
     def _cached(self, index: int, step: int):
-        earlier = [s for s in self.caches[index] if s < step]
-        return self.caches[index][max(earlier)] if earlier else None
+        """What block ``index`` reuses at ``step``: its latest work before it ("copy"), or with "taylor1" that
+        work moved along its change between the two latest computed steps s1 < s2, a first-order forecast in
+        step units (TaylorSeer's rule): ``w2 + (w2 - w1) * (step - s2) / (s2 - s1)``."""
+        earlier = sorted(s for s in self.caches[index] if s < step)
+        if not earlier:
+            return None
+        latest = self.caches[index][earlier[-1]]
+        if self.mode == "copy" or len(earlier) < 2:
+            return latest
+        s1, s2 = earlier[-2], earlier[-1]
+        slope = (step - s2) / (s2 - s1)
+        return _map(lambda w2, w1: w2 + (w2 - w1) * slope, latest, self.caches[index][s1])
 
     def _remember(self, index: int, step: int, value) -> None:
         cache = self.caches[index]
         if step in cache:  # a checkpoint recomputation: keep what the forward pass stored
             return
         cache[step] = value
-        if not torch.is_grad_enabled():  # no backward (hence no recomputation) can need the older ones
-            for old in [s for s in cache if s < step]:
+        if not torch.is_grad_enabled():  # no backward (hence no recomputation) can need older ones
+            keep = 2 if self.mode == "taylor1" else 1
+            for old in sorted(cache)[:-keep]:
                 del cache[old]
 
     def _streams(self, index: int, args, kwargs) -> tuple:

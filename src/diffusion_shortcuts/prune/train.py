@@ -47,12 +47,14 @@ class SearchResult:
     profile: BlockProfile
     timesteps: list[float]
     history: dict = field(default_factory=dict)
+    reuse_mode: str = "copy"
 
     def schedule(self, ratio: float) -> CacheSchedule:
-        """The static schedule at ``ratio`` (pruned MACs fraction) from the trained keep scores."""
+        """The static schedule at ``ratio`` (pruned MACs fraction) from the trained keep scores, in the reuse
+        mode the search trained with."""
         with torch.no_grad():
             scores = self.pruner.keep_scores()
-        sched = CacheSchedule.from_scores(scores, self.timesteps, self.profile, ratio)
+        sched = CacheSchedule.from_scores(scores, self.timesteps, self.profile, ratio).with_mode(self.reuse_mode)
         sched.info["search"] = {k: v for k, v in self.history.get("settings", {}).items()}
         return sched
 
@@ -79,6 +81,7 @@ class SearchConfig:
     seed: int = 0
     target_batch: int = 8
     pruner_kwargs: dict | None = None
+    reuse_mode: str = "copy"
     sampler: dict = field(default_factory=dict, metadata={"derived": True})
     conditions: str = field(default="", metadata={"derived": True})
 
@@ -98,7 +101,8 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
                  lr: float = 0.01, optimizer: str = "adam", momentum: float = 0.9, alpha: float = 1.0,
                  tau: float | None = None, gradient: G.GradientPolicy | str = G.Checkpointed(),
                  blocks: list[str] | None = None, sample_shape: tuple[int, ...] | None = None, seed: int = 0,
-                 target_batch: int = 8, pruner_kwargs: dict | None = None, checkpoint_dir: str | Path | None = None,
+                 target_batch: int = 8, pruner_kwargs: dict | None = None, reuse_mode: str = "copy",
+                 checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 25, resume: bool = False, progress: bool = True,
                  callback=None) -> SearchResult:
     """Train a :class:`Pruner` for ``sampler`` (its model, scheduler, steps and guidance).
@@ -109,6 +113,8 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
         ratio: the MACs fraction to prune; ``tau`` (default ``1 - ratio``) is the kept fraction below
             which the sparsity term is dropped.
         gradient: policy for the gated rollout; ``Checkpointed()`` is exact with the memory of one step.
+        reuse_mode: what a reused block returns during the search and in the schedule: ``"copy"`` (DiP-GO) or
+            ``"taylor1"`` (its work extrapolated from its two latest computed steps); the search trains with it.
         checkpoint_dir / checkpoint_every / resume: a checkpoint (pruner, optimizer, LR schedule,
             history, iteration) is written atomically every ``checkpoint_every`` iterations; with
             ``resume`` the search continues from it, refusing one made with other settings
@@ -123,7 +129,7 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
         ratio=ratio, iterations=iterations, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
         alpha=alpha, tau=1.0 - ratio if tau is None else tau, gradient=policy.spec,
         blocks=tuple(blocks) if blocks is not None else None, sample_shape=tuple(shape), seed=seed,
-        target_batch=target_batch, pruner_kwargs=pruner_kwargs, sampler=sampler.describe(),
+        target_batch=target_batch, pruner_kwargs=pruner_kwargs, reuse_mode=reuse_mode, sampler=sampler.describe(),
         conditions=C.fingerprint(conditions))
     search = _Search(sampler, conditions, policy, config)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
@@ -137,7 +143,7 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
                 callback({"iteration": it, **record, "pruner": search.pruner})
             if checkpoint.due(it + 1, iterations):
                 checkpoint.save(it + 1, {"history": search.history}, **search.objects())
-    return SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history)
+    return SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history, reuse_mode)
 
 
 class _Search:
@@ -163,7 +169,7 @@ class _Search:
         self.history = {"settings": settings_of(config), "loss": [], "ssim": [], "macs_ratio": [], "seconds": []}
         self.n_cond = C.count(conditions)
         self.perm = torch.randperm(self.n_cond, generator=torch.Generator().manual_seed(config.seed))
-        self.net = SuperNet(model, self.timesteps, list(prof.blocks))
+        self.net = SuperNet(model, self.timesteps, list(prof.blocks), mode=config.reuse_mode)
         self.targets: dict[int, torch.Tensor] = {}
 
     def objects(self) -> dict:
