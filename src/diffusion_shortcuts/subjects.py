@@ -158,7 +158,8 @@ def load_subject(model: str, *, labels: str = "0-9", prompt=None, prompts=None, 
         raise SubjectError(f"--model: {exc}") from None
     if not isinstance(generator, zoo.ZooModel):
         raise SubjectError(f"--model {model}: a classifier, not a generator; generators: {', '.join(zoo.GENERATORS)}")
-    generator.model.to(DTYPES[dtype])
+    if DTYPES[dtype] != torch.float32:
+        generator.model.to(DTYPES[dtype])
     if texts:
         raise SubjectError(f"--prompt: {model} takes class labels (--labels), not prompts")
     return ZooSubject(generator, labels)
