@@ -26,6 +26,32 @@ from diffusion_shortcuts.prune import CacheSchedule, apply
 RESULTS = Path(__file__).parent / "results"
 
 
+def variants(model, sampler, fewer, noise, cond, schedule, computing) -> dict:
+    """The four ways to sample one batch: full, the schedule with and without whole steps, fewer steps."""
+    def scheduled(s):
+        def run():
+            with apply(model, s, sampler):
+                sampler(noise, cond)
+        return run
+
+    return {"full": lambda: sampler(noise, cond), "schedule, every call run": scheduled(computing),
+            "schedule, whole steps skipped": scheduled(schedule),
+            f"DDIM {fewer.num_inference_steps} steps": lambda: fewer(noise, cond)}
+
+
+def round_robin(runs: dict, rounds: int) -> dict:
+    """Median seconds of each run, timed in turn for ``rounds`` rounds after one warm-up round."""
+    times = {name: [] for name in runs}
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for name, run in runs.items():
+                with Timer() as t:
+                    run()
+                if r:
+                    times[name].append(t.seconds)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def main(rounds: int = 7, batch: int = 16) -> dict:
     m = ds.zoo.load("digits-unet")
     sampler = m.sampler(50)
@@ -37,23 +63,7 @@ def main(rounds: int = 7, batch: int = 16) -> dict:
     noise = m.noise(batch, torch.Generator().manual_seed(0))
     cond = m.encode(torch.arange(batch) % 10)
 
-    def scheduled(s):
-        def run():
-            with apply(m.model, s, sampler):
-                sampler(noise, cond)
-        return run
-
-    variants = {"full": lambda: sampler(noise, cond), "schedule, every call run": scheduled(computing),
-                "schedule, whole steps skipped": scheduled(schedule), f"DDIM {fewer} steps": lambda: ddim(noise, cond)}
-    times = {name: [] for name in variants}
-    with torch.no_grad():
-        for r in range(rounds + 1):
-            for name, run in variants.items():
-                with Timer() as t:
-                    run()
-                if r:
-                    times[name].append(t.seconds)
-    median = {name: statistics.median(v) for name, v in times.items()}
+    median = round_robin(variants(m.model, sampler, ddim, noise, cond, schedule, computing), rounds)
     macs_speedup = 1 / schedule.macs_ratio
     rows = {name: {"seconds": s, "speedup": median["full"] / s} for name, s in median.items()}
     result = {"command": "OMP_NUM_THREADS=2 python benchmarks/whole_steps.py " + " ".join(sys.argv[1:]),
@@ -90,23 +100,7 @@ def sd15(rounds: int = 3) -> dict:
     computing = CacheSchedule(schedule.reuse, schedule.timesteps, schedule.blocks, schedule.kinds,
                               schedule.block_macs, schedule.total_macs, schedule.model_id, {}, False)
 
-    def scheduled(s):
-        def run():
-            with apply(unet, s, sampler):
-                sampler(noise, cond)
-        return run
-
-    variants = {"full": lambda: sampler(noise, cond), "schedule, every call run": scheduled(computing),
-                "schedule, whole steps skipped": scheduled(schedule), "DDIM 10 steps": lambda: ddim(noise, cond)}
-    times = {name: [] for name in variants}
-    with torch.no_grad():
-        for r in range(rounds + 1):
-            for name, run in variants.items():
-                with Timer() as t:
-                    run()
-                if r:
-                    times[name].append(t.seconds)
-    median = {name: statistics.median(v) for name, v in times.items()}
+    median = round_robin(variants(unet, sampler, ddim, noise, cond, schedule, computing), rounds)
     return {"macs_ratio": schedule.macs_ratio, "macs_ratio_every_call_run": computing.macs_ratio, "rounds": rounds,
             "rows": {name: {"seconds": s, "speedup": median["full"] / s} for name, s in median.items()}}
 
