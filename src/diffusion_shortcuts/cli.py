@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.verb, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                                 f"(--debug shows the traceback; what was saved is in {args.out})", 1)
     if metrics:
+        if metrics.get("warning"):
+            print(f"diffusion-shortcuts {args.verb}: warning: {metrics['warning']}", file=sys.stderr)
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}))
     return 0
 

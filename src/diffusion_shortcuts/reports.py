@@ -224,7 +224,10 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
                   labelled(grid(pruned[show], nrow=10), f"schedule: {metrics['speedup']:.1f}x faster")]).save(
         out / "full_vs_pruned.png")
     history = result.history
-    return {"model": subject.name, "ratio": ratio, "schedule": "schedule.json", "pruner": "pruner",
+    warning = None if schedule.info["within_tolerance"] else (
+        f"the schedule prunes {1 - schedule.macs_ratio:.3f} of the MACs, not the {ratio} asked for: the gate "
+        "network's keep scores allow no closer threshold (more --iterations, or another --ratio)")
+    return {"model": subject.name, "ratio": ratio, "warning": warning, "schedule": "schedule.json", "pruner": "pruner",
             "heatmap": "heatmap.png", "picture": "full_vs_pruned.png", "search_seconds": sum(history["seconds"]),
             "search_iterations": len(history["loss"]), "search_settings": history["settings"],
             "within_tolerance": schedule.info["within_tolerance"], "search_ssim": history["ssim"],
