@@ -429,6 +429,19 @@ FAMILIES.register(FluxTransformer2DModel, Family(
     set_timesteps=_flux_timesteps))
 
 
+def denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
+    """A diffusers pipeline's denoiser and its component name (``unet`` or ``transformer``)."""
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return name, getattr(pipe, name)
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+
+
+def vae_scale(pipe) -> int:
+    """Image pixels per latent pixel of a pipeline: its VAE's scale factor, 1 for a pixel-space pipeline."""
+    return getattr(pipe, "vae_scale_factor", 1) if getattr(pipe, "vae", None) is not None else 1
+
+
 def model_id(model) -> str:
     """An identity of the model's architecture: class name and a hash of its configuration."""
     model = unwrap(model)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .families import UnknownModelError, family_of
+from .families import UnknownModelError, denoiser_of, family_of, vae_scale
 from .loading import quiet_loading
 from .sampling import Sampler
 
@@ -38,14 +38,6 @@ def resolve_device(name: str) -> torch.device:
 
 def is_pipeline_folder(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
-
-
-def denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
-    """The pipeline's denoiser and its component name (``unet`` or ``transformer``)."""
-    for name in ("unet", "transformer"):
-        if getattr(pipe, name, None) is not None:
-            return name, getattr(pipe, name)
-    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
 
 
 @dataclass
@@ -80,7 +72,7 @@ class PipelineModel:
         channels, h, w = self.family.latent_shape(self.model)
         if self.sample_size is None:
             return channels, h, w
-        factor = getattr(self.pipe, "vae_scale_factor", 8)
+        factor = vae_scale(self.pipe)
         height, width = self.sample_size
         multiple = factor * self.family.spatial_multiple(self.model)
         if height % multiple or width % multiple:
@@ -143,7 +135,7 @@ def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32"
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     size = None
     if height is not None or width is not None:
-        default = getattr(pipe, "vae_scale_factor", 8) * family_of(model).latent_shape(model)[1]
+        default = vae_scale(pipe) * family_of(model).latent_shape(model)[1]
         size = (height or default, width or default)
     return PipelineModel(path, pipe, torch_device, DTYPES[dtype], negative_prompt, size)
 

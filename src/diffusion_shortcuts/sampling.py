@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import conditions as C
 from . import gradients as G
 from .conditions import Cond
-from .families import CFG, EMBEDDED, family_of, model_id, sample_shape, unwrap
+from .families import CFG, EMBEDDED, denoiser_of, family_of, model_id, sample_shape, unwrap, vae_scale
 
 __all__ = ["Sampler", "call_denoiser", "sample_shape", "unwrap"]
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
@@ -315,9 +315,7 @@ class Sampler:
         null class for DiT. Images are decoded by the pipeline's VAE (its ``scaling_factor`` and
         ``shift_factor``) and mapped to [0, 1] without clamping, so that they stay differentiable.
         """
-        model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        if model is None:
-            raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+        _, model = denoiser_of(pipe)
         family = family_of(model)
         decode, encode = _vae_codec(getattr(pipe, "vae", None))
         if guidance_scale is None:
@@ -348,7 +346,7 @@ class Sampler:
             prompts = [prompts]
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-        scale = getattr(self.pipeline, "vae_scale_factor", 1) if getattr(self.pipeline, "vae", None) else 1
+        scale = vae_scale(self.pipeline)
         size = (self.sample_shape[1] * scale, self.sample_shape[2] * scale)
         device = getattr(unwrap(self.model), "device", None)
         negative = [negative_prompt] * len(prompts) if negative_prompt is not None else None

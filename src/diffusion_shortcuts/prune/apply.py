@@ -66,21 +66,15 @@ def enable_cache(pipe, schedule: CacheSchedule, num_inference_steps: int | None 
     ``num_inference_steps`` the schedule is resampled to the timesteps the pipeline's scheduler will use for
     that many steps (at ``height`` x ``width`` pixels, for schedulers that shift with the resolution), so that a
     stock ``pipe(..., num_inference_steps=M)`` call runs with it."""
-    from ..families import family_of
+    from ..families import denoiser_of, family_of, vae_scale
+    from ..sampling import Sampler
 
-    model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    if model is None:
-        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
-    if num_inference_steps is not None:
-        import copy
-
-        family = family_of(model)
-        scheduler = copy.deepcopy(pipe.scheduler)
-        channels, h, w = family.latent_shape(model)
-        factor = getattr(pipe, "vae_scale_factor", 8)
-        shape = (1, channels, height // factor if height else h, width // factor if width else w)
-        family.prepare_timesteps(scheduler, num_inference_steps, None, shape, model)
-        schedule = schedule.fitted(scheduler.timesteps)
+    _, model = denoiser_of(pipe)
+    if num_inference_steps is not None:  # the timesteps our Sampler would run, which are the stock call's
+        channels, h, w = family_of(model).latent_shape(model)
+        factor = vae_scale(pipe)
+        shape = (channels, height // factor if height else h, width // factor if width else w)
+        schedule = schedule.fitted(Sampler(model, pipe.scheduler, num_inference_steps, sample_shape=shape).timesteps)
     return enable(model, schedule)
 
 
