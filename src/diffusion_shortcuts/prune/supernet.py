@@ -236,7 +236,7 @@ class SuperNet:
                 or self._graph_step_in_full():
             return None
         earlier = [s for s in self.outputs if s < step]
-        if not earlier or any(self._cached(i, step) is None for i in range(len(self.names))):
+        if not earlier or any(self._latest(i, step) is None for i in range(len(self.names))):
             return None
         self.skipped_calls += 1
         return self.outputs[max(earlier)]
@@ -252,6 +252,11 @@ class SuperNet:
             if not torch.is_grad_enabled():
                 for old in [s for s in self.outputs if s < self.step]:
                     del self.outputs[old]
+
+    def _latest(self, index: int, step: int):
+        """Block ``index``'s latest work before ``step`` (None if it has none)."""
+        earlier = [s for s in self.caches[index] if s < step]
+        return self.caches[index][max(earlier)] if earlier else None
 
     def _cached(self, index: int, step: int):
         """What block ``index`` reuses at ``step``: its latest work before it ("copy"), or with "taylor1" that
@@ -294,20 +299,21 @@ class SuperNet:
         residual = self.kinds[index] != OUTPUT
         x = args[0] if args else kwargs["hidden_states"]
         streams = self._streams(index, args, kwargs) if residual else None
-        cached = self._cached(index, step)
-        if cached is not None and _batch(cached) != x.shape[0]:
-            raise ScheduleError(f"block {self.names[index]} cached a batch of {_batch(cached)} but is called with "
+        latest = self._latest(index, step)
+        if latest is not None and _batch(latest) != x.shape[0]:
+            raise ScheduleError(f"block {self.names[index]} cached a batch of {_batch(latest)} but is called with "
                                 f"{x.shape[0]}: call the model once per step with both guidance branches batched")
-        if self.gates is None and cached is not None and bool(self.reuse[step, index]) \
+        if self.gates is None and latest is not None and bool(self.reuse[step, index]) \
                 and not self._graph_step_in_full():
+            cached = self._cached(index, step)
             return self._updated(streams, cached) if residual else cached
 
         out = forward(*args, **kwargs)
         self.computed[index] += 1
         work = _map(lambda o, s: o - s, out if isinstance(out, tuple) else (out,), streams) if residual else out
-        if self.gates is not None and cached is not None:
+        if self.gates is not None and latest is not None:  # the forecast (or copy) only where it is mixed in
             g_reuse, g_keep = self.gates[step, index].to(x.dtype)
-            work = _map(lambda c, w: g_reuse * c + g_keep * w, cached, work)
+            work = _map(lambda c, w: g_reuse * c + g_keep * w, self._cached(index, step), work)
             out = self._updated(streams, work) if residual else work
         self._remember(index, step, work)
         return out
