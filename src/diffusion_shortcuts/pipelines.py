@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -83,8 +84,13 @@ class PipelineModel:
         return Sampler.from_pipeline(self.pipe, steps, guidance, negative_prompt=self.negative_prompt,
                                      sample_shape=self.sample_shape)
 
+    @cached_property
+    def _encoder(self) -> Sampler:
+        """An unguided sampler kept for encoding prompts (fine-tuning encodes every iteration's batch)."""
+        return self.sampler(1, 1.0)
+
     def encode(self, prompts: list[str]):
-        return self.sampler(1, 1.0).encode_prompt(prompts)
+        return self._encoder.encode_prompt(prompts)
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
