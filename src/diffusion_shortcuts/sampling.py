@@ -34,21 +34,29 @@ __all__ = ["Sampler", "call_denoiser", "sample_shape", "unwrap"]
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
 
 
-def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None = None
-                  ) -> torch.Tensor:
+def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """One call of a registered denoiser at scheduler timestep ``t``, as its model family calls it
     (:mod:`diffusion_shortcuts.families`); returns the output tensor shaped like ``x`` (plus any
     learned-variance channels). ``guidance`` is the scale of families with embedded guidance (Flux).
 
     A model in lower precision (bfloat16, float16) gets ``x`` and the floating conditioning in its dtype
     and gives its output back in ``x``'s: latents and the scheduler arithmetic stay in ``x``'s precision.
+    ``dtype`` is the model's, when the caller has looked it up already (:func:`model_dtype` walks every
+    submodule, a millisecond and more per call on a small model).
     """
     t_batch = t.reshape(-1).expand(x.shape[0]) if t.ndim <= 1 else t
-    dtype = getattr(unwrap(model), "dtype", x.dtype)
+    dtype = model_dtype(model, x.dtype) if dtype is None else dtype
     if dtype == x.dtype or not dtype.is_floating_point:
         return family_of(model).call(model, x, t_batch, cond, guidance)
     cond = C.tree_map(lambda leaf: leaf.to(dtype) if leaf.is_floating_point() else leaf, cond)
     return family_of(model).call(model, x.to(dtype), t_batch, cond, guidance).to(x.dtype)
+
+
+def model_dtype(model: Callable, default: torch.dtype) -> torch.dtype:
+    """The precision a denoiser computes in (diffusers' ``dtype``: layerwise casting's compute dtype, else its
+    first floating parameter's); ``default`` for a plain callable."""
+    return getattr(unwrap(model), "dtype", default)
 
 
 def _scale_input(sched, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -139,12 +147,13 @@ class Sampler:
         return self.fresh_scheduler().timesteps
 
     # ---- one network evaluation -----------------------------------------------------------------
-    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond = None) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         """The guided model output eps_theta(x, t, c) that the scheduler step consumes.
 
         Classifier-free guidance batches ``[uncond; cond]`` in one call; embedded guidance (Flux) passes
         the scale to the model. Learned-variance channels (DiT, PixArt: twice the latent channels) are
-        split off.
+        split off. ``dtype`` is the model's, looked up once per generation by the sampling loop.
         """
         uncond = self.uncond if uncond is None else uncond
         guided = self.guidance_scale != 1.0 and self.family.guidance == CFG
@@ -155,7 +164,7 @@ class Sampler:
             cond_in = C.concat(C.expand(uncond, batch), C.expand(cond, batch))
         else:
             x_in, cond_in = x, C.expand(cond, x.shape[0])
-        out = call_denoiser(self.model, x_in, t, cond_in, embedded)
+        out = call_denoiser(self.model, x_in, t, cond_in, embedded, dtype)
         if self.family.learned_sigma and out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]
         if guided:
@@ -231,6 +240,7 @@ class Sampler:
             step_kwargs["eta"] = self.eta
 
         x = latents * getattr(sched, "init_noise_sigma", 1.0) if start_step == 0 else latents
+        dtype = model_dtype(self.model, x.dtype)
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not self.progress, leave=False)):
             mode = plan.modes[i]
             if plan.detach_before == i:
@@ -238,7 +248,7 @@ class Sampler:
                 self._detach_state(sched, last_only=False)
 
             def eps_fn(x_in, t=t):
-                return self.predict(_scale_input(sched, x_in, t), t, cond, uncond)
+                return self.predict(_scale_input(sched, x_in, t), t, cond, uncond, dtype)
 
             if mode == G.GRAPH:
                 eps = eps_fn(x)
@@ -293,11 +303,12 @@ class Sampler:
         self._check_inputs(x, cond, to_step, None)
         timesteps = sched.timesteps
         alphas = alphas.to(x.device, x.dtype)
+        dtype = model_dtype(self.model, x.dtype)
         for j in range(len(timesteps) - 1, to_step - 1, -1):
             t = timesteps[j]
             a_t = alphas[t]
             a_prev = alphas[timesteps[j + 1]] if j + 1 < len(timesteps) else torch.ones_like(a_t)
-            eps = self.predict(_scale_input(sched, x, t), t, cond, uncond)
+            eps = self.predict(_scale_input(sched, x, t), t, cond, uncond, dtype)
             x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
         return x

@@ -29,6 +29,7 @@ nothing. Under ``torch.no_grad()`` (plain sampling) only the newest cached value
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -81,7 +82,7 @@ class _StepHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         if self.signature is None:
-            self.signature = inspect.signature(type(module).forward)
+            self.signature = _class_signature(type(module).forward)
         bound = self.signature.bind_partial(module, *args, **kwargs)
         timestep = bound.arguments.get("timestep")
         if timestep is None:
@@ -102,6 +103,21 @@ class _StepHook(ModelHook):
     def reset_state(self, module):
         self.net.reset(announced=True)
         return module
+
+
+@functools.lru_cache(maxsize=None)
+def _class_signature(function) -> inspect.Signature:
+    """``inspect.signature`` of a class's function, computed once per function (a schedule is applied per
+    generation, and the signatures of a UNet's blocks cost as much as a few sampling steps)."""
+    return inspect.signature(function)
+
+
+def _forward_signature(module: torch.nn.Module) -> inspect.Signature:
+    """The signature of ``module.forward`` as called (without ``self``)."""
+    if getattr(module.forward, "__func__", None) is not type(module).forward:
+        return inspect.signature(module.forward)  # a forward replaced on the instance
+    signature = _class_signature(type(module).forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
 class _BlockHook(ModelHook):
@@ -126,7 +142,7 @@ class SuperNet:
         resolved = resolve_blocks(self.model, blocks)
         self.names = [n for n, _ in resolved]
         self.modules = [m for _, m in resolved]
-        self.signatures = [inspect.signature(m.forward) for m in self.modules]
+        self.signatures = [_forward_signature(m) for m in self.modules]
         self.kinds = list(kinds) if kinds is not None else [reuse_kind(self.model, n) for n in self.names]
         self.timesteps = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
         self.reuse: torch.Tensor | None = torch.zeros(len(self.timesteps), len(self.names), dtype=torch.bool)
