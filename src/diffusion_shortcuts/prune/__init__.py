@@ -5,11 +5,11 @@
 """
 
 from .apply import apply, disable, enable, enable_cache, summary
-from .blocks import BlockProfile, default_block_names, profile, supported
+from .blocks import BlockProfile, deepcache_blocks, default_block_names, profile, supported
 from .pruner import Pruner
 from .schedule import CacheSchedule, ScheduleError
 from .supernet import SuperNet
 from .train import SearchError, SearchResult, search, train_pruner
 
-__all__ = ["apply", "enable", "disable", "enable_cache", "summary", "supported", "BlockProfile", "default_block_names", "profile", "Pruner",
+__all__ = ["apply", "enable", "disable", "enable_cache", "summary", "supported", "BlockProfile", "deepcache_blocks", "default_block_names", "profile", "Pruner",
            "CacheSchedule", "ScheduleError", "SuperNet", "SearchError", "SearchResult", "search", "train_pruner"]

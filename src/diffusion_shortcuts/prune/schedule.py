@@ -77,22 +77,37 @@ class CacheSchedule:
         return cls.from_table(torch.zeros(len(timesteps), len(profile.blocks)), timesteps, profile, method="full")
 
     @classmethod
-    def uniform(cls, timesteps, profile: BlockProfile, interval: int, keep_outer: int = 1) -> "CacheSchedule":
+    def uniform(cls, timesteps, profile: BlockProfile, interval: int, keep_outer: int = 1,
+                branch: int | None = None) -> "CacheSchedule":
         """DeepCache-style (Ma et al. 2024): every ``interval`` steps compute everything, at the other steps
         reuse all blocks but the ``keep_outer`` outermost at each end (a UNet's first down and last up
-        block; a transformer's first and last block)."""
+        block; a transformer's first and last block).
+
+        ``branch``: DeepCache's own ``cache_branch_id`` on a UNet, at sub-block granularity; the profile must
+        be made for it (``profile(model, sample, cond, branch=branch)``, whose blocks are exactly what the
+        branch reuses), and every one of its blocks is reused at the cached steps (``keep_outer`` unused).
+        """
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
         n = len(profile.blocks)
-        if not 0 <= 2 * keep_outer <= n:
-            raise ValueError(f"keep_outer={keep_outer} does not fit {n} blocks")
-        reuse = torch.zeros(len(timesteps), n, dtype=torch.bool)
         inner = torch.zeros(n, dtype=torch.bool)
-        inner[keep_outer:n - keep_outer] = True
+        if branch is not None:
+            if profile.branch != branch:
+                raise ValueError(f"branch={branch} needs a profile of that branch's blocks: "
+                                 f"profile(model, sample, cond, branch={branch}); this one is for "
+                                 + (f"branch {profile.branch}" if profile.branch is not None else "whole blocks"))
+            inner[:] = True
+            method = f"deepcache(interval={interval}, branch={branch})"
+        else:
+            if not 0 <= 2 * keep_outer <= n:
+                raise ValueError(f"keep_outer={keep_outer} does not fit {n} blocks")
+            inner[keep_outer:n - keep_outer] = True
+            method = f"uniform(interval={interval}, keep_outer={keep_outer})"
+        reuse = torch.zeros(len(timesteps), n, dtype=torch.bool)
         for i in range(len(timesteps)):
             if i % interval:
                 reuse[i] = inner
-        return cls.from_table(reuse, timesteps, profile, method=f"uniform(interval={interval}, keep_outer={keep_outer})")
+        return cls.from_table(reuse, timesteps, profile, method=method)
 
     @classmethod
     def from_scores(cls, keep_scores: torch.Tensor, timesteps, profile: BlockProfile, ratio: float,
