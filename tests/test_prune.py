@@ -475,7 +475,10 @@ def test_taylor1_forecasts_a_blocks_work_from_its_two_latest_computed_steps():
     a, b = torch.randn(2, 3), torch.randn(2, 3)
     net.caches[0] = {1: a, 3: b}
     torch.testing.assert_close(net._cached(0, 4), b + (b - a) * 0.5)  # one step after s2, two steps between
-    torch.testing.assert_close(net._cached(0, 6), b + (b - a) * 1.5)
+    torch.testing.assert_close(net._cached(0, 5), b + (b - a) * 1.0)
+    # the horizon: no farther past s2 than s1 is before it; the forecast holds there
+    torch.testing.assert_close(net._cached(0, 6), b + (b - a) * 1.0)
+    torch.testing.assert_close(net._cached(0, 9), b + (b - a) * 1.0)
     net.caches[1] = {2: (a, (b,))}  # one computed step: nothing to extrapolate from, the copy
     assert net._cached(1, 5)[0] is a
     with pytest.raises(ScheduleError, match="reuse mode must be one of copy, taylor1"):
