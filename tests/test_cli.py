@@ -70,9 +70,14 @@ def test_demo_writes_report(tmp_path, capsys):
     for name in ("digits-unet", "digits-dit"):
         pruned = metrics["models"][f"{name} (schedule 0.8)"]
         assert pruned["macs_ratio"] < 0.25 and pruned["speedup"] > 0
-    for picture in ("demo.png", "demo_pruned.png", "report.md"):
+    for picture in ("demo.png", "demo_pruned.png", "report.md", "before_after_sdo_pruned.png"):
         assert (tmp_path / picture).exists()
-    assert "schedule 0.8" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "schedule 0.8" in report and "Both shortcuts" in report
+    # the synergy figure from this run: SDO on the pruned model, against full backpropagation
+    assert metrics["sdo_pruned"]["macs_ratio"] < 0.25 and metrics["sdo"]["macs_ratio"] == 1.0
+    assert metrics["full_backprop_seconds_per_iteration"] > 0
+    assert len(metrics["sdo_pruned"]["seconds_per_iteration"]) == 1
 
 
 def test_console_script_help():

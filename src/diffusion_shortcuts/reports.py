@@ -236,12 +236,14 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
 
 def optimize_report(out: Path, subject, *, reward: str, gradient: str, iterations: int, n: int, lr: float,
                     steps: int, seed: int, noise_prior: str | None, guidance: float | None = None,
-                    tag: str = "") -> dict:
-    """Optimize the initial noise of n samples against a reward; write curve, before/after and latents."""
+                    schedule: str | None = None, strict_schedule: bool = False, tag: str = "") -> dict:
+    """Optimize the initial noise of n samples against a reward; write curve, before/after and latents. With a
+    cache schedule, every rollout (the graph step's call included) runs pruned: both shortcuts at once."""
     from safetensors.torch import save_file
 
     from .optimize import OptimizationError, optimize_latents
     from .plots import reward_curves
+    from .prune import apply
     from .rewards import given_conditions
 
     reward_fn, policy = parse_reward(reward, subject), parse_gradient(gradient)
@@ -250,16 +252,18 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
     conditions = subject.conditions(n)
     cond = subject.encode(conditions)
     sampler = subject.sampler(steps, guidance)
+    cache = load_schedule(schedule, subject, sampler, strict_schedule) if schedule else None
     noise = subject.noise(n, torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        before = sampler(noise, cond).clamp(0, 1)
     error = None
-    try:  # the reward sees the labels or prompts, the sampler their encoding
-        result = optimize_latents(sampler, given_conditions(reward_fn, conditions), noise, cond, iterations=iterations,
-                                  lr=lr, gradient=policy, noise_prior=None if noise_prior == "none" else noise_prior,
-                                  seed=seed)
-    except OptimizationError as exc:
-        result, error = exc.result, str(exc)
+    with apply(subject.model, cache, sampler) if cache else nullcontext():
+        with torch.no_grad():
+            before = sampler(noise, cond).clamp(0, 1)
+        try:  # the reward sees the labels or prompts, the sampler their encoding
+            result = optimize_latents(sampler, given_conditions(reward_fn, conditions), noise, cond,
+                                      iterations=iterations, lr=lr, gradient=policy,
+                                      noise_prior=None if noise_prior == "none" else noise_prior, seed=seed)
+        except OptimizationError as exc:
+            result, error = exc.result, str(exc)
     save_file({"latents": result.latents.float().contiguous().cpu(), "initial_noise": noise.contiguous().cpu()},
               str(out / f"latents{tag}.safetensors"))
     history = result.history
@@ -270,7 +274,8 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
                "mean_seconds_per_iteration": sum(history["seconds"]) / max(1, len(history["seconds"])),
                "peak_memory_mb": peak_memory_mb(subject.device), "graph_mb": history["graph_mb"],
                "final_reward": history.get("final_reward"), "shell_drift": history.get("final_shell_drift"),
-               "latents": f"latents{tag}.safetensors", "error": error}
+               "latents": f"latents{tag}.safetensors", "error": error, "schedule": schedule,
+               "macs_ratio": cache.macs_ratio if cache else 1.0}
     after = result.images.clamp(0, 1) if result.images is not None else before
     if reward.startswith("digit:"):
         target = torch.full((n,), int(reward.split(":")[1]))
@@ -380,11 +385,31 @@ def demo_report(out: Path, *, n: int, seed: int, steps: int, digit: int, iterati
     report.update(picture="demo.png", picture_pruned="demo_pruned.png")
     # The DiT's unconditional samples are the cleaner start; the sphere prior keeps the noise on the
     # Gaussian shell, without which the steered samples drift into adversarial noise for the reward classifier.
-    report["sdo"] = optimize_report(out, load_subject(SDO_DEMO_MODEL, labels="null"), reward=f"digit:{digit}",
-                                    gradient="shortcut", iterations=iterations, n=8, lr=0.05, steps=steps, seed=seed,
-                                    noise_prior="sphere", tag="_sdo")
+    steering = dict(reward=f"digit:{digit}", iterations=iterations, n=8, lr=0.05, steps=steps, seed=seed,
+                    noise_prior="sphere")
+    subject = load_subject(SDO_DEMO_MODEL, labels="null")
+    report["sdo"] = optimize_report(out, subject, gradient="shortcut", tag="_sdo", **steering)
+    # both shortcuts: the same steering with the shipped schedule on every rollout, timed against full
+    # backpropagation (a few iterations of it are enough for its time per iteration)
+    report["sdo_pruned"] = optimize_report(out, subject, gradient="shortcut", schedule="zoo", tag="_sdo_pruned",
+                                           **steering)
+    report["full_backprop_seconds_per_iteration"] = _seconds_per_iteration(subject, f"digit:{digit}", steps, seed)
     (out / "report.md").write_text(_demo_markdown(report, digit, iterations))
     return report
+
+
+def _seconds_per_iteration(subject, reward: str, steps: int, seed: int, gradient: str = "full",
+                           iterations: int = 3) -> float:
+    """Median seconds of a latent-optimization iteration under ``gradient`` (the demo's yardstick)."""
+    from .optimize import optimize_latents
+    from .rewards import given_conditions
+
+    conditions = subject.conditions(8)
+    result = optimize_latents(subject.sampler(steps, None), given_conditions(parse_reward(reward, subject), conditions),
+                              subject.noise(8, torch.Generator().manual_seed(seed)), subject.encode(conditions),
+                              iterations=iterations, lr=0.05, gradient=parse_gradient(gradient), seed=seed,
+                              progress=False)
+    return float(torch.tensor(result.history["seconds"]).median())
 
 
 def _demo_markdown(report: dict, digit: int, iterations: int) -> str:
@@ -408,4 +433,15 @@ def _demo_markdown(report: dict, digit: int, iterations: int) -> str:
               f"{sdo['mean_seconds_per_iteration']:.2f} s per iteration; judged by {JUDGE} "
               f"(never the reward): {sdo['success_before']:.0%} were a {digit} before, "
               f"{sdo['success_after']:.0%} after."]
+    both, full = report["sdo_pruned"], report["full_backprop_seconds_per_iteration"]
+    lines += ["", "## Both shortcuts: the same steering on the pruned model", "",
+              "![before and after, pruned](before_after_sdo_pruned.png)", "",
+              "| gradient | rollout | s / iteration | vs full backpropagation | judged a " + f"{digit} after |",
+              "|---|---|---|---|---|",
+              f"| full backpropagation | full | {full:.2f} | 1.00x | - |",
+              f"| SDO | full | {sdo['mean_seconds_per_iteration']:.2f} | "
+              f"{sdo['mean_seconds_per_iteration'] / full:.2f}x | {sdo['success_after']:.0%} |",
+              f"| SDO | schedule 0.8 (MACs {both['macs_ratio']:.3f}) | {both['mean_seconds_per_iteration']:.2f} | "
+              f"{both['mean_seconds_per_iteration'] / full:.2f}x | {both['success_after']:.0%} |", "",
+              "Full backpropagation's time per iteration is the median of a few iterations of it, measured in this run."]
     return "\n".join(lines) + "\n"
