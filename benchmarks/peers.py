@@ -1,0 +1,216 @@
+"""Our cache schedules against diffusers' rule-based caches (TaylorSeer, MagCache) at equal MACs.
+
+    OMP_NUM_THREADS=2 python benchmarks/peers.py [--models digits-dit digits-unet] [--searched NAME=RUN_DIR ...]
+
+For each model: DDIM 50, the model's guidance (3), 64 samples (same noise and labels for every variant). The
+reference is the full model's images; every variant is judged by SSIM and PSNR to them, by FID on
+digits-classifier features against the held-out digits and by digits-classifier-eval's accuracy.
+
+MACs are counted, not predicted: one batch of the variant's whole sampling run under torch's FLOP counter
+(attention's products included), over the same count for the full model. That is exact for data-dependent
+caches (MagCache) and counts only what really ran. Seconds: batch 16, the variant and the full model timed
+alternately (medians of 3).
+
+Variants:
+- ``dipgo copy`` / ``dipgo taylor1``: the zoo's shipped DiP-GO search, re-thresholded at ratios 0.5, 0.7, 0.8
+  and 0.85, reusing by copy and by the bounded first-order forecast (the table searched for copying);
+- ``searched NAME``: the schedules of another search (``--searched "taylor1 search=RUN_DIR"``, a ``prune``
+  output folder), at the same ratios, in the mode it was searched with;
+- ``taylorseer``: ``diffusers.hooks.TaylorSeerCacheConfig`` on the denoiser's blocks (the DiT's
+  ``transformer_blocks.*``), first order, the documented warm-up (``disable_cache_before_step=3``), Taylor factors
+  in float32 (the docs: higher precision improves accuracy), ``cache_interval`` swept from 2 to 10;
+- ``magcache``: ``diffusers.hooks.MagCacheConfig`` calibrated on this model and sampler as its docs say (one run
+  with ``calibrate=True``; the printed ratios passed back), ``num_inference_steps=50``, the documented
+  ``max_skip_steps=3`` and ``retention_ratio=0.2``, threshold swept (DiT only: it hooks transformer blocks).
+
+The comparison the issue asks for: for each of our rows, the best SSIM a peer reaches at MACs no higher than
+ours (plus 0.005). Results: benchmarks/results/peers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, write_results  # noqa: E402
+
+RATIOS = (0.5, 0.7, 0.8, 0.85)
+BLOCK_PATTERNS = {"dit": r"transformer_blocks\.\d+"}
+
+
+def diffusers_cache(model, config):
+    """A diffusers cache hook on ``model`` for the duration of the context (removed afterwards)."""
+    from diffusers.hooks import HookRegistry
+
+    @contextlib.contextmanager
+    def context():
+        before = {id(module): set(_hook_names(module)) for module in model.modules()}
+        model_config = config() if callable(config) else config
+        if type(model_config).__name__ == "TaylorSeerCacheConfig":
+            from diffusers.hooks import apply_taylorseer_cache
+            apply_taylorseer_cache(model, model_config)
+        else:
+            from diffusers.hooks import apply_mag_cache
+            apply_mag_cache(model, model_config)
+        try:
+            yield
+        finally:
+            for module in model.modules():
+                registry = getattr(module, "_diffusers_hook", None)
+                if registry is None:
+                    continue
+                for name in list(registry.hooks):
+                    if name not in before.get(id(module), set()):
+                        registry.remove_hook(name, recurse=False)
+            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+    return context
+
+
+def _hook_names(module) -> list[str]:
+    registry = getattr(module, "_diffusers_hook", None)
+    return list(registry.hooks) if registry is not None else []
+
+
+def calibrate_magcache(model, sampler, noise, cond) -> list[float]:
+    """MagCache's calibration as its docs describe it: one run with ``calibrate=True``, ratios read from what it
+    prints."""
+    from diffusers.hooks import MagCacheConfig
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), diffusers_cache(model, MagCacheConfig(
+            calibrate=True, num_inference_steps=sampler.num_inference_steps))(), torch.no_grad():
+        sampler(noise, cond)
+    lines = [ln for ln in printed.getvalue().splitlines() if ln.startswith("[")]
+    if not lines:
+        raise RuntimeError(f"MagCache printed no calibration ratios: {printed.getvalue()[-500:]}")
+    return [float(v) for v in ast.literal_eval(lines[-1])]
+
+
+def load_search(m, run_dir: Path):
+    """A ``prune`` output folder as a SearchResult (its pruner, the model's profile, its reuse mode)."""
+    from diffusion_shortcuts.prune import Pruner, SearchResult, profile
+
+    pruner = Pruner.from_pretrained(run_dir / "pruner").eval()
+    history = json.loads((run_dir / "search.json").read_text())
+    prof = profile(m.model, m.noise(1), m.encode([0]), pruner.config.blocks)
+    mode = history.get("settings", {}).get("reuse_mode", "copy")
+    return SearchResult(pruner, prof, list(pruner.config.timesteps), history, mode)
+
+
+def run_model(name: str, samples: int, searched: dict[str, Path]) -> list[dict]:
+    from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig
+
+    import diffusion_shortcuts as ds
+    from diffusion_shortcuts.metrics import count_macs, psnr, ssim, timed_pair
+    from diffusion_shortcuts.prune import apply
+    from diffusion_shortcuts.prune.compare import generate
+    from diffusion_shortcuts.zoo.judge import DigitJudge
+
+    torch.manual_seed(0)
+    m = ds.zoo.load(name)
+    sampler = m.sampler(50)
+    sampler.progress = False
+    judge = DigitJudge()
+    labels = torch.arange(samples) % 10
+    noise = m.noise(samples, torch.Generator().manual_seed(0))
+    noise16, cond16 = m.noise(16, torch.Generator().manual_seed(1)), m.encode(torch.arange(16) % 10)
+    with torch.no_grad():
+        full_macs, _ = count_macs(sampler, noise16, cond16)
+        full = generate(sampler, m.encode, labels, noise, batch_size=64)
+    rows = []
+
+    def measure(method: str, context, **extra):
+        with torch.no_grad():
+            with context():
+                macs, _ = count_macs(sampler, noise16, cond16)
+            with context():
+                images = generate(sampler, m.encode, labels, noise, batch_size=64)
+
+            def variant():
+                with context():
+                    sampler(noise16, cond16)
+
+            full_s, variant_s = timed_pair(lambda: sampler(noise16, cond16), variant, repeats=3)
+        row = {"model": name, "method": method, "macs_ratio": macs / full_macs, "speedup": full_s / variant_s,
+               "ssim": float(ssim(images, full).mean()), "psnr": float(psnr(images, full).mean()),
+               **judge(images, labels), **extra}
+        rows.append(row)
+        print(f"{name} {method} {extra}: MACs {row['macs_ratio']:.3f} SSIM {row['ssim']:.4f} PSNR {row['psnr']:.1f} "
+              f"FID {row['fid']:.2f} acc {row['accuracy']:.3f} speedup {row['speedup']:.2f}", flush=True)
+
+    searches = {"dipgo": m.dipgo(), **{label: load_search(m, path) for label, path in searched.items()}}
+    for label, search in searches.items():
+        modes = ("copy", "taylor1") if label == "dipgo" else (search.reuse_mode,)
+        for ratio in RATIOS:
+            base = search.schedule(ratio)
+            for mode in modes:
+                schedule = base.with_mode(mode)
+                measure(f"{label} {mode}", lambda s=schedule: apply(m.model, s, sampler), ratio=ratio)
+
+    family = ds.families.family_of(m.model).name
+    pattern = BLOCK_PATTERNS.get(family)
+    if pattern is None:
+        print(f"{name}: diffusers' TaylorSeer and MagCache hook transformer blocks; {family} has none", flush=True)
+        return rows
+    for interval in range(2, 11):
+        config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=3, max_order=1,
+                                       taylor_factors_dtype=torch.float32, cache_identifiers=[pattern])
+        measure("taylorseer", diffusers_cache(m.model, config), cache_interval=interval)
+    ratios = calibrate_magcache(m.model, sampler, noise16, cond16)
+    for threshold in (0.01, 0.03, 0.06, 0.1, 0.2, 0.4):
+        config = MagCacheConfig(threshold=threshold, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=50,
+                                mag_ratios=ratios)
+        measure("magcache", diffusers_cache(m.model, config), threshold=threshold)
+    return rows
+
+
+def frontier(rows: list[dict], slack: float = 0.005) -> list[dict]:
+    """For each of our rows, the best peer at no more MACs (plus ``slack``): the issue's comparison."""
+    ours = [r for r in rows if r["method"].split()[0] not in ("taylorseer", "magcache")]
+    peers = [r for r in rows if r["method"] in ("taylorseer", "magcache")]
+    out = []
+    for row in ours:
+        for peer_name in ("taylorseer", "magcache"):
+            candidates = [p for p in peers if p["model"] == row["model"] and p["method"] == peer_name
+                          and p["macs_ratio"] <= row["macs_ratio"] + slack]
+            if not candidates:
+                continue
+            best = max(candidates, key=lambda p: p["ssim"])
+            out.append({"model": row["model"], "ours": row["method"], "ratio": row.get("ratio"),
+                        "macs_ratio": row["macs_ratio"], "ssim": row["ssim"], "fid": row["fid"],
+                        "speedup": row["speedup"], "peer": peer_name, "peer_macs_ratio": best["macs_ratio"],
+                        "peer_ssim": best["ssim"], "peer_fid": best["fid"], "peer_speedup": best["speedup"],
+                        "peer_setting": best.get("cache_interval", best.get("threshold")),
+                        "ssim_at_least_peer": row["ssim"] >= best["ssim"]})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["digits-dit", "digits-unet"])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--searched", nargs="*", default=[], metavar="LABEL=RUN_DIR",
+                        help="more searches to compare (prune output folders), for the model of the first --models")
+    args = parser.parse_args()
+    searched = dict(item.split("=", 1) for item in args.searched)
+    rows = []
+    for i, name in enumerate(args.models):
+        rows += run_model(name, args.samples, {k: Path(v) for k, v in searched.items()} if i == 0 else {})
+    comparison = frontier(rows)
+    for c in comparison:
+        print(f"{c['model']} {c['ours']} r={c['ratio']}: MACs {c['macs_ratio']:.3f} SSIM {c['ssim']:.4f} | best "
+              f"{c['peer']} at MACs <= : {c['peer_macs_ratio']:.3f} SSIM {c['peer_ssim']:.4f} ({c['peer_setting']})"
+              f" -> {'at least' if c['ssim_at_least_peer'] else 'below'}")
+    write_results(RESULTS / "peers.json", "peers", {"samples": args.samples, "rows": rows, "comparison": comparison})
+
+
+if __name__ == "__main__":
+    main()
