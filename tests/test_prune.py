@@ -326,6 +326,14 @@ def test_search_learns_to_reuse_and_resumes_exactly(tmp_path):
     assert resumed.history["loss"] == whole.history["loss"]
     sched = resumed.schedule(0.5)
     assert sched.reuse.shape == (5, 5) and not sched.reuse[0].any()
+    # at another step count: the keep scores interpolated over timesteps, thresholded at the same ratio
+    longer = ds.Sampler(sampler.model, ddim(), 9)
+    again = resumed.schedule(0.5, timesteps=sampler.timesteps)
+    assert torch.equal(again.reuse, sched.reuse)
+    resampled = resumed.schedule(0.5, timesteps=longer.timesteps)
+    assert resampled.reuse.shape == (9, 5) and resampled.timesteps == [float(t) for t in longer.timesteps]
+    assert resampled.info["scores_resampled_from"] == 5
+    assert abs(resampled.pruned_fraction - 0.5) <= 0.0125 or not resampled.info["within_tolerance"]
     with pytest.raises(ValueError, match="other settings.*lr"):
         ds.prune.train_pruner(sampler, conditions, checkpoint_dir=tmp_path, resume=True, **dict(kwargs, lr=0.5))
 
@@ -468,6 +476,16 @@ def test_a_schedule_is_resampled_to_another_step_count_by_nearest_timestep():
     assert net.calls == 3 and schedule.fitted(sampler.timesteps) is schedule
 
 
+def test_keep_scores_are_interpolated_linearly_in_the_timestep():
+    from diffusion_shortcuts.prune.train import interpolate_scores
+
+    scores = torch.arange(12.0, dtype=torch.float64).reshape(4, 3)  # rows at timesteps 900, 600, 300, 0
+    out = interpolate_scores(scores, [900.0, 600.0, 300.0, 0.0], [900.0, 750.0, 100.0, 0.0, 1000.0])
+    expected = torch.stack([scores[0], (scores[0] + scores[1]) / 2, scores[3] + (scores[2] - scores[3]) / 3,
+                            scores[3], scores[0]])  # 1000: held at the first row
+    torch.testing.assert_close(out, expected)
+
+
 # ---- forecasting reuse -----------------------------------------------------------------------------------
 def test_taylor1_forecasts_a_blocks_work_from_its_two_latest_computed_steps():
     sampler, noise, cond = dit_case()
@@ -504,6 +522,30 @@ def test_taylor1_keep_all_is_bit_identical_and_reuse_differs_from_copy(case):
     assert (outs["copy"] - outs["taylor1"]).abs().max() > 1e-6
     again = CacheSchedule.load(copy.with_mode("taylor1").save(Path(tempfile.mkdtemp()) / "s.json"))
     assert again.mode == "taylor1" and torch.equal(again.reuse, copy.reuse)
+
+
+@pytest.mark.parametrize("case", ["unet", "dit"])
+def test_search_with_hard_gates_forecasts_as_inference_does(case):
+    """The search mixes g_reuse * forecast + g_keep * f(x) at every step; with hard gates that equal a table it
+    must give the table's images: forecasts extrapolate from the computed steps only, with the same horizon."""
+    sampler, noise, cond = CASES[case](steps=8)
+    prof = profile(sampler.model, noise, cond)
+    reuse = torch.zeros(8, len(prof.blocks), dtype=torch.bool)
+    reuse[3:, 1] = True  # computed at 0-2, then forecast for five steps (beyond the horizon from step 5 on)
+    reuse[[1, 4, 5, 6], 0] = True  # computed at 0, 2, 3, 7
+    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof).with_mode("taylor1")
+    with apply(sampler.model, schedule, sampler):
+        expected = sampler(noise, cond)
+    gates = torch.stack([reuse, ~reuse], dim=-1).float().requires_grad_(True)
+    net = SuperNet(sampler.model, sampler.timesteps, mode="taylor1").attach()
+    try:
+        net.use_gates(gates)
+        searched = sampler(noise, cond, gradient=ds.gradients.Full())
+        searched.sum().backward()
+    finally:
+        net.detach()
+    torch.testing.assert_close(searched, expected, rtol=1e-5, atol=1e-6)
+    assert gates.grad[3:, 1].abs().sum() > 0  # the reused steps still carry gradients to their gates
 
 
 def test_gradients_through_a_forecast_equal_finite_differences():

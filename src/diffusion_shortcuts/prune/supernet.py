@@ -178,6 +178,9 @@ class SuperNet:
         """Forget every cache: the next call starts a new generation (at any step if ``announced`` by the
         Sampler, which may start mid-way; else at step 0)."""
         self.caches: list[dict[int, object]] = [{} for _ in self.names]
+        # search with "taylor1": steps whose hard gate chose reuse; their stored (mixed) work is a forecast, and
+        # a forecast extrapolates from computed steps only, as at inference, where reused steps store nothing
+        self.forecast_steps: list[set[int]] = [set() for _ in self.names]
         self.outputs: dict[int, object] = {}  # whole-call outputs by step, for steps that reuse everything
         self.step: int | None = None
         self.last_step: int | None = None
@@ -285,7 +288,7 @@ class SuperNet:
         learned table may reuse a block for 20 steps after two adjacent computations, where an unbounded
         line runs away (digits-unet's SSIM fell from 0.956 to 0.513 that way).
         """
-        earlier = sorted(s for s in self.caches[index] if s < step)
+        earlier = sorted(s for s in self.caches[index] if s < step and s not in self.forecast_steps[index])
         if not earlier:
             return None
         latest = self.caches[index][earlier[-1]]
@@ -337,6 +340,8 @@ class SuperNet:
         if self.gates is not None and latest is not None:  # the forecast (or copy) only where it is mixed in
             g_reuse, g_keep = self.gates[step, index].to(x.dtype)
             work = _map(lambda c, w: g_reuse * c + g_keep * w, self._cached(index, step), work)
+            if self.mode != "copy" and float(g_reuse) > float(g_keep):
+                self.forecast_steps[index].add(step)
             out = self._updated(streams, work) if residual else work
         self._remember(index, step, work)
         return out

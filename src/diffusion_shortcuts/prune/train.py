@@ -49,14 +49,41 @@ class SearchResult:
     history: dict = field(default_factory=dict)
     reuse_mode: str = "copy"
 
-    def schedule(self, ratio: float) -> CacheSchedule:
+    def schedule(self, ratio: float, timesteps=None) -> CacheSchedule:
         """The static schedule at ``ratio`` (pruned MACs fraction) from the trained keep scores, in the reuse
-        mode the search trained with."""
+        mode the search trained with.
+
+        ``timesteps``: a sampler's other timesteps (another step count). The keep scores are interpolated
+        linearly in the timestep, block by block, and thresholded at ``ratio`` over the new steps, so the
+        schedule keeps the MACs fraction asked for (``CacheSchedule.resampled`` copies the nearest table rows
+        instead, and its MACs follow).
+        """
         with torch.no_grad():
-            scores = self.pruner.keep_scores()
-        sched = CacheSchedule.from_scores(scores, self.timesteps, self.profile, ratio).with_mode(self.reuse_mode)
+            scores = self.pruner.keep_scores().double().cpu()
+        steps = self.timesteps
+        if timesteps is not None:
+            steps = [float(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
+            scores = interpolate_scores(scores, self.timesteps, steps)
+        sched = CacheSchedule.from_scores(scores, steps, self.profile, ratio).with_mode(self.reuse_mode)
         sched.info["search"] = {k: v for k, v in self.history.get("settings", {}).items()}
+        if timesteps is not None:
+            sched.info["scores_resampled_from"] = len(self.timesteps)
         return sched
+
+
+def interpolate_scores(scores: torch.Tensor, timesteps: list[float], new: list[float]) -> torch.Tensor:
+    """Keep scores [T, N] at ``timesteps`` read at ``new`` timesteps: linear in the timestep between the two
+    nearest, held at the ends."""
+    old = torch.tensor(timesteps, dtype=torch.float64)
+    order = torch.argsort(old)
+    old, scores = old[order], scores[order]
+    out = torch.empty(len(new), scores.shape[1], dtype=torch.float64)
+    for i, t in enumerate(new):
+        hi = int(torch.searchsorted(old, torch.tensor(t, dtype=torch.float64)).clamp(1, len(old) - 1))
+        lo = hi - 1
+        w = float(((t - old[lo]) / (old[hi] - old[lo])).clamp(0.0, 1.0)) if len(old) > 1 else 0.0
+        out[i] = scores[lo] * (1 - w) + scores[hi] * w if len(old) > 1 else scores[0]
+    return out
 
 
 @dataclass(frozen=True)
