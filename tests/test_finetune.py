@@ -331,3 +331,29 @@ def test_conditions_are_counted_by_rows_whatever_their_container():
         count_rows({"a": rows, "b": rows[:2]})
     with pytest.raises(ValueError, match="non-empty batch"):
         count_rows([])
+
+
+def test_an_iteration_whose_graph_step_a_schedule_reuses_counts_without_an_update():
+    """Under a cache schedule the graph step may reuse every block (the UNet call comes from its cache): no
+    trained weight ran there, the images carry no gradient; the iteration is counted, not an error."""
+    from diffusion_shortcuts.prune import CacheSchedule, apply, profile
+
+    sampler = unet_sampler()
+    names = set(add_lora(sampler.model, rank=2))
+    conditions = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    prof = profile(sampler.model, torch.zeros(1, 1, 8, 8), conditions[:1])
+    reuse = torch.ones(4, len(prof.blocks), dtype=torch.bool)
+    reuse[0] = False
+    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof)
+    before = {n: p.detach().clone() for n, p in sampler.model.named_parameters() if n in names}
+    with apply(sampler.model, schedule, sampler):
+        pruned = finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8), gradient=ds.gradients.Shortcut(step=2),
+                          iterations=3, batch_size=2, lr=0.05, progress=False)
+        assert pruned.history["no_gradient_iterations"] == [0, 1, 2] and len(pruned.history["reward"]) == 3
+        for n, p in sampler.model.named_parameters():
+            if n in names:
+                assert torch.equal(p, before[n]), n
+        computed = finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8),
+                            gradient=ds.gradients.Shortcut(step=0), iterations=2, batch_size=2, lr=0.05, progress=False)
+    assert "no_gradient_iterations" not in computed.history
+    assert any(not torch.equal(p, before[n]) for n, p in sampler.model.named_parameters() if n in names)

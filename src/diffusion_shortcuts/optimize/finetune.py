@@ -319,18 +319,10 @@ class _Run:
                     base_images = self.sampler(noise, model_cond, generator=torch.Generator().manual_seed(step_seed))
             images = self.sampler(noise, model_cond, gradient=self.policy, generator=gen)
             rewards = check_reward_output(self.reward(images, cond), len(images), "reward")
-            if not rewards.requires_grad:
-                raise ValueError(f"reward {reward_name(self.reward)} does not depend on the images (its value carries "
-                                 "no gradient): it cannot train the model")
-            loss = -rewards.mean()
-            if self.base is not None:
-                loss = loss + cfg.base_weight * (images - base_images).square().mean()
-            if not torch.isfinite(loss):
-                raise FinetuneError(f"iteration {it}: non-finite reward or loss; the last checkpoint is left as it was")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self._reduce_and_check(it)
-            self.opt.step()
+            if images.requires_grad:
+                self._update(it, images, rewards, base_images if self.base is not None else None)
+            else:  # the graph step ran none of the trained weights: a cache schedule reused them all there
+                self.history.setdefault("no_gradient_iterations", []).append(it)
             self.lr_schedule.step()
             if self.averaged is not None:
                 self.averaged.step(self.trainable.values())
@@ -339,6 +331,27 @@ class _Run:
         self.history["reward"].append(float(accelerator.reduce(mean_reward, reduction="mean") if world > 1
                                             else mean_reward))
         self.history["seconds"].append(timer.seconds)
+
+    def _update(self, it: int, images: torch.Tensor, rewards: torch.Tensor, base_images) -> None:
+        """One optimizer step on ``-mean reward`` (plus the distance to the base model's images).
+
+        An iteration whose images carry no gradient does not come here: under a cache schedule the graph
+        step's call may run none of the trained weights (every block reused there); it counts (reward,
+        seconds, learning-rate schedule) without an update, listed in ``history["no_gradient_iterations"]``.
+        """
+        cfg = self.config
+        if not rewards.requires_grad:
+            raise ValueError(f"reward {reward_name(self.reward)} does not depend on the images (its value carries "
+                             "no gradient): it cannot train the model")
+        loss = -rewards.mean()
+        if base_images is not None:
+            loss = loss + cfg.base_weight * (images - base_images).square().mean()
+        if not torch.isfinite(loss):
+            raise FinetuneError(f"iteration {it}: non-finite reward or loss; the last checkpoint is left as it was")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self._reduce_and_check(it)
+        self.opt.step()
 
     def _reduce_and_check(self, it: int) -> None:
         if self.accelerator.num_processes > 1:  # the mean over processes: the gradient of the global batch's loss
