@@ -38,3 +38,37 @@ def write_results(path: Path, benchmark: str, payload: dict) -> None:
               "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**header, **payload}, indent=1) + "\n")
+
+
+def diffusers_hooks(model, apply):
+    """A context factory: ``apply()`` puts diffusers cache hooks on ``model`` (``apply_first_block_cache``,
+    ``apply_taylorseer_cache``, ...) for the duration of the context, and every hook it added is removed after.
+
+    The zoo's denoisers are not ``CacheMixin`` models, so the cache context diffusers' pipelines set around each
+    denoiser call is set through diffusers' private ``_set_cache_context`` (imported here, so that a diffusers
+    change fails loudly rather than silently measuring the uncached model), before every call: a generation's
+    reset of the stateful hooks clears it. One context name: both guidance branches are one batched call.
+    """
+    import contextlib
+
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+    def names(module) -> set[str]:
+        registry = getattr(module, "_diffusers_hook", None)
+        return set(registry.hooks) if registry is not None else set()
+
+    @contextlib.contextmanager
+    def context():
+        before = {id(module): names(module) for module in model.modules()}
+        apply()
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+        handle = model.register_forward_pre_hook(lambda *_: _set_cache_context(model, CacheContext("cond")))
+        try:
+            yield
+        finally:
+            handle.remove()
+            for module in model.modules():
+                for name in names(module) - before.get(id(module), set()):
+                    module._diffusers_hook.remove_hook(name, recurse=False)
+            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+    return context

@@ -40,43 +40,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, write_results  # noqa: E402
+from _common import RESULTS, diffusers_hooks, write_results  # noqa: E402
 
 RATIOS = (0.5, 0.7, 0.8, 0.85)
 BLOCK_PATTERNS = {"dit": r"transformer_blocks\.\d+"}
 
 
 def diffusers_cache(model, config):
-    """A diffusers cache hook on ``model`` for the duration of the context (removed afterwards)."""
-    from diffusers.hooks import HookRegistry
+    """A diffusers cache (TaylorSeer or MagCache, by its config) on ``model`` as a context."""
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache, apply_taylorseer_cache
 
-    @contextlib.contextmanager
-    def context():
-        before = {id(module): set(_hook_names(module)) for module in model.modules()}
-        model_config = config() if callable(config) else config
-        if type(model_config).__name__ == "TaylorSeerCacheConfig":
-            from diffusers.hooks import apply_taylorseer_cache
-            apply_taylorseer_cache(model, model_config)
-        else:
-            from diffusers.hooks import apply_mag_cache
-            apply_mag_cache(model, model_config)
-        try:
-            yield
-        finally:
-            for module in model.modules():
-                registry = getattr(module, "_diffusers_hook", None)
-                if registry is None:
-                    continue
-                for name in list(registry.hooks):
-                    if name not in before.get(id(module), set()):
-                        registry.remove_hook(name, recurse=False)
-            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
-    return context
-
-
-def _hook_names(module) -> list[str]:
-    registry = getattr(module, "_diffusers_hook", None)
-    return list(registry.hooks) if registry is not None else []
+    apply = apply_mag_cache if isinstance(config, MagCacheConfig) else apply_taylorseer_cache
+    return diffusers_hooks(model, lambda: apply(model, config))
 
 
 def calibrate_magcache(model, sampler, noise, cond) -> list[float]:

@@ -25,7 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, emit, run_child, write_results  # noqa: E402
+from _common import RESULTS, diffusers_hooks, emit, run_child, write_results  # noqa: E402
 
 
 def run_model(name: str, ratios: list[float], samples: int, batch: int, repeats: int, fbc_thresholds) -> dict:
@@ -106,30 +106,10 @@ def run_model(name: str, ratios: list[float], samples: int, batch: int, repeats:
 
 
 def first_block_cache(model, threshold: float):
-    """diffusers' FirstBlockCache on a DiT, as a context. DiT is not a CacheMixin model, so the cache
-    context is set through diffusers' private ``_set_cache_context`` (imported here, so that a diffusers
-    change fails loudly rather than silently measuring the uncached model)."""
-    from contextlib import contextmanager
-
+    """diffusers' FirstBlockCache on a DiT, as a context (see ``_common.diffusers_hooks``)."""
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
-    from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
-    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
 
-    @contextmanager
-    def context():
-        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
-        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
-        # a generation's reset clears the context, so set it before every call, as pipelines do
-        handle = model.register_forward_pre_hook(lambda *_: _set_cache_context(model, CacheContext("cond")))
-        try:
-            yield
-        finally:
-            handle.remove()
-            registry = HookRegistry.check_if_exists_or_initialize(model)
-            for name in (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK):
-                registry.remove_hook(name, recurse=True)
-            registry.invalidate_child_registries_cache()
-    return context
+    return diffusers_hooks(model, lambda: apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold)))
 
 
 def plot(results: list[dict], path: Path) -> None:
