@@ -564,3 +564,11 @@ def test_gradients_through_a_forecast_equal_finite_differences():
             numeric = ((sampler(noise + h * direction, cond) - sampler(noise - h * direction, cond)) * weights
                        ).sum() / (2 * h)
     torch.testing.assert_close((x.grad * direction).sum(), numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_profile_sees_an_adapter_added_after_an_earlier_profile():
+    sampler, noise, cond = unet_case()
+    plain = profile(sampler.model, noise, cond)
+    ds.add_lora(sampler.model, rank=2)
+    adapted = profile(sampler.model, noise, cond)
+    assert adapted.total_macs > plain.total_macs  # the adapter's products are counted, not the cached plain profile

@@ -157,7 +157,9 @@ def profile(model: torch.nn.Module, sample: torch.Tensor, cond=None, blocks: lis
             raise ValueError("pass blocks or branch, not both: a branch names its own blocks")
         blocks = deepcache_blocks(model, branch)
     names = [n for n, _ in resolve_blocks(model, blocks)]
-    key = (model_id(model), tuple(sample.shape[1:]), C.signature(cond), tuple(names), branch)
+    # the configuration does not see an adapter injected later (LoRA adds modules and MACs): the structure is in the key
+    structure = (sum(1 for _ in model.modules()), sum(p.numel() for p in model.parameters()))
+    key = (model_id(model), structure, tuple(sample.shape[1:]), C.signature(cond), tuple(names), branch)
     if key not in _PROFILES:
         family = family_of(model)
         x = torch.zeros(1, *sample.shape[1:], device=sample.device, dtype=sample.dtype)
