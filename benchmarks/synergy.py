@@ -200,10 +200,12 @@ def main(argv=None) -> int:
     payload = json.loads(path.read_text()) if path.exists() else {}
     payload = {k: v for k, v in payload.items() if k in ("latent", "finetune")}
     if "finetune" in args.parts:
-        payload["finetune"] = {"iterations": args.finetune_iterations, "batch": 4, "lr": 1e-3, "rank": 4,
+        payload["finetune"] = {"command": "python benchmarks/synergy.py --parts finetune",
+                               "iterations": args.finetune_iterations, "batch": 4, "lr": 1e-3, "rank": 4,
                                "guidance": 1.0, "results": run_finetune(args.models, args.finetune_iterations, 4, 1e-3)}
     if "latent" in args.parts:
-        payload["latent"] = {"iterations": args.iterations, "batch": args.batch, "lr": args.lr,
+        payload["latent"] = {"command": "python benchmarks/synergy.py --parts latent",
+                             "iterations": args.iterations, "batch": args.batch, "lr": args.lr,
                              "results": run_latent(args)}
     write_results(path, "synergy", payload)
     return 0
