@@ -16,6 +16,9 @@ Variants:
   and 0.85, reusing by copy and by the bounded first-order forecast (the table searched for copying);
 - ``searched NAME``: the schedules of another search (``--searched "taylor1 search=RUN_DIR"``, a ``prune``
   output folder), at the same ratios, in the mode it was searched with;
+- ``rule table``: TaylorSeer's table (every block computed at steps 0-2 and every n-th step after, n = 5, 7, 10)
+  applied by our hooks, reusing by copy and by our bounded first-order forecast: the same table as the hook, so
+  a difference is the forecast's, not the table's;
 - ``taylorseer``: ``diffusers.hooks.TaylorSeerCacheConfig`` on the denoiser's blocks (the DiT's
   ``transformer_blocks.*``), first order, the documented warm-up (``disable_cache_before_step=3``), Taylor factors
   in float32 (the docs: higher precision improves accuracy), ``cache_interval`` swept from 2 to 10;
@@ -85,7 +88,7 @@ def run_model(name: str, samples: int, searched: dict[str, Path]) -> list[dict]:
 
     import diffusion_shortcuts as ds
     from diffusion_shortcuts.metrics import count_macs, psnr, ssim, timed_pair
-    from diffusion_shortcuts.prune import apply
+    from diffusion_shortcuts.prune import CacheSchedule, apply
     from diffusion_shortcuts.prune.compare import generate
     from diffusion_shortcuts.zoo.judge import DigitJudge
 
@@ -130,6 +133,18 @@ def run_model(name: str, samples: int, searched: dict[str, Path]) -> list[dict]:
                 schedule = base.with_mode(mode)
                 measure(f"{label} {mode}", lambda s=schedule: apply(m.model, s, sampler), ratio=ratio)
 
+    # TaylorSeer's own table (full steps 0-2, then every n-th) in our framework: which part of a difference is
+    # the table and which the forecast
+    prof = searches["dipgo"].profile
+    for interval in (5, 7, 10):
+        reuse = torch.ones(len(sampler.timesteps), len(prof.blocks), dtype=torch.bool)
+        for i in range(len(sampler.timesteps)):
+            reuse[i] = not (i < 3 or (i - 3) % interval == 0)
+        table = CacheSchedule.from_table(reuse, sampler.timesteps, prof, method=f"taylorseer table, interval {interval}")
+        for mode in ("copy", "taylor1"):
+            measure(f"rule table {mode}", lambda s=table.with_mode(mode): apply(m.model, s, sampler),
+                    cache_interval=interval)
+
     family = ds.families.family_of(m.model).name
     pattern = BLOCK_PATTERNS.get(family)
     if pattern is None:
@@ -149,7 +164,7 @@ def run_model(name: str, samples: int, searched: dict[str, Path]) -> list[dict]:
 
 def frontier(rows: list[dict], slack: float = 0.005) -> list[dict]:
     """For each of our rows, the best peer at no more MACs (plus ``slack``): the issue's comparison."""
-    ours = [r for r in rows if r["method"].split()[0] not in ("taylorseer", "magcache")]
+    ours = [r for r in rows if r["method"].split()[0] not in ("taylorseer", "magcache", "rule")]
     peers = [r for r in rows if r["method"] in ("taylorseer", "magcache")]
     out = []
     for row in ours:
