@@ -572,3 +572,20 @@ def test_profile_sees_an_adapter_added_after_an_earlier_profile():
     ds.add_lora(sampler.model, rank=2)
     adapted = profile(sampler.model, noise, cond)
     assert adapted.total_macs > plain.total_macs  # the adapter's products are counted, not the cached plain profile
+
+
+def test_a_search_can_start_from_a_rule_table():
+    sampler, noise, cond = unet_case(steps=6)
+    prof = profile(sampler.model, noise, cond)
+    rule = CacheSchedule.every(sampler.timesteps, prof, 2, warmup=1)
+    assert [bool(r.any()) for r in rule.reuse] == [False, False, True, False, True, False]  # 0, then 1, 3, 5
+    assert bool(rule.reuse[2].all())
+    conditions = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(9))
+    kwargs = dict(ratio=0.5, batch_size=1, target_batch=1, sample_shape=(1, 8, 8), progress=False,
+                  pruner_kwargs={"dim": 8, "heads": 2})
+    # no iteration's update yet: the first gates are the table
+    started = ds.prune.train_pruner(sampler, conditions, iterations=1, lr=0.0, start=rule, **kwargs)
+    torch.testing.assert_close(started.pruner.gates()[..., 0], rule.reuse.float())
+    assert started.history["settings"]["start"].startswith("every(interval=2, warmup=1):")
+    with pytest.raises(ScheduleError, match="steps"):
+        ds.prune.train_pruner(ds.Sampler(sampler.model, ddim(), 4), conditions, iterations=1, start=rule, **kwargs)

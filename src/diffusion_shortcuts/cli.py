@@ -75,6 +75,9 @@ FLAGS = {
     "schedule": dict(default=None, help="a cache schedule JSON (from `prune`), or `zoo` for the model's shipped one; "
                      "resampled to --steps when made for another step count"),
     "strict_schedule": dict(action="store_true", help="refuse a schedule made for other timesteps"),
+    "start_every": dict(type=number(int, 1), default=None,
+                        help="start the search from the rule table that computes every block at the first 3 steps and "
+                             "every N-th step after (TaylorSeer's), instead of from the full model"),
     "reuse_mode": dict(choices=["copy", "taylor1"], default="copy",
                        help="what a reused block returns: its cached work, or that work extrapolated (first order)"),
     "noise_prior": dict(choices=["sphere", "chi2", "none"], default="sphere",
@@ -119,7 +122,8 @@ VERBS = {
                       out=None)),
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
-                   steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None, resume=None,
+                   steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None, start_every=None,
+                   resume=None,
                    out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import conditions as C
 from . import gradients, rewards, zoo
 from .images import grid, labelled, save_grid, side_by_side
 from .metrics import Timer, accuracy, peak_memory_mb
@@ -187,10 +188,11 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
 
 def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_size: int, lr: float, gradient: str,
                  steps: int, samples: int, seed: int, resume: bool, checkpoint_every: int = 25,
-                 guidance: float | None = None, reuse_mode: str = "copy") -> dict:
-    """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model."""
+                 guidance: float | None = None, reuse_mode: str = "copy", start_every: int | None = None) -> dict:
+    """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
+    ``start_every`` N the search starts from the rule table that computes every block every N-th step."""
     from .plots import schedule_heatmap
-    from .prune import SearchError, train_pruner
+    from .prune import CacheSchedule, SearchError, profile, train_pruner
     from .prune.compare import compare_schedule
 
     if not 0.0 < ratio < 1.0:
@@ -201,11 +203,15 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     check_resume(resume, out, "search_checkpoint.pt")
     sampler = subject.sampler(steps, guidance)
     distinct = subject.distinct_conditions()
+    conditions = subject.encode(distinct) if distinct is not None else None
+    start = None
+    if start_every is not None:
+        example = torch.zeros(1, *sampler.sample_shape, device=subject.device)
+        start = CacheSchedule.every(sampler.timesteps, profile(sampler.model, example, C.first(conditions)), start_every)
     try:
-        result = train_pruner(sampler, subject.encode(distinct) if distinct is not None else None, ratio,
-                              iterations=iterations, batch_size=batch_size, lr=lr, gradient=policy, seed=seed,
-                              checkpoint_dir=out, checkpoint_every=checkpoint_every, reuse_mode=reuse_mode,
-                              resume=resume)
+        result = train_pruner(sampler, conditions, ratio, iterations=iterations, batch_size=batch_size, lr=lr,
+                              gradient=policy, seed=seed, checkpoint_dir=out, checkpoint_every=checkpoint_every,
+                              reuse_mode=reuse_mode, start=start, resume=resume)
     except (SearchError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
     schedule = result.schedule(ratio)

@@ -35,6 +35,18 @@ class Pruner(ModelMixin, ConfigMixin):
         self.head_weight = nn.Parameter(torch.zeros(num_steps, num_blocks, dim, 2))
         self.head_bias = nn.Parameter(torch.tensor([0.0, keep_bias]).repeat(num_steps, num_blocks, 1))
 
+    @torch.no_grad()
+    def start_from(self, reuse: torch.Tensor) -> "Pruner":
+        """Start from a table instead of keeping everything: the head biases favour "reuse" where ``reuse[t, b]`` is
+        True and "keep" elsewhere (by ``keep_bias``), so the first hard gates are the table (a warm start)."""
+        reuse = torch.as_tensor(reuse, dtype=torch.bool, device=self.head_bias.device)
+        if reuse.shape != self.head_bias.shape[:2]:
+            raise ValueError(f"the table is {tuple(reuse.shape)}, the pruner's gates {tuple(self.head_bias.shape[:2])}")
+        bias = self.config.keep_bias
+        self.head_bias[..., REUSE] = torch.where(reuse, bias, 0.0)
+        self.head_bias[..., KEEP] = torch.where(reuse, 0.0, bias)
+        return self
+
     def forward(self) -> torch.Tensor:
         """Logits ``(T, N, 2)``: [..., 0] reuse, [..., 1] keep."""
         h = self.encoder(self.queries)  # attention across the blocks of each step

@@ -110,6 +110,17 @@ class CacheSchedule:
         return cls.from_table(reuse, timesteps, profile, method=method)
 
     @classmethod
+    def every(cls, timesteps, profile: BlockProfile, interval: int, warmup: int = 3) -> "CacheSchedule":
+        """The step-synchronous rule (TaylorSeer's table, Liu et al. 2025): every block computed at the first
+        ``warmup`` steps and at every ``interval``-th step after them, every block reused in between."""
+        if interval < 1 or warmup < 1:
+            raise ValueError(f"interval and warmup must be >= 1, got {interval} and {warmup}")
+        reuse = torch.ones(len(timesteps), len(profile.blocks), dtype=torch.bool)
+        for i in range(len(timesteps)):
+            reuse[i] = not (i < warmup or (i - warmup) % interval == 0)
+        return cls.from_table(reuse, timesteps, profile, method=f"every(interval={interval}, warmup={warmup})")
+
+    @classmethod
     def from_scores(cls, keep_scores: torch.Tensor, timesteps, profile: BlockProfile, ratio: float,
                     tolerance: float = TOLERANCE, iterations: int = 100) -> "CacheSchedule":
         """DiP-GO's post-processing: one global threshold on the keep scores, found by bisection, so that

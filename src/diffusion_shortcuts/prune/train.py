@@ -17,6 +17,7 @@ checkpoint resumes to the same pruner as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,8 @@ class SearchConfig:
     reuse_mode: str = "copy"
     sampler: dict = field(default_factory=dict, metadata={"derived": True})
     conditions: str = field(default="", metadata={"derived": True})
+    # the table the gates start from ("": keep everything), as its method and a digest of its table
+    start: str = field(default="", metadata={"derived": True})
 
 
 def _check_search_args(ratio, iterations, batch_size, target_batch, conditions, shape) -> None:
@@ -129,7 +132,7 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
                  tau: float | None = None, gradient: G.GradientPolicy | str = G.Checkpointed(),
                  blocks: list[str] | None = None, sample_shape: tuple[int, ...] | None = None, seed: int = 0,
                  target_batch: int = 8, pruner_kwargs: dict | None = None, reuse_mode: str = "copy",
-                 checkpoint_dir: str | Path | None = None,
+                 start: CacheSchedule | None = None, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 25, resume: bool = False, progress: bool = True,
                  callback=None) -> SearchResult:
     """Train a :class:`Pruner` for ``sampler`` (its model, scheduler, steps and guidance).
@@ -142,6 +145,9 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
         gradient: policy for the gated rollout; ``Checkpointed()`` is exact with the memory of one step.
         reuse_mode: what a reused block returns during the search and in the schedule: ``"copy"`` (DiP-GO) or
             ``"taylor1"`` (its work extrapolated from its two latest computed steps); the search trains with it.
+        start: a schedule the gates start from (e.g. ``CacheSchedule.every(...)``, a rule) instead of keeping
+            every block, for this sampler's timesteps and blocks; the search then moves away from it where that
+            lowers the loss.
         checkpoint_dir / checkpoint_every / resume: a checkpoint (pruner, optimizer, LR schedule,
             history, iteration) is written atomically every ``checkpoint_every`` iterations; with
             ``resume`` the search continues from it, refusing one made with other settings
@@ -156,9 +162,9 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
         ratio=ratio, iterations=iterations, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
         alpha=alpha, tau=1.0 - ratio if tau is None else tau, gradient=policy.spec,
         blocks=tuple(blocks) if blocks is not None else None, sample_shape=tuple(shape), seed=seed,
-        target_batch=target_batch, pruner_kwargs=pruner_kwargs, reuse_mode=reuse_mode, sampler=sampler.describe(),
-        conditions=C.fingerprint(conditions))
-    search = _Search(sampler, conditions, policy, config)
+        target_batch=target_batch, pruner_kwargs=pruner_kwargs, reuse_mode=reuse_mode, start=_describe_start(start),
+        sampler=sampler.describe(), conditions=C.fingerprint(conditions))
+    search = _Search(sampler, conditions, policy, config, start)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
     start = search.restore(checkpoint)
     bar = tqdm(range(start, iterations), desc="pruner search", disable=not progress, initial=start, total=iterations)
@@ -176,7 +182,7 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
 class _Search:
     """The state of one pruner search and its iteration (see :func:`train_pruner`)."""
 
-    def __init__(self, sampler, conditions, policy, config: SearchConfig):
+    def __init__(self, sampler, conditions, policy, config: SearchConfig, start: CacheSchedule | None = None):
         self.sampler, self.conditions, self.policy, self.config = sampler, conditions, policy, config
         model = sampler.model
         self.device = next(unwrap(model).parameters()).device
@@ -190,6 +196,10 @@ class _Search:
             torch.manual_seed(config.seed)
             self.pruner = Pruner(len(self.timesteps), len(prof.blocks), blocks=list(prof.blocks),
                                  timesteps=self.timesteps, **(config.pruner_kwargs or {})).to(self.device)
+        if start is not None:
+            start.check_model(prof.model_id, list(prof.blocks))
+            start.check_timesteps(self.timesteps)
+            self.pruner.start_from(start.reuse)
         self.optimizer = make_optimizer(config.optimizer, self.pruner.parameters(), config.lr,
                                         momentum=config.momentum if config.optimizer == "sgd" else 0.0)
         self.lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.iterations)
@@ -272,6 +282,13 @@ class _Search:
         for key, value in record.items():
             self.history[key].append(value)
         return record
+
+
+def _describe_start(start: CacheSchedule | None) -> str:
+    if start is None:
+        return ""
+    digest = hashlib.sha256(bytes(start.reuse.flatten().to(torch.uint8).tolist())).hexdigest()[:12]
+    return f"{start.info.get('method', 'table')}:{digest}"
 
 
 def search(sampler, conditions, ratio: float = 0.8, **kwargs) -> CacheSchedule:
