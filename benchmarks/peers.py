@@ -36,7 +36,6 @@ import argparse
 import ast
 import contextlib
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -73,14 +72,10 @@ def calibrate_magcache(model, sampler, noise, cond) -> list[float]:
 
 
 def load_search(m, run_dir: Path):
-    """A ``prune`` output folder as a SearchResult (its pruner, the model's profile, its reuse mode)."""
-    from diffusion_shortcuts.prune import Pruner, SearchResult, profile
+    """A ``prune`` output folder of zoo model ``m`` as a SearchResult."""
+    from diffusion_shortcuts.prune import SearchResult
 
-    pruner = Pruner.from_pretrained(run_dir / "pruner").eval()
-    history = json.loads((run_dir / "search.json").read_text())
-    prof = profile(m.model, m.noise(1), m.encode([0]), pruner.config.blocks)
-    mode = history.get("settings", {}).get("reuse_mode", "copy")
-    return SearchResult(pruner, prof, list(pruner.config.timesteps), history, mode)
+    return SearchResult.load(run_dir, m.model, m.noise(1), m.encode([0]))
 
 
 def run_model(name: str, samples: int, searched: dict[str, Path]) -> list[dict]:

@@ -30,7 +30,7 @@ from _common import RESULTS, diffusers_hooks, emit, run_child, write_results  # 
 
 def run_model(name: str, ratios: list[float], samples: int, batch: int, repeats: int, fbc_thresholds) -> dict:
     import torch
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler
     from tqdm.auto import tqdm
 
     import diffusion_shortcuts as ds

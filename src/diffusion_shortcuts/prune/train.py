@@ -17,11 +17,12 @@ checkpoint resumes to the same pruner as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -50,6 +51,18 @@ class SearchResult:
     history: dict = field(default_factory=dict)
     reuse_mode: str = "copy"
 
+    @classmethod
+    def load(cls, folder: str | Path, model, sample: torch.Tensor, cond=None) -> "SearchResult":
+        """A saved search (``prune``'s output folder, or a zoo model's ``dipgo/``: ``pruner/`` and ``search.json``)
+        for ``model``, profiled on one sample shaped like ``sample[0]`` with ``cond``'s first row; the reuse mode
+        is the one the search trained with."""
+        folder = Path(folder)
+        pruner = Pruner.from_pretrained(folder / "pruner").eval()
+        history = json.loads((folder / "search.json").read_text()) if (folder / "search.json").exists() else {}
+        prof = profile(model, sample, cond, pruner.config.blocks)
+        mode = history.get("settings", {}).get("reuse_mode", "copy")
+        return cls(pruner, prof, list(pruner.config.timesteps), history, mode)
+
     def schedule(self, ratio: float, timesteps=None) -> CacheSchedule:
         """The static schedule at ``ratio`` (pruned MACs fraction) from the trained keep scores, in the reuse
         mode the search trained with.
@@ -74,17 +87,10 @@ class SearchResult:
 
 def interpolate_scores(scores: torch.Tensor, timesteps: list[float], new: list[float]) -> torch.Tensor:
     """Keep scores [T, N] at ``timesteps`` read at ``new`` timesteps: linear in the timestep between the two
-    nearest, held at the ends."""
-    old = torch.tensor(timesteps, dtype=torch.float64)
-    order = torch.argsort(old)
-    old, scores = old[order], scores[order]
-    out = torch.empty(len(new), scores.shape[1], dtype=torch.float64)
-    for i, t in enumerate(new):
-        hi = int(torch.searchsorted(old, torch.tensor(t, dtype=torch.float64)).clamp(1, len(old) - 1))
-        lo = hi - 1
-        w = float(((t - old[lo]) / (old[hi] - old[lo])).clamp(0.0, 1.0)) if len(old) > 1 else 0.0
-        out[i] = scores[lo] * (1 - w) + scores[hi] * w if len(old) > 1 else scores[0]
-    return out
+    nearest, held at the ends (``numpy.interp``, block by block)."""
+    order = np.argsort(timesteps)
+    old, values = np.asarray(timesteps, dtype=np.float64)[order], scores.double().cpu().numpy()[order]
+    return torch.from_numpy(np.stack([np.interp(new, old, values[:, b]) for b in range(values.shape[1])], axis=1))
 
 
 @dataclass(frozen=True)
@@ -285,10 +291,7 @@ class _Search:
 
 
 def _describe_start(start: CacheSchedule | None) -> str:
-    if start is None:
-        return ""
-    digest = hashlib.sha256(bytes(start.reuse.flatten().to(torch.uint8).tolist())).hexdigest()[:12]
-    return f"{start.info.get('method', 'table')}:{digest}"
+    return "" if start is None else f"{start.info.get('method', 'table')}:{C.fingerprint(start.reuse)}"
 
 
 def search(sampler, conditions, ratio: float = 0.8, **kwargs) -> CacheSchedule:

@@ -87,16 +87,12 @@ class ZooModel:
     def dipgo(self):
         """The shipped DiP-GO search (trained pruner and its history) as a :class:`~diffusion_shortcuts.prune.
         SearchResult`, from which ``.schedule(ratio)`` gives a schedule at any ratio."""
-        from ..prune import Pruner, SearchResult, profile
+        from ..prune import SearchResult
 
         folder = self.dipgo_dir
         if folder is None or not (folder / "pruner").exists():
             raise FileNotFoundError(f"{self.name} ships no DiP-GO pruner; train one with `diffusion-shortcuts prune`")
-        pruner = Pruner.from_pretrained(folder / "pruner").eval()
-        history = json.loads((folder / "search.json").read_text()) if (folder / "search.json").exists() else {}
-        cond = self.encode([0]) if self.conditional else None
-        prof = profile(self.model, self.noise(1), cond, pruner.config.blocks)
-        return SearchResult(pruner, prof, list(pruner.config.timesteps), history)
+        return SearchResult.load(folder, self.model, self.noise(1), self.encode([0]) if self.conditional else None)
 
     @staticmethod
     def decode(x: torch.Tensor) -> torch.Tensor:
