@@ -112,6 +112,14 @@ def _class_signature(function) -> inspect.Signature:
     return inspect.signature(function)
 
 
+def _positions(signature: inspect.Signature, names: tuple[str, ...]) -> list[tuple[str, int | None]]:
+    """Each name with its position among the signature's positional parameters (None if keyword-only or absent),
+    so that a block call's streams are read without binding its arguments at every call."""
+    positional = [p.name for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [(name, positional.index(name) if name in positional else None) for name in names]
+
+
 def _forward_signature(module: torch.nn.Module) -> inspect.Signature:
     """The signature of ``module.forward`` as called (without ``self``)."""
     if getattr(module.forward, "__func__", None) is not type(module).forward:
@@ -143,9 +151,11 @@ class SuperNet:
         self.names = [n for n, _ in resolved]
         self.modules = [m for _, m in resolved]
         self.signatures = [_forward_signature(m) for m in self.modules]
+        self.stream_positions = [_positions(sig, self.family.streams) for sig in self.signatures]
         self.kinds = list(kinds) if kinds is not None else [reuse_kind(self.model, n) for n in self.names]
         self.timesteps = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
         self.reuse: torch.Tensor | None = torch.zeros(len(self.timesteps), len(self.names), dtype=torch.bool)
+        self.reuse_rows: list[list[bool]] = self.reuse.tolist()  # read per block call: lists, not tensor indexing
         self.gates: torch.Tensor | None = None
         self.computed = [0] * len(self.names)  # block forwards really run, for accounting and tests
         if mode not in REUSE_MODES:
@@ -166,13 +176,13 @@ class SuperNet:
         if reuse.shape != (len(self.timesteps), len(self.names)):
             raise ScheduleError(f"reuse table {tuple(reuse.shape)} does not match {len(self.timesteps)} steps x "
                                 f"{len(self.names)} blocks")
-        self.reuse, self.gates = reuse, None
+        self.reuse, self.reuse_rows, self.gates = reuse, reuse.tolist(), None
 
     def use_gates(self, gates: torch.Tensor) -> None:
         """Search: ``gates[t, b] = (g_reuse, g_keep)``, hard one-hot values carrying gradients."""
         if gates.shape != (len(self.timesteps), len(self.names), 2):
             raise ScheduleError(f"gates {tuple(gates.shape)} do not match ({len(self.timesteps)}, {len(self.names)}, 2)")
-        self.gates, self.reuse = gates, None
+        self.gates, self.reuse, self.reuse_rows = gates, None, None
 
     def reset(self, announced: bool = False) -> None:
         """Forget every cache: the next call starts a new generation (at any step if ``announced`` by the
@@ -251,7 +261,7 @@ class SuperNet:
         """The output of the latest call before this step, when this step reuses every block and ``whole_steps``
         says that is exact; else None (the call runs)."""
         step = self.step
-        if not self.whole_steps or self.gates is not None or step is None or not bool(self.reuse[step].all()) \
+        if not self.whole_steps or self.gates is not None or step is None or not all(self.reuse_rows[step]) \
                 or self._graph_step_in_full():
             return None
         earlier = [s for s in self.outputs if s < step]
@@ -296,7 +306,7 @@ class SuperNet:
             return latest
         s1, s2 = earlier[-2], earlier[-1]
         slope = min(step - s2, s2 - s1) / (s2 - s1)
-        return _map(lambda w2, w1: w2 + (w2 - w1) * slope, latest, self.caches[index][s1])
+        return _map(lambda w2, w1: torch.add(w2, w2 - w1, alpha=slope), latest, self.caches[index][s1])
 
     def _remember(self, index: int, step: int, value) -> None:
         cache = self.caches[index]
@@ -310,8 +320,8 @@ class SuperNet:
 
     def _streams(self, index: int, args, kwargs) -> tuple:
         """The residual-stream inputs of a block call, in the order the block returns them."""
-        bound = self.signatures[index].bind_partial(*args, **kwargs).arguments
-        return tuple(bound.get(name) for name in self.family.streams)
+        return tuple(kwargs[name] if name in kwargs else args[position] if position is not None and
+                     position < len(args) else None for name, position in self.stream_positions[index])
 
     def _updated(self, streams: tuple, work: tuple):
         """``x + update`` per stream, shaped as the block returns it (a tensor for one stream)."""
@@ -329,7 +339,7 @@ class SuperNet:
         if latest is not None and _batch(latest) != x.shape[0]:
             raise ScheduleError(f"block {self.names[index]} cached a batch of {_batch(latest)} but is called with "
                                 f"{x.shape[0]}: call the model once per step with both guidance branches batched")
-        if self.gates is None and latest is not None and bool(self.reuse[step, index]) \
+        if self.gates is None and latest is not None and self.reuse_rows[step][index] \
                 and not self._graph_step_in_full():
             cached = self._cached(index, step)
             return self._updated(streams, cached) if residual else cached
