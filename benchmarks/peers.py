@@ -15,7 +15,8 @@ Variants:
 - ``dipgo copy`` / ``dipgo taylor1``: the zoo's shipped DiP-GO search, re-thresholded at ratios 0.5, 0.7, 0.8
   and 0.85, reusing by copy and by the bounded first-order forecast (the table searched for copying);
 - ``searched NAME``: the schedules of another search (``--searched "taylor1 search=RUN_DIR"``, a ``prune``
-  output folder), at the same ratios, in the mode it was searched with;
+  output folder, run on the model it was made for), at the same ratios (``--own-ratio``: at the ratio it was
+  searched for only), in the mode it was searched with;
 - ``rule table``: TaylorSeer's table (every block computed at steps 0-2 and every n-th step after, n = 5, 7, 10)
   applied by our hooks, reusing by copy and by our bounded first-order forecast: the same table as the hook, so
   a difference is the forecast's, not the table's;
@@ -71,14 +72,17 @@ def calibrate_magcache(model, sampler, noise, cond) -> list[float]:
     return [float(v) for v in ast.literal_eval(lines[-1])]
 
 
-def load_search(m, run_dir: Path):
-    """A ``prune`` output folder of zoo model ``m`` as a SearchResult."""
-    from diffusion_shortcuts.prune import SearchResult
+def searches_of(m, searched: dict[str, Path]) -> dict:
+    """The ``prune`` output folders made for zoo model ``m`` (by the model id of their schedule) as
+    SearchResults; folders made for another model are left to that model's run."""
+    from diffusion_shortcuts.prune import CacheSchedule, SearchResult
 
-    return SearchResult.load(run_dir, m.model, m.noise(1), m.encode([0]))
+    model_id = m.dipgo().profile.model_id
+    return {label: SearchResult.load(path, m.model, m.noise(1), m.encode([0])) for label, path in searched.items()
+            if CacheSchedule.load(path / "schedule.json").model_id == model_id}
 
 
-def run_model(name: str, samples: int, searched: dict[str, Path]) -> list[dict]:
+def run_model(name: str, samples: int, searched: dict[str, Path], own_ratio: bool = False) -> list[dict]:
     from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig
 
     import diffusion_shortcuts as ds
@@ -119,10 +123,11 @@ def run_model(name: str, samples: int, searched: dict[str, Path]) -> list[dict]:
         print(f"{name} {method} {extra}: MACs {row['macs_ratio']:.3f} SSIM {row['ssim']:.4f} PSNR {row['psnr']:.1f} "
               f"FID {row['fid']:.2f} acc {row['accuracy']:.3f} speedup {row['speedup']:.2f}", flush=True)
 
-    searches = {"dipgo": m.dipgo(), **{label: load_search(m, path) for label, path in searched.items()}}
+    searches = {"dipgo": m.dipgo(), **searches_of(m, searched)}
     for label, search in searches.items():
         modes = ("copy", "taylor1") if label == "dipgo" else (search.reuse_mode,)
-        for ratio in RATIOS:
+        own = search.history["settings"]["ratio"]
+        for ratio in (own,) if own_ratio and label != "dipgo" else RATIOS:
             base = search.schedule(ratio)
             for mode in modes:
                 schedule = base.with_mode(mode)
@@ -183,12 +188,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["digits-dit", "digits-unet"])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--searched", nargs="*", default=[], metavar="LABEL=RUN_DIR",
-                        help="more searches to compare (prune output folders), for the model of the first --models")
+                        help="more searches to compare (prune output folders); each is run on the model it was made for")
+    parser.add_argument("--own-ratio", action="store_true",
+                        help="judge each --searched search at the ratio it was searched for only")
     args = parser.parse_args()
-    searched = dict(item.split("=", 1) for item in args.searched)
+    searched = {label: Path(path) for label, path in (item.split("=", 1) for item in args.searched)}
     rows = []
-    for i, name in enumerate(args.models):
-        rows += run_model(name, args.samples, {k: Path(v) for k, v in searched.items()} if i == 0 else {})
+    for name in args.models:
+        rows += run_model(name, args.samples, searched, args.own_ratio)
     comparison = frontier(rows)
     for c in comparison:
         print(f"{c['model']} {c['ours']} r={c['ratio']}: MACs {c['macs_ratio']:.3f} SSIM {c['ssim']:.4f} | best "
