@@ -79,3 +79,36 @@ def test_shipped_dipgo_schedules_fit_their_models(name):
     assert torch.equal(search.schedule(0.8).reuse, schedule.reuse)
     with pytest.raises(FileNotFoundError, match="no cache schedule at ratio 0.3"):
         m.cache_schedule(0.3)
+
+
+def test_shipping_searches_one_per_ratio(tmp_path):
+    """`python -m diffusion_shortcuts.zoo.dipgo NAME RUN ...`: each run's schedule under its ratio, the first run's
+    pruner as the zoo's search, and the command that made each in the README."""
+    import json
+    import shutil
+
+    from diffusion_shortcuts.zoo import ZOO_DIR
+    from diffusion_shortcuts.zoo.dipgo import ship
+
+    shipped = ZOO_DIR / "digits-dit" / "dipgo"
+    runs = []
+    for ratio, start in ((0.8, "every(interval=7, warmup=3):ab12"), (0.5, "")):
+        run = tmp_path / f"run{ratio}"
+        shutil.copytree(shipped / "pruner", run / "pruner")
+        shutil.copy(shipped / "heatmap.png", run / "heatmap.png")
+        history = json.loads((shipped / "search.json").read_text())
+        history["settings"].update(ratio=ratio, reuse_mode="taylor1", start=start)
+        (run / "search.json").write_text(json.dumps(history))
+        ds.prune.CacheSchedule.load(shipped / "schedule-0.8.json").with_mode("taylor1").save(run / "schedule.json")
+        runs.append(run)
+    dest = ship("digits-dit", runs, zoo_dir=tmp_path / "zoo")
+    assert sorted(p.name for p in dest.glob("schedule-*.json")) == ["schedule-0.5.json", "schedule-0.8.json"]
+    assert ds.prune.CacheSchedule.load(dest / "schedule-0.5.json").mode == "taylor1"
+    assert (dest / "pruner").is_dir() and (dest / "runs" / "0.5" / "search.json").exists()
+    readme = (dest / "README.md").read_text()
+    assert "--ratio 0.8 --iterations 200 --batch-size 2 --gradient full --reuse-mode taylor1 --start-every 7" in readme
+    assert "--ratio 0.5 --iterations 200 --batch-size 2 --gradient full --reuse-mode taylor1 --out" in readme
+    with pytest.raises(ValueError, match="one search per ratio"):
+        ship("digits-dit", [runs[0], runs[0]], zoo_dir=tmp_path / "zoo")
+    with pytest.raises(FileNotFoundError, match="no schedule.json"):
+        ship("digits-dit", [tmp_path], zoo_dir=tmp_path / "zoo")

@@ -350,7 +350,7 @@ class SuperNet:
         if self.gates is not None and latest is not None:  # the forecast (or copy) only where it is mixed in
             g_reuse, g_keep = self.gates[step, index].to(x.dtype)
             work = _map(lambda c, w: g_reuse * c + g_keep * w, self._cached(index, step), work)
-            if self.mode != "copy" and float(g_reuse) > float(g_keep):
+            if self.mode != "copy" and bool(g_reuse.detach() > g_keep.detach()):
                 self.forecast_steps[index].add(step)
             out = self._updated(streams, work) if residual else work
         self._remember(index, step, work)

@@ -105,9 +105,15 @@ def write_card(name: str, folder: Path, figures: dict) -> None:
         lines += ["", "FID is on `digits-classifier` features (not Inception), so it is comparable only with other "
                       "figures on the same features; the floor is the FID of the held-out set against the training set."]
     if (folder / "dipgo" / "README.md").exists():
-        lines += ["", "A DiP-GO cache schedule at ratio 0.8 ships beside it: [dipgo/README.md](dipgo/README.md) "
-                      "(`m.cache_schedule(0.8)`, `diffusion-shortcuts sample --schedule zoo`)."]
+        lines += ["", shipped_schedules_line(folder)]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def shipped_schedules_line(folder: Path) -> str:
+    """The card's sentence about the DiP-GO schedules shipped in ``folder/dipgo``."""
+    ratios = sorted(float(p.stem.split("-", 1)[1]) for p in (folder / "dipgo").glob("schedule-*.json"))
+    return (f"DiP-GO cache schedules searched at ratios {', '.join(f'{r:g}' for r in ratios)} ship beside it: "
+            "[dipgo/README.md](dipgo/README.md) (`m.cache_schedule(0.8)`, `diffusion-shortcuts sample --schedule zoo`).")
 
 
 def main(argv: list[str] | None = None) -> None:
