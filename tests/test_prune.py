@@ -503,6 +503,22 @@ def test_taylor1_forecasts_a_blocks_work_from_its_two_latest_computed_steps():
         SuperNet(sampler.model, sampler.timesteps, mode="taylor9")
 
 
+def test_taylor2_is_the_parabola_through_the_three_latest_computed_steps():
+    sampler, noise, cond = dit_case()
+    net = SuperNet(sampler.model, sampler.timesteps, mode="taylor2")
+    a, b, c = torch.randn(3, 2, 3, dtype=torch.float64)
+
+    def work(s):  # a quadratic in the step: the second-order forecast must be exact within its horizon
+        return a + b * s + c * s ** 2
+
+    net.caches[0] = {1: work(1), 4: work(4), 6: work(6)}
+    torch.testing.assert_close(net._cached(0, 7), work(7))
+    torch.testing.assert_close(net._cached(0, 8), work(8))
+    torch.testing.assert_close(net._cached(0, 11), work(8))  # held at s2 + (s2 - s1)
+    net.caches[1] = {2: work(2), 3: work(3)}  # two computed steps: the first-order forecast
+    torch.testing.assert_close(net._cached(1, 4), work(3) + (work(3) - work(2)))
+
+
 @pytest.mark.parametrize("case", ["unet", "dit"])
 def test_taylor1_keep_all_is_bit_identical_and_reuse_differs_from_copy(case):
     sampler, noise, cond = CASES[case]()
@@ -524,8 +540,8 @@ def test_taylor1_keep_all_is_bit_identical_and_reuse_differs_from_copy(case):
     assert again.mode == "taylor1" and torch.equal(again.reuse, copy.reuse)
 
 
-@pytest.mark.parametrize("case", ["unet", "dit"])
-def test_search_with_hard_gates_forecasts_as_inference_does(case):
+@pytest.mark.parametrize("case,mode", [("unet", "taylor1"), ("dit", "taylor1"), ("dit", "taylor2")])
+def test_search_with_hard_gates_forecasts_as_inference_does(case, mode):
     """The search mixes g_reuse * forecast + g_keep * f(x) at every step; with hard gates that equal a table it
     must give the table's images: forecasts extrapolate from the computed steps only, with the same horizon."""
     sampler, noise, cond = CASES[case](steps=8)
@@ -533,11 +549,11 @@ def test_search_with_hard_gates_forecasts_as_inference_does(case):
     reuse = torch.zeros(8, len(prof.blocks), dtype=torch.bool)
     reuse[3:, 1] = True  # computed at 0-2, then forecast for five steps (beyond the horizon from step 5 on)
     reuse[[1, 4, 5, 6], 0] = True  # computed at 0, 2, 3, 7
-    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof).with_mode("taylor1")
+    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof).with_mode(mode)
     with apply(sampler.model, schedule, sampler):
         expected = sampler(noise, cond)
     gates = torch.stack([reuse, ~reuse], dim=-1).float().requires_grad_(True)
-    net = SuperNet(sampler.model, sampler.timesteps, mode="taylor1").attach()
+    net = SuperNet(sampler.model, sampler.timesteps, mode=mode).attach()
     try:
         net.use_gates(gates)
         searched = sampler(noise, cond, gradient=ds.gradients.Full())
@@ -548,12 +564,13 @@ def test_search_with_hard_gates_forecasts_as_inference_does(case):
     assert gates.grad[3:, 1].abs().sum() > 0  # the reused steps still carry gradients to their gates
 
 
-def test_gradients_through_a_forecast_equal_finite_differences():
+@pytest.mark.parametrize("mode", ["taylor1", "taylor2"])
+def test_gradients_through_a_forecast_equal_finite_differences(mode):
     sampler, noise, cond = dit_case(dtype=torch.float64, steps=5)
     prof = profile(sampler.model, noise, cond)
     reuse = torch.zeros(5, len(prof.blocks), dtype=torch.bool)
-    reuse[3:, 0] = reuse[4, 1] = True
-    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof).with_mode("taylor1")
+    reuse[3:, 0] = reuse[4, 1] = True  # block 0 forecast from steps 0-2 (second order possible), block 1 from 0-3
+    schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof).with_mode(mode)
     weights = torch.randn(noise.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     direction = torch.randn(noise.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with apply(sampler.model, schedule, sampler):

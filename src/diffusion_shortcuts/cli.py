@@ -78,8 +78,9 @@ FLAGS = {
     "start_every": dict(type=number(int, 1), default=None,
                         help="start the search from the rule table that computes every block at the first 3 steps and "
                              "every N-th step after (TaylorSeer's), instead of from the full model"),
-    "reuse_mode": dict(choices=["copy", "taylor1"], default="copy",
-                       help="what a reused block returns: its cached work, or that work extrapolated (first order)"),
+    "reuse_mode": dict(choices=["copy", "taylor1", "taylor2"], default="copy",
+                       help="what a reused block returns: its cached work, or that work extrapolated (first or second "
+                            "order) from its latest computed steps"),
     "noise_prior": dict(choices=["sphere", "chi2", "none"], default="sphere",
                         help="keep the optimized noise on the Gaussian shell (none: let it drift)"),
     "ratio": dict(type=number(float, 0, 1, open_low=True, open_high=True), default=0.8,

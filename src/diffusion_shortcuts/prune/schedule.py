@@ -20,6 +20,9 @@ from .blocks import OUTPUT, RESIDUAL, BlockProfile
 
 FORMAT_VERSION = 1
 TOLERANCE = 0.0125  # DiP-GO's post-processing stops when the pruned MACs fraction is this close to the target
+# what a reused block returns, by the order of its forecast from the latest computed steps: the cached work as it
+# was (DiP-GO), or extrapolated to first or second order (TaylorSeer's rule)
+REUSE_MODES = {"copy": 0, "taylor1": 1, "taylor2": 2}
 
 
 class ScheduleError(ValueError):
@@ -43,7 +46,7 @@ class CacheSchedule:
     model_id: str
     info: dict = field(default_factory=dict)
     whole_steps: bool = False  # a step that reuses every block reuses the whole denoiser call (costs nothing)
-    mode: str = "copy"  # what a reused block returns: its cached work ("copy") or a forecast of it ("taylor1")
+    mode: str = "copy"  # what a reused block returns: its cached work ("copy") or a forecast of it (REUSE_MODES)
 
     def __post_init__(self):
         self.reuse = torch.as_tensor(self.reuse, dtype=torch.bool).cpu()
@@ -57,8 +60,8 @@ class CacheSchedule:
             raise ScheduleError(f"schedule has {n} blocks but {len(self.kinds)} kinds and {len(self.block_macs)} MACs")
         if bad := [k for k in self.kinds if k not in (OUTPUT, RESIDUAL)]:
             raise ScheduleError(f"unknown reuse kinds {bad}")
-        if self.mode not in ("copy", "taylor1"):
-            raise ScheduleError(f"unknown reuse mode {self.mode!r}; known: copy, taylor1")
+        if self.mode not in REUSE_MODES:
+            raise ScheduleError(f"unknown reuse mode {self.mode!r}; known: {', '.join(REUSE_MODES)}")
         if t and self.reuse[0].any():
             raise ScheduleError("step 0 cannot reuse anything: nothing is cached before it")
         if sum(self.block_macs) > self.total_macs or min(self.block_macs, default=0) < 0:
@@ -227,7 +230,7 @@ class CacheSchedule:
                              info, self.whole_steps, self.mode)
 
     def with_mode(self, mode: str) -> "CacheSchedule":
-        """The same table with another reuse mode (``"copy"`` or ``"taylor1"``)."""
+        """The same table with another reuse mode (one of :data:`REUSE_MODES`)."""
         return dataclasses.replace(self, mode=mode, info={**self.info, "mode": mode})
 
     def fitted(self, timesteps, strict: bool = False) -> "CacheSchedule":

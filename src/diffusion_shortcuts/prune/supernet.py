@@ -37,10 +37,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ..families import family_of, unwrap
 from .blocks import OUTPUT, resolve_blocks, reuse_kind
-from .schedule import ScheduleError
+from .schedule import REUSE_MODES, ScheduleError
 
 HOOK_NAME = "diffusion_shortcuts.prune"
-REUSE_MODES = ("copy", "taylor1")
 
 
 def _map(fn, *trees):
@@ -160,7 +159,8 @@ class SuperNet:
         self.computed = [0] * len(self.names)  # block forwards really run, for accounting and tests
         if mode not in REUSE_MODES:
             raise ScheduleError(f"reuse mode must be one of {', '.join(REUSE_MODES)}, got {mode!r}")
-        self.mode = mode  # "copy": the cached work as it was; "taylor1": moved along its last change
+        self.mode = mode  # "copy": the cached work as it was; "taylorK": extrapolated to order K
+        self.order = REUSE_MODES[mode]
         self.whole_steps = whole_steps and mode == "copy"  # a forecast changes the output: the call must run
         # a call that keeps its autograd graph (SDO's one step) computes every block: only no-grad calls reuse
         self.full_graph_steps = full_graph_steps
@@ -188,7 +188,7 @@ class SuperNet:
         """Forget every cache: the next call starts a new generation (at any step if ``announced`` by the
         Sampler, which may start mid-way; else at step 0)."""
         self.caches: list[dict[int, object]] = [{} for _ in self.names]
-        # search with "taylor1": steps whose hard gate chose reuse; their stored (mixed) work is a forecast, and
+        # search with a forecast: steps whose hard gate chose reuse; their stored (mixed) work is a forecast, and
         # a forecast extrapolates from computed steps only, as at inference, where reused steps store nothing
         self.forecast_steps: list[set[int]] = [set() for _ in self.names]
         self.outputs: dict[int, object] = {}  # whole-call outputs by step, for steps that reuse everything
@@ -288,25 +288,36 @@ class SuperNet:
         return self.caches[index][max(earlier)] if earlier else None
 
     def _cached(self, index: int, step: int):
-        """What block ``index`` reuses at ``step``: its latest work before it ("copy"), or with "taylor1" that
-        work moved along its change between the two latest computed steps s1 < s2, a first-order forecast in
-        step units (TaylorSeer's rule) with a bounded horizon:
-        ``w2 + (w2 - w1) * min(step - s2, s2 - s1) / (s2 - s1)``.
+        """What block ``index`` reuses at ``step``: its latest work before it ("copy"), or that work extrapolated in
+        step units from its latest computed steps (TaylorSeer's rule), with a bounded horizon.
 
-        The horizon: the forecast goes at most as far past s2 as the two computed steps are apart, and holds
-        there. TaylorSeer never extrapolates farther than its interval (it recomputes every N steps); a
-        learned table may reuse a block for 20 steps after two adjacent computations, where an unbounded
-        line runs away (digits-unet's SSIM fell from 0.956 to 0.513 that way).
+        "taylor1", from the two latest computed steps s1 < s2 (works w1, w2): ``w2 + (w2 - w1) * h / (s2 - s1)``.
+        "taylor2", from the three latest s0 < s1 < s2: the parabola through them (Newton's divided differences),
+        ``w2 + D1 * h + D2 * h * (h + s2 - s1)`` with ``D1 = (w2 - w1) / (s2 - s1)`` and
+        ``D2 = (D1 - (w1 - w0) / (s1 - s0)) / (s2 - s0)``; with fewer computed steps, the highest order they allow.
+
+        The horizon ``h = min(step - s2, s2 - s1)``: the forecast goes at most as far past s2 as the two latest
+        computed steps are apart, and holds there. TaylorSeer never extrapolates farther than its interval (it
+        recomputes every N steps); a learned table may reuse a block for 20 steps after two adjacent
+        computations, where an unbounded line runs away (digits-unet's SSIM fell from 0.956 to 0.513 that way).
         """
         earlier = sorted(s for s in self.caches[index] if s < step and s not in self.forecast_steps[index])
         if not earlier:
             return None
-        latest = self.caches[index][earlier[-1]]
-        if self.mode == "copy" or len(earlier) < 2:
-            return latest
-        s1, s2 = earlier[-2], earlier[-1]
-        slope = min(step - s2, s2 - s1) / (s2 - s1)
-        return _map(lambda w2, w1: torch.add(w2, w2 - w1, alpha=slope), latest, self.caches[index][s1])
+        cache = self.caches[index]
+        order = min(self.order, len(earlier) - 1)
+        s2 = earlier[-1]
+        if order == 0:
+            return cache[s2]
+        s1 = earlier[-2]
+        h = min(step - s2, s2 - s1)
+        if order == 1:
+            return _map(lambda w2, w1: torch.add(w2, w2 - w1, alpha=h / (s2 - s1)), cache[s2], cache[s1])
+        s0 = earlier[-3]
+        curve = h * (h + s2 - s1) / (s2 - s0)  # the D2 term's factor
+        a1 = (h + curve) / (s2 - s1)  # on w2 - w1 (from D1 * h and D2's first part)
+        a0 = curve / (s1 - s0)  # on w1 - w0
+        return _map(lambda w2, w1, w0: w2 + a1 * (w2 - w1) - a0 * (w1 - w0), cache[s2], cache[s1], cache[s0])
 
     def _remember(self, index: int, step: int, value) -> None:
         cache = self.caches[index]
@@ -314,7 +325,7 @@ class SuperNet:
             return
         cache[step] = value
         if not torch.is_grad_enabled():  # no backward (hence no recomputation) can need older ones
-            keep = 2 if self.mode == "taylor1" else 1
+            keep = self.order + 1
             for old in sorted(cache)[:-keep]:
                 del cache[old]
 

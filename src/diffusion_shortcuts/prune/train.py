@@ -150,7 +150,8 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
             which the sparsity term is dropped.
         gradient: policy for the gated rollout; ``Checkpointed()`` is exact with the memory of one step.
         reuse_mode: what a reused block returns during the search and in the schedule: ``"copy"`` (DiP-GO) or
-            ``"taylor1"`` (its work extrapolated from its two latest computed steps); the search trains with it.
+            ``"taylor1"`` / ``"taylor2"`` (its work extrapolated from its two / three latest computed steps); the
+            search trains with it.
         start: a schedule the gates start from (e.g. ``CacheSchedule.every(...)``, a rule) instead of keeping
             every block, for this sampler's timesteps and blocks; the search then moves away from it where that
             lowers the loss.
