@@ -18,11 +18,12 @@ Variants:
   output folder, run on the model it was made for), at the same ratios (``--own-ratio``: at the ratio it was
   searched for only), in the mode it was searched with;
 - ``rule table``: TaylorSeer's table (every block computed at steps 0-2 and every n-th step after, n = 5, 7, 10)
-  applied by our hooks, reusing by copy and by our bounded first-order forecast: the same table as the hook, so
-  a difference is the forecast's, not the table's;
+  applied by our hooks, reusing by copy and by our bounded first- and second-order forecasts: the same table as
+  the hook, so a difference is the forecast's, not the table's;
 - ``taylorseer``: ``diffusers.hooks.TaylorSeerCacheConfig`` on the denoiser's blocks (the DiT's
-  ``transformer_blocks.*``), first order, the documented warm-up (``disable_cache_before_step=3``), Taylor factors
-  in float32 (the docs: higher precision improves accuracy), ``cache_interval`` swept from 2 to 10;
+  ``transformer_blocks.*``; the UNet's resnets, samplers and attention transformer blocks: ``BLOCK_PATTERNS``), first order, the documented warm-up (``disable_cache_before_step=3``), Taylor factors
+  in float32 (the docs: higher precision improves accuracy), ``cache_interval`` swept from 2 to 10 (and second
+  order, ``max_order=2``, at 5, 7 and 10);
 - ``magcache``: ``diffusers.hooks.MagCacheConfig`` calibrated on this model and sampler as its docs say (one run
   with ``calibrate=True``; the printed ratios passed back), ``num_inference_steps=50``, the documented
   ``max_skip_steps=3`` and ``retention_ratio=0.2``, threshold swept (DiT only: it hooks transformer blocks).
@@ -46,7 +47,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, diffusers_hooks, write_results  # noqa: E402
 
 RATIOS = (0.5, 0.7, 0.8, 0.85)
-BLOCK_PATTERNS = {"dit": r"transformer_blocks\.\d+"}
+# the modules diffusers' TaylorSeer caches, per family: a DiT's transformer blocks; on a UNet its hooks need modules
+# that return one tensor (a down block returns a tuple with its residuals, an attention a 1-tuple that the hook
+# unwraps), so each resnet, sampler and attention's transformer block (proj_in / proj_out stay computed)
+BLOCK_PATTERNS = {"dit": r"transformer_blocks\.\d+",
+                  "sd-unet": r"(down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)(resnets\.\d+|downsamplers\.\d+|"
+                             r"upsamplers\.\d+|attentions\.\d+\.transformer_blocks\.\d+)"}
+MAGCACHE_FAMILIES = ("dit",)  # MagCache measures one residual stream from its first to its last block
 
 
 def diffusers_cache(model, config):
@@ -141,19 +148,25 @@ def run_model(name: str, samples: int, searched: dict[str, Path], own_ratio: boo
         for i in range(len(sampler.timesteps)):
             reuse[i] = not (i < 3 or (i - 3) % interval == 0)
         table = CacheSchedule.from_table(reuse, sampler.timesteps, prof, method=f"taylorseer table, interval {interval}")
-        for mode in ("copy", "taylor1"):
+        for mode in ("copy", "taylor1", "taylor2"):
             measure(f"rule table {mode}", lambda s=table.with_mode(mode): apply(m.model, s, sampler),
                     cache_interval=interval)
 
     family = ds.families.family_of(m.model).name
     pattern = BLOCK_PATTERNS.get(family)
     if pattern is None:
-        print(f"{name}: diffusers' TaylorSeer and MagCache hook transformer blocks; {family} has none", flush=True)
+        print(f"{name}: no TaylorSeer module pattern for the {family} family", flush=True)
         return rows
     for interval in range(2, 11):
         config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=3, max_order=1,
                                        taylor_factors_dtype=torch.float32, cache_identifiers=[pattern])
         measure("taylorseer", diffusers_cache(m.model, config), cache_interval=interval)
+    for interval in (5, 7, 10):  # second order, against our taylor2 on the same table
+        config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=3, max_order=2,
+                                       taylor_factors_dtype=torch.float32, cache_identifiers=[pattern])
+        measure("taylorseer order 2", diffusers_cache(m.model, config), cache_interval=interval)
+    if family not in MAGCACHE_FAMILIES:
+        return rows
     ratios = calibrate_magcache(m.model, sampler, noise16, cond16)
     for threshold in (0.01, 0.03, 0.06, 0.1, 0.2, 0.4):
         config = MagCacheConfig(threshold=threshold, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=50,
@@ -165,11 +178,11 @@ def run_model(name: str, samples: int, searched: dict[str, Path], own_ratio: boo
 def frontier(rows: list[dict], slack: float = 0.005) -> list[dict]:
     """For each of our rows, the best peer at no more MACs (plus ``slack``): the issue's comparison."""
     ours = [r for r in rows if r["method"].split()[0] not in ("taylorseer", "magcache", "rule")]
-    peers = [r for r in rows if r["method"] in ("taylorseer", "magcache")]
+    peers = [r for r in rows if r["method"].split()[0] in ("taylorseer", "magcache")]
     out = []
     for row in ours:
         for peer_name in ("taylorseer", "magcache"):
-            candidates = [p for p in peers if p["model"] == row["model"] and p["method"] == peer_name
+            candidates = [p for p in peers if p["model"] == row["model"] and p["method"].split()[0] == peer_name
                           and p["macs_ratio"] <= row["macs_ratio"] + slack]
             if not candidates:
                 continue
@@ -178,7 +191,7 @@ def frontier(rows: list[dict], slack: float = 0.005) -> list[dict]:
                         "macs_ratio": row["macs_ratio"], "ssim": row["ssim"], "fid": row["fid"],
                         "speedup": row["speedup"], "peer": peer_name, "peer_macs_ratio": best["macs_ratio"],
                         "peer_ssim": best["ssim"], "peer_fid": best["fid"], "peer_speedup": best["speedup"],
-                        "peer_setting": best.get("cache_interval", best.get("threshold")),
+                        "peer_setting": best.get("cache_interval", best.get("threshold")), "peer_method": best["method"],
                         "ssim_at_least_peer": row["ssim"] >= best["ssim"]})
     return out
 
@@ -199,7 +212,7 @@ def main() -> None:
     comparison = frontier(rows)
     for c in comparison:
         print(f"{c['model']} {c['ours']} r={c['ratio']}: MACs {c['macs_ratio']:.3f} SSIM {c['ssim']:.4f} | best "
-              f"{c['peer']} at MACs <= : {c['peer_macs_ratio']:.3f} SSIM {c['peer_ssim']:.4f} ({c['peer_setting']})"
+              f"{c['peer_method']} at MACs <= : {c['peer_macs_ratio']:.3f} SSIM {c['peer_ssim']:.4f} ({c['peer_setting']})"
               f" -> {'at least' if c['ssim_at_least_peer'] else 'below'}")
     write_results(RESULTS / "peers.json", "peers", {"samples": args.samples, "rows": rows, "comparison": comparison})
 
