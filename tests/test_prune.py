@@ -606,3 +606,28 @@ def test_a_search_can_start_from_a_rule_table():
     assert started.history["settings"]["start"].startswith("every(interval=2, warmup=1):")
     with pytest.raises(ScheduleError, match="steps"):
         ds.prune.train_pruner(ds.Sampler(sampler.model, ddim(), 4), conditions, iterations=1, start=rule, **kwargs)
+
+
+def test_a_search_from_a_rule_keeps_the_rule_where_it_validates_better():
+    sampler, noise, cond = unet_case(steps=6)
+    prof = profile(sampler.model, noise, cond)
+    rule = CacheSchedule.every(sampler.timesteps, prof, 2, warmup=1)
+    ratio = round(rule.pruned_fraction, 3)
+    conditions = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(9))
+    kwargs = dict(iterations=6, batch_size=1, target_batch=1, sample_shape=(1, 8, 8), progress=False,
+                  pruner_kwargs={"dim": 8, "heads": 2}, start=rule, validation=4)
+    # Adam at lr 0.5 scrambles the gates: the searched table validates worse, and the result is the rule again
+    scrambled = ds.prune.train_pruner(sampler, conditions, ratio, lr=0.5, **kwargs)
+    checked = scrambled.history["validation"]
+    assert checked["kept"] == "start" and checked["ssim_start"] > checked["ssim_searched"]
+    assert torch.equal(scrambled.schedule(ratio).reuse, rule.reuse)
+    # the recorded figure, recomputed through the public API on the validation samples
+    val_noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(2**31 + 0))
+    full = sampler(val_noise, conditions)
+    with apply(sampler.model, rule, sampler):
+        ruled = sampler(val_noise, conditions)
+    assert checked["ssim_start"] == pytest.approx(float(ds.metrics.ssim(ruled, full).mean()), abs=1e-6)
+    # no update (lr 0): the searched table is the rule, equally good, and stays the search's
+    unchanged = ds.prune.train_pruner(sampler, conditions, ratio, lr=0.0, **kwargs)
+    assert unchanged.history["validation"]["kept"] == "searched"
+    assert torch.equal(unchanged.schedule(ratio).reuse, rule.reuse)

@@ -237,7 +237,8 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
             "heatmap": "heatmap.png", "picture": "full_vs_pruned.png", "search_seconds": sum(history["seconds"]),
             "search_iterations": len(history["loss"]), "search_settings": history["settings"],
             "within_tolerance": schedule.info["within_tolerance"], "search_ssim": history["ssim"],
-            "search_macs_ratio": history["macs_ratio"], "seed": seed + 1, **metrics}
+            "search_macs_ratio": history["macs_ratio"], "search_validation": history.get("validation"),
+            "seed": seed + 1, **metrics}
 
 
 def optimize_report(out: Path, subject, *, reward: str, gradient: str, iterations: int, n: int, lr: float,

@@ -17,6 +17,7 @@ checkpoint resumes to the same pruner as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from ..families import unwrap
 from ..metrics import Timer, ssim
 from .blocks import BlockProfile, profile
 from .pruner import KEEP, Pruner
-from .schedule import CacheSchedule
+from .schedule import TOLERANCE, CacheSchedule
 from .supernet import SuperNet
 
 CHECKPOINT = "search_checkpoint.pt"
@@ -116,6 +117,7 @@ class SearchConfig:
     target_batch: int = 8
     pruner_kwargs: dict | None = None
     reuse_mode: str = "copy"
+    validation: int = 8
     sampler: dict = field(default_factory=dict, metadata={"derived": True})
     conditions: str = field(default="", metadata={"derived": True})
     # the table the gates start from ("": keep everything), as its method and a digest of its table
@@ -138,7 +140,7 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
                  tau: float | None = None, gradient: G.GradientPolicy | str = G.Checkpointed(),
                  blocks: list[str] | None = None, sample_shape: tuple[int, ...] | None = None, seed: int = 0,
                  target_batch: int = 8, pruner_kwargs: dict | None = None, reuse_mode: str = "copy",
-                 start: CacheSchedule | None = None, checkpoint_dir: str | Path | None = None,
+                 start: CacheSchedule | None = None, validation: int = 8, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 25, resume: bool = False, progress: bool = True,
                  callback=None) -> SearchResult:
     """Train a :class:`Pruner` for ``sampler`` (its model, scheduler, steps and guidance).
@@ -155,6 +157,11 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
         start: a schedule the gates start from (e.g. ``CacheSchedule.every(...)``, a rule) instead of keeping
             every block, for this sampler's timesteps and blocks; the search then moves away from it where that
             lowers the loss.
+        validation: with a ``start``, the searched schedule and the start table (if it prunes as much, within
+            the tolerance) are compared at the end on this many fresh samples (SSIM to the full model's images,
+            as the loss); where the start is better the result is the pruner as it began (it gives the start
+            table back), and ``history["validation"]`` says which was kept and why. A search from a good rule
+            thus never returns a worse table than the rule on its own measure.
         checkpoint_dir / checkpoint_every / resume: a checkpoint (pruner, optimizer, LR schedule,
             history, iteration) is written atomically every ``checkpoint_every`` iterations; with
             ``resume`` the search continues from it, refusing one made with other settings
@@ -169,7 +176,8 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
         ratio=ratio, iterations=iterations, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
         alpha=alpha, tau=1.0 - ratio if tau is None else tau, gradient=policy.spec,
         blocks=tuple(blocks) if blocks is not None else None, sample_shape=tuple(shape), seed=seed,
-        target_batch=target_batch, pruner_kwargs=pruner_kwargs, reuse_mode=reuse_mode, start=_describe_start(start),
+        target_batch=target_batch, pruner_kwargs=pruner_kwargs, reuse_mode=reuse_mode, validation=validation,
+        start=_describe_start(start),
         sampler=sampler.describe(), conditions=C.fingerprint(conditions))
     search = _Search(sampler, conditions, policy, config, start)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
@@ -183,7 +191,10 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
                 callback({"iteration": it, **record, "pruner": search.pruner})
             if checkpoint.due(it + 1, iterations):
                 checkpoint.save(it + 1, {"history": search.history}, **search.objects())
-    return SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history, reuse_mode)
+        result = SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history, reuse_mode)
+        if search.start is not None:
+            search.keep_the_better(result)
+    return result
 
 
 class _Search:
@@ -203,10 +214,12 @@ class _Search:
             torch.manual_seed(config.seed)
             self.pruner = Pruner(len(self.timesteps), len(prof.blocks), blocks=list(prof.blocks),
                                  timesteps=self.timesteps, **(config.pruner_kwargs or {})).to(self.device)
+        self.start = start
         if start is not None:
             start.check_model(prof.model_id, list(prof.blocks))
             start.check_timesteps(self.timesteps)
             self.pruner.start_from(start.reuse)
+            self.initial_state = copy.deepcopy(self.pruner.state_dict())
         self.optimizer = make_optimizer(config.optimizer, self.pruner.parameters(), config.lr,
                                         momentum=config.momentum if config.optimizer == "sgd" else 0.0)
         self.lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.iterations)
@@ -289,6 +302,32 @@ class _Search:
         for key, value in record.items():
             self.history[key].append(value)
         return record
+
+
+    @torch.no_grad()
+    def keep_the_better(self, result: SearchResult) -> None:
+        """Compare ``result``'s schedule with the start table on fresh samples; return the pruner to its start
+        where the start is better and prunes as much (see ``validation`` in :func:`train_pruner`)."""
+        cfg = self.config
+        gen = torch.Generator().manual_seed(2**31 + cfg.seed)  # apart from every training batch's seed
+        noise = torch.randn((cfg.validation, *cfg.sample_shape), generator=gen).to(self.device)
+        cond = None if self.conditions is None else C.take(self.conditions, torch.arange(cfg.validation) % self.n_cond)
+
+        def images(reuse: torch.Tensor) -> torch.Tensor:
+            self.net.use_table(reuse)
+            return self.sampler(noise, cond)
+
+        full = images(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
+        searched = result.schedule(cfg.ratio)
+        scores = {"searched": float(ssim(images(searched.reuse), full).mean()),
+                  "start": float(ssim(images(self.start.reuse), full).mean())}
+        start_prunes_enough = self.start.pruned_fraction >= cfg.ratio - TOLERANCE
+        kept = "start" if start_prunes_enough and scores["start"] > scores["searched"] else "searched"
+        if kept == "start":
+            self.pruner.load_state_dict(self.initial_state)
+        self.history["validation"] = {
+            "samples": cfg.validation, "kept": kept, "ssim_searched": scores["searched"],
+            "ssim_start": scores["start"], "macs_searched": searched.macs_ratio, "macs_start": self.start.macs_ratio}
 
 
 def _describe_start(start: CacheSchedule | None) -> str:
