@@ -79,17 +79,18 @@ def calibrate_magcache(model, sampler, noise, cond) -> list[float]:
     return [float(v) for v in ast.literal_eval(lines[-1])]
 
 
-def searches_of(m, searched: dict[str, Path]) -> dict:
+def searches_of(m, searched: list[tuple[str, Path]]) -> dict:
     """The ``prune`` output folders made for zoo model ``m`` (by the model id of their schedule) as
-    SearchResults; folders made for another model are left to that model's run."""
+    SearchResults by label; folders made for another model are left to that model's run (so one label can
+    name a search per model)."""
     from diffusion_shortcuts.prune import CacheSchedule, SearchResult
 
     model_id = m.dipgo().profile.model_id
-    return {label: SearchResult.load(path, m.model, m.noise(1), m.encode([0])) for label, path in searched.items()
+    return {label: SearchResult.load(path, m.model, m.noise(1), m.encode([0])) for label, path in searched
             if CacheSchedule.load(path / "schedule.json").model_id == model_id}
 
 
-def run_model(name: str, samples: int, searched: dict[str, Path], own_ratio: bool = False) -> list[dict]:
+def run_model(name: str, samples: int, searched: list[tuple[str, Path]], own_ratio: bool = False) -> list[dict]:
     from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig
 
     import diffusion_shortcuts as ds
@@ -205,7 +206,7 @@ def main() -> None:
     parser.add_argument("--own-ratio", action="store_true",
                         help="judge each --searched search at the ratio it was searched for only")
     args = parser.parse_args()
-    searched = {label: Path(path) for label, path in (item.split("=", 1) for item in args.searched)}
+    searched = [(label, Path(path)) for label, path in (item.split("=", 1) for item in args.searched)]
     rows = []
     for name in args.models:
         rows += run_model(name, args.samples, searched, args.own_ratio)
