@@ -5,7 +5,8 @@
 RUN_M is a ``prune`` output folder of the same model searched with ``--steps M`` (the zoo's search settings:
 ``--ratio 0.8 --iterations 200 --batch-size 2 --gradient full``). At each step count M, from the same 256 noises
 and labels, SSIM to the full model's images at M steps for:
-- ``nearest rows``: the shipped 50-step schedule (0.8) resampled by nearest timestep (``CacheSchedule.resampled``,
+- ``nearest rows``: the zoo search's 50-step schedule at 0.8 (``m.dipgo().schedule(0.8)``) resampled by nearest
+  timestep (``CacheSchedule.resampled``,
   what ``sample --schedule`` and ``apply(..., strict=False)`` do);
 - ``scores``: the shipped pruner's keep scores interpolated to the M timesteps and thresholded at 0.8
   (``SearchResult.schedule(0.8, timesteps=...)``);
@@ -37,7 +38,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     args = parser.parse_args()
     m = ds.zoo.load(args.model)
-    shipped, search = m.cache_schedule(0.8), m.dipgo()
+    search = m.dipgo()
+    shipped = search.schedule(0.8)
     labels = torch.arange(args.samples) % 10
     noise = m.noise(args.samples, torch.Generator().manual_seed(0))
     rows = []

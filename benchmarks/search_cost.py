@@ -42,7 +42,7 @@ def same_seeds(schedule_path: Path, samples: int = 256) -> dict:
     with torch.no_grad():
         full = generate(sampler, m.encode, labels, noise, batch_size=64)
         out = {}
-        for name, schedule in (("shipped", m.cache_schedule(0.8)), ("new", CacheSchedule.load(schedule_path))):
+        for name, schedule in (("shipped", m.dipgo().schedule(0.8)), ("new", CacheSchedule.load(schedule_path))):
             images = generate(sampler, m.encode, labels, noise, batch_size=64, schedule=schedule)
             out[name] = {"macs_ratio": schedule.macs_ratio, "ssim": float(ssim(images, full).mean())}
     return out

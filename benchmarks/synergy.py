@@ -1,4 +1,4 @@
-"""Both shortcuts together: SDO with the shipped DiP-GO schedule on its no-grad rollout.
+"""Both shortcuts together: SDO with the zoo's DiP-GO search (``m.dipgo().schedule(0.8)``) on its no-grad rollout.
 
 Two tasks on digits-unet and digits-dit (DDIM 50 steps), each variant in its own process.
 
@@ -18,7 +18,7 @@ The variants:
 
 - ``full``: plain backpropagation through the unpruned model;
 - ``shortcut``: SDO (one step's graph) on the unpruned model;
-- ``shortcut+schedule``: SDO with the shipped 0.8 schedule applied to every call, the graph step included;
+- ``shortcut+schedule``: SDO with the zoo search's 0.8 schedule applied to every call, the graph step included;
 - ``shortcut+schedule, full graph step``: the schedule on the no-grad rollout only, the graph step computes
   every block.
 
@@ -63,7 +63,7 @@ def context(m, sampler, variant: str):
 
     if "schedule" not in variant:
         return nullcontext()
-    return apply(m.model, m.cache_schedule(0.8), sampler, full_graph_steps="full graph step" in variant)
+    return apply(m.model, m.dipgo().schedule(0.8), sampler, full_graph_steps="full graph step" in variant)
 
 
 def run_one(model_name: str, variant: str, iterations: int, batch: int, lr: float) -> dict:

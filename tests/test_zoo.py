@@ -71,19 +71,23 @@ def test_frechet_distance_closed_form():
 @pytest.mark.parametrize("name", ["digits-unet", "digits-dit"])
 def test_shipped_dipgo_schedules_fit_their_models(name):
     m = ds.zoo.load(name)
-    schedule = m.cache_schedule(0.8)
-    assert abs(schedule.pruned_fraction - 0.8) <= 0.0125 and not schedule.reuse[0].any()
-    with ds.prune.apply(m.model, schedule, m.sampler()):
-        pass
-    search = m.dipgo()  # the shipped pruner re-thresholded gives the shipped schedule back
-    assert torch.equal(search.schedule(0.8).reuse, schedule.reuse)
+    ratios = sorted(float(p.stem.split("-", 1)[1]) for p in m.dipgo_dir.glob("schedule-*.json"))
+    assert ratios == [0.5, 0.7, 0.8, 0.85]
+    for ratio in ratios:  # one search per ratio, each within DiP-GO's tolerance of its ratio
+        schedule = m.cache_schedule(ratio)
+        assert abs(schedule.pruned_fraction - ratio) <= 0.0125 and not schedule.reuse[0].any()
+        assert schedule.info["search"]["ratio"] == ratio and schedule.mode == "taylor1"
+        with ds.prune.apply(m.model, schedule, m.sampler()):
+            pass
+    search = m.dipgo()  # the search from the full model, re-thresholded at any ratio
+    assert abs(search.schedule(0.6).pruned_fraction - 0.6) <= 0.0125
     with pytest.raises(FileNotFoundError, match="no cache schedule at ratio 0.3"):
         m.cache_schedule(0.3)
 
 
 def test_shipping_searches_one_per_ratio(tmp_path):
-    """`python -m diffusion_shortcuts.zoo.dipgo NAME RUN ...`: each run's schedule under its ratio, the first run's
-    pruner as the zoo's search, and the command that made each in the README."""
+    """`python -m diffusion_shortcuts.zoo.dipgo NAME RUN ... [--search RUN]`: each run's schedule under its ratio,
+    the pruner replaced only when asked, and the command that made each in the README."""
     import json
     import shutil
 
@@ -98,17 +102,28 @@ def test_shipping_searches_one_per_ratio(tmp_path):
         shutil.copy(shipped / "heatmap.png", run / "heatmap.png")
         history = json.loads((shipped / "search.json").read_text())
         history["settings"].update(ratio=ratio, reuse_mode="taylor1", start=start)
+        if start:
+            history["validation"] = {"samples": 8, "kept": "start", "ssim_searched": 0.98, "ssim_start": 0.99}
         (run / "search.json").write_text(json.dumps(history))
         ds.prune.CacheSchedule.load(shipped / "schedule-0.8.json").with_mode("taylor1").save(run / "schedule.json")
         runs.append(run)
-    dest = ship("digits-dit", runs, zoo_dir=tmp_path / "zoo")
+    zoo = tmp_path / "zoo"
+    with pytest.raises(FileNotFoundError, match="has no pruner"):
+        ship("digits-dit", runs, zoo_dir=zoo)  # nothing shipped yet, and no --search
+    dest = ship("digits-dit", runs, search=runs[1], zoo_dir=zoo)
     assert sorted(p.name for p in dest.glob("schedule-*.json")) == ["schedule-0.5.json", "schedule-0.8.json"]
     assert ds.prune.CacheSchedule.load(dest / "schedule-0.5.json").mode == "taylor1"
     assert (dest / "pruner").is_dir() and (dest / "runs" / "0.5" / "search.json").exists()
     readme = (dest / "README.md").read_text()
     assert "--ratio 0.8 --iterations 200 --batch-size 2 --gradient full --reuse-mode taylor1 --start-every 7" in readme
     assert "--ratio 0.5 --iterations 200 --batch-size 2 --gradient full --reuse-mode taylor1 --out" in readme
+    assert "kept the start table" in readme
+    # shipping schedules again keeps the pruner and replaces the schedules
+    (dest / "pruner" / "marker").write_text("kept")
+    ship("digits-dit", runs[:1], zoo_dir=zoo)
+    assert (dest / "pruner" / "marker").exists() and not (dest / "schedule-0.5.json").exists()
+    assert not (dest / "runs" / "0.5").exists()
     with pytest.raises(ValueError, match="one search per ratio"):
-        ship("digits-dit", [runs[0], runs[0]], zoo_dir=tmp_path / "zoo")
+        ship("digits-dit", [runs[0], runs[0]], zoo_dir=zoo)
     with pytest.raises(FileNotFoundError, match="no schedule.json"):
-        ship("digits-dit", [tmp_path], zoo_dir=tmp_path / "zoo")
+        ship("digits-dit", [tmp_path], zoo_dir=zoo)

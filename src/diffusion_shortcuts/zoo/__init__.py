@@ -75,7 +75,7 @@ class ZooModel:
         return self.path / "dipgo" if self.path is not None else None
 
     def cache_schedule(self, ratio: float = 0.8):
-        """The shipped DiP-GO cache schedule at ``ratio`` (``dipgo/schedule-RATIO.json``)."""
+        """The cache schedule searched for ``ratio`` and shipped as ``dipgo/schedule-RATIO.json`` (see its README)."""
         from ..prune import CacheSchedule
 
         path = self.dipgo_dir / f"schedule-{ratio:g}.json" if self.dipgo_dir is not None else None
