@@ -24,7 +24,7 @@ def _command(name: str, settings: dict) -> str:
     """The ``prune`` command line that a search's recorded settings correspond to."""
     flags = [f"--ratio {settings['ratio']:g}", f"--iterations {settings['iterations']}",
              f"--batch-size {settings['batch_size']}",
-             f"--gradient {'full' if 'Full' in settings['gradient'] else 'checkpointed'}"]
+             f"--gradient {'full' if 'full' in settings['gradient'].lower() else 'checkpointed'}"]
     if settings.get("reuse_mode", "copy") != "copy":
         flags.append(f"--reuse-mode {settings['reuse_mode']}")
     interval = re.match(r"every\(interval=(\d+)", settings.get("start", ""))
@@ -36,10 +36,11 @@ def _command(name: str, settings: dict) -> str:
 def _search_line(history: dict) -> str:
     s = history["settings"]
     start = s.get("start", "")
+    sampler = s.get("sampler", s)  # older searches recorded the sampler's settings at the top level
     line = (f"search: {len(history['loss'])} iterations, batch {s['batch_size']}, {s['optimizer']} lr {s['lr']}, "
             f"alpha {s['alpha']}, tau {s['tau']:.2f}, gradient {s['gradient']}, reuse {s.get('reuse_mode', 'copy')}, "
-            f"started from {start.split(':')[0] if start else 'the full model'}, DDIM {s['num_inference_steps']} "
-            f"steps, guidance {s['guidance_scale']}; {sum(history['seconds']) / 60:.1f} min of search on this "
+            f"started from {start.split(':')[0] if start else 'the full model'}, DDIM {sampler['num_inference_steps']} "
+            f"steps, guidance {sampler['guidance_scale']}; {sum(history['seconds']) / 60:.1f} min of search on this "
             "machine's CPU")
     validation = history.get("validation")
     if validation:
