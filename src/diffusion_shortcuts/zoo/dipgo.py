@@ -97,7 +97,9 @@ def ship(name: str, run_dirs: list[Path], search: Path | None = None, zoo_dir: P
              f"`{_command(name, settings)}`", "",
              f"- {_search_line(history)}",
              "- pruner/: its trained gate network (`ds.prune.Pruner.from_pretrained`); `m.dipgo().schedule(r)` "
-             "re-thresholds its keep scores at any ratio r", "",
+             "re-thresholds its keep scores at any ratio r",
+             "- measured at several ratios against fewer-step samplers and DeepCache by `benchmarks/prune.py`, and "
+             "against diffusers' TaylorSeer and MagCache by `benchmarks/peers.py` (BENCHMARKS.md)", "",
              "![the search's schedule](heatmap.png)", "",
              f"## The schedules (`m.cache_schedule(r)`, r = {', '.join(f'{r:g}' for r in sorted(ratios))})", "",
              "One search per ratio (a table searched for one ratio does not carry to another). MACs count "
