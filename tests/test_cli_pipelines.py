@@ -168,3 +168,61 @@ def test_bad_pipeline_input_is_one_line(folders, tmp_path, capsys, argv, needle)
     code, err = run([a.format(**names) for a in argv] + ["--out", tmp_path / "o"], capsys)
     assert code == 2, err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    """A tiny latent DiT pipeline saved as the hub's are: transformer, VAE, scheduler, and the class names in
+    model_index.json (``id2label``, several names for a class)."""
+    from conftest import tiny_dit, tiny_vae
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    folder = tmp_path_factory.mktemp("dit") / "dit"
+    # DiTPipeline hard-codes the null class 1000, so this DiT has ImageNet's 1000 classes
+    DiTPipeline(transformer=tiny_dit(in_channels=4, num_classes=1000), vae=tiny_vae(),
+                scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False)).save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["id2label"] = {"1": "goldfish, Carassius auratus", "207": "golden retriever"}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_a_dit_pipeline_folder_samples_by_class_name_or_label_and_prunes(dit_folder, tmp_path, capsys):
+    code, err = run(["sample", "--model", dit_folder, "--prompt", "golden retriever", "--prompt", "Carassius auratus",
+                     "--n", "4", "--steps", "3", "--out", tmp_path / "s"], capsys)
+    assert code == 0, err
+    metrics = metrics_of(tmp_path / "s")
+    assert metrics["n"] == 4 and "accuracy" not in metrics and "accuracy_judge" not in metrics
+    assert (tmp_path / "s" / "grid.png").stat().st_size > 100
+    # the same classes by id give the same images (same seed): names are only another way to say them
+    code, err = run(["sample", "--model", dit_folder, "--labels", "207,1", "--n", "4", "--steps", "3",
+                     "--out", tmp_path / "ids"], capsys)
+    assert code == 0, err
+    import numpy as np
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ids" / "grid.png")),
+                          np.asarray(Image.open(tmp_path / "s" / "grid.png")))
+
+    out = tmp_path / "p"
+    code, err = run(["prune", "--model", dit_folder, "--labels", "1,207", "--steps", "4", "--iterations", "2",
+                     "--samples", "2", "--ratio", "0.5", "--gradient", "full", "--out", out], capsys)
+    assert code == 0, err
+    assert "accuracy_judge" not in metrics_of(out) and (out / "heatmap.png").exists()
+    code, err = run(["sample", "--model", dit_folder, "--labels", "1", "--steps", "4", "--n", "2",
+                     "--schedule", out / "schedule.json", "--out", tmp_path / "fast"], capsys)
+    assert code == 0, err
+    assert metrics_of(tmp_path / "fast")["macs_ratio"] < 1.0
+
+    reference = tmp_path / "red.png"
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(reference)
+    code, err = run(["optimize", "--model", dit_folder, "--labels", "207", "--steps", "3", "--n", "2",
+                     "--iterations", "3", "--reward", f"reference:{reference}", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    steered = metrics_of(tmp_path / "o")
+    assert steered["final_reward"] > steered["reward"][0]  # closer to the red image than it began
+
+    code, err = run(["sample", "--model", dit_folder, "--prompt", "a red car", "--out", tmp_path / "bad"], capsys)
+    assert code == 2 and "has no class 'a red car'" in err and "golden retriever" in err
+    assert len(err.strip().splitlines()) == 1
+    code, err = run(["sample", "--model", dit_folder, "--labels", "1000", "--out", tmp_path / "bad2"], capsys)
+    assert code == 2 and "out of range" in err

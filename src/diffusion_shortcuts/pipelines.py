@@ -80,6 +80,13 @@ class PipelineModel:
             raise ValueError(f"--height/--width {height}x{width}: must be multiples of {multiple} for {self.family.name}")
         return channels, height // factor, width // factor
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the decoded images: RGB at the latents' size times the VAE's downsampling."""
+        _, h, w = self.sample_shape
+        factor = vae_scale(self.pipe)
+        return 3, h * factor, w * factor
+
     def sampler(self, steps: int, guidance: float | None = None) -> Sampler:
         return Sampler.from_pipeline(self.pipe, steps, guidance, negative_prompt=self.negative_prompt,
                                      sample_shape=self.sample_shape)

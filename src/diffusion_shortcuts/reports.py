@@ -178,7 +178,7 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
                "prompts": subject.distinct_conditions() if subject.text else None}
     judged = subject.judge(images, conditions)
     if judged:
-        metrics.update(judged, accuracy_judge=JUDGE)
+        metrics.update(judged, accuracy_judge=subject.accuracy_judge)
     if conditions is not None and not subject.text:  # one row per label
         order = torch.argsort(conditions, stable=True)
         images, conditions = images[order], conditions[order]
@@ -223,8 +223,9 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     noise = subject.noise(samples, torch.Generator().manual_seed(seed + 1))
     metrics, full, pruned = compare_schedule(sampler, schedule, subject.encode, conditions, noise,
                                              subject.schedule_judge())
-    if not subject.text and subject.conditional:
-        metrics.update(accuracy_judge=JUDGE, fid_features="digits-classifier" if "fid_full" in metrics else None)
+    if subject.accuracy_judge:
+        metrics.update(accuracy_judge=subject.accuracy_judge,
+                       fid_features="digits-classifier" if "fid_full" in metrics else None)
     show = slice(0, min(20, samples))
     side_by_side([labelled(grid(full[show], nrow=10), "full model"),
                   labelled(grid(pruned[show], nrow=10), f"schedule: {metrics['speedup']:.1f}x faster")]).save(
@@ -359,7 +360,7 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
     return {"model": subject.name, "reward_spec": reward, "rank": rank, "gradient_policy": policy.spec,
             "num_inference_steps": steps, "guidance_scale": sampler.guidance_scale, **result.history["settings"],
             "reward": result.history["reward"], "seconds_per_iteration": result.history["seconds"],
-            "heldout": result.history["eval"], "accuracy_judge": JUDGE if not subject.text else None,
+            "heldout": result.history["eval"], "accuracy_judge": subject.accuracy_judge,
             "weights": weights, "trainable_dtype": str(next(iter(result.trainable.values())).dtype),
             "peak_memory_mb": peak_memory_mb(subject.device)}
 

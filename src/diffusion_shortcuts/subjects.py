@@ -1,4 +1,5 @@
-"""What a command-line verb works on: a zoo model with labels, or a local pipeline folder with prompts.
+"""What a command-line verb works on: a zoo model with labels, or a local pipeline folder with prompts (or, for a
+class-conditional latent pipeline such as DiT, class names or labels).
 
 Both kinds answer the same questions (:class:`Subject`): which conditions the user asked for, how they
 become the denoiser's conditioning, a sampler, noise, how samples are judged and captioned, and where a
@@ -31,6 +32,7 @@ class ZooSubject:
         self.name, self.model, self.sample_shape = model.name, model.model, model.sample_shape
         self.default_guidance, self.conditional, self.device = model.guidance_scale, model.conditional, model.model.device
         self.text = False
+        self.accuracy_judge = JUDGE if model.conditional and model.num_classes == 10 else None  # what judge() uses
 
     def conditions(self, n: int):
         """n labels cycling through the user's ``--labels`` ('null': the unconditional label)."""
@@ -89,6 +91,7 @@ class PipelineSubject:
         self.name, self.model, self.sample_shape = model.name, model.model, model.sample_shape
         self.default_guidance, self.conditional, self.device = model.family.default_guidance, True, model.device
         self.text = True
+        self.accuracy_judge = None
 
     def conditions(self, n: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
@@ -115,7 +118,7 @@ class PipelineSubject:
         return list(conditions)
 
     def reward_context(self) -> SpecContext:
-        return SpecContext(None, True, str(self.device))
+        return SpecContext(self.m.image_shape, True, str(self.device))
 
     def save_adapter(self, out: Path) -> str:
         from .optimize import save_lora as save_adapter_file
@@ -126,6 +129,52 @@ class PipelineSubject:
         except ValueError:  # a pipeline without LoRA loading of its own (PixArt): the adapter file alone
             save_adapter_file(self.model, out / "adapter.safetensors")
             return "adapter.safetensors"
+
+
+class ClassPipelineSubject(PipelineSubject):
+    """A local class-conditional latent pipeline folder (DiT): class ids (``--labels``, ``null`` for the null
+    class) or the pipeline's class names (``--prompt``, as ``DiTPipeline.get_label_ids`` reads its ``id2label``),
+    sampled through its VAE; no judge of its own."""
+
+    def __init__(self, model: PipelineModel, names: list[str], labels: str = "0-9"):
+        from .reports import parse_labels
+
+        self.m, self.labels_text = model, labels
+        self.name, self.model, self.sample_shape = model.name, model.model, model.sample_shape
+        self.default_guidance, self.conditional, self.device = model.family.default_guidance, True, model.device
+        self.text, self.accuracy_judge = False, None
+        self.null_label = int(model.family.null_cond(model.model).reshape(-1)[0])  # DiT: the row after the classes
+        known = dict(getattr(model.pipe, "labels", None) or {})
+        self.names = {}
+        for name, index in known.items():  # the first name of each class, for captions
+            self.names.setdefault(index, name)
+        if names:
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                hint = (f"its classes are named like {', '.join(list(known)[:5])}" if known else
+                        "it names no classes (no id2label in model_index.json): use --labels with class ids")
+                raise SubjectError(f"--prompt: {model.name} has no class {', '.join(map(repr, unknown))}; {hint}")
+            self.ids = [known[n] for n in names]
+        elif labels == "null":
+            self.ids = [self.null_label]
+        else:
+            self.ids = parse_labels(labels, self.null_label)
+
+    def conditions(self, n: int) -> torch.Tensor:
+        return torch.tensor([self.ids[i % len(self.ids)] for i in range(n)])
+
+    def distinct_conditions(self) -> torch.Tensor:
+        return torch.tensor(list(dict.fromkeys(self.ids)))
+
+    def encode(self, conditions):
+        return conditions.to(self.device)
+
+    def sampler(self, steps: int, guidance: float | None = None):
+        unconditional = self.ids == [self.null_label]  # the null class in both branches: guidance changes nothing
+        return self.m.sampler(steps, 1.0 if unconditional else guidance)
+
+    def captions(self, conditions) -> list[str]:
+        return [self.names.get(int(c), "null" if int(c) == self.null_label else str(int(c))) for c in conditions]
 
 
 def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:
@@ -152,6 +201,8 @@ def load_subject(model: str, *, labels: str = "0-9", prompt=None, prompts=None, 
         pipeline = load_pipeline(model, device, dtype, scheduler, negative_prompt, height, width, vae_checkpointing)
         if pipeline.text:
             return PipelineSubject(pipeline, texts)
+        if pipeline.family.null_cond is not None and getattr(pipeline.pipe, "vae", None) is not None:
+            return ClassPipelineSubject(pipeline, texts, labels)
     try:
         generator = zoo.load(model, device=resolve_device(device))
     except (ValueError, FileNotFoundError) as exc:

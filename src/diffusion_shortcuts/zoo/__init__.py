@@ -211,8 +211,9 @@ def _load_pipeline(path: Path, device) -> ZooModel:
         raise ValueError(f"{path} is not a loadable diffusers pipeline: {exc}") from exc
     model = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if model is None or getattr(pipe, "vae", None) is not None or getattr(pipe, "text_encoder", None) is not None:
-        raise ValueError(f"{path}: only pixel-space DDPM/DDIM and DiT-style class-conditional pipelines can be "
-                         f"sampled from the command line; use ds.Sampler.from_pipeline for {type(pipe).__name__}")
+        raise ValueError(f"{path}: ds.zoo.load takes pixel-space pipelines without a VAE or text encoder (DDPM/DDIM, "
+                         f"class-conditional); for {type(pipe).__name__} use ds.Sampler.from_pipeline, or the command "
+                         f"line's --model {path}")
     null_label = getattr(model.config, "num_embeds_ada_norm", None)  # DiT: the extra row is the null class
     num_classes = null_label or getattr(model.config, "num_class_embeds", None)
     return ZooModel(name=path.name, model=_frozen(model).to(device), scheduler=pipe.scheduler,
