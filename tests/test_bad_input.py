@@ -61,6 +61,8 @@ CASES = [
     (["optimize", "--model", "digits-dit", "--reward", "digit:3", "--lr", "-1"], "--lr: must be > 0"),
     (["sample", "--model", "digits-dit", "--guidance", "nan"], "--guidance: expected a finite number"),
     (["prune", "--model", "digits-dit", "--ratio", "1.5"], "--ratio: must be < 1"),
+    (["prune", "--model", "digits-dit", "--start-every", "0"], "--start-every: must be >= 1"),
+    (["prune", "--model", "digits-dit", "--start-every", "often"], "--start-every: expected a number of steps or auto"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--ema", "1.5"], "--ema: must be < 1"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--checkpoint-every", "0"], "--checkpoint-every"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--checkpoint-every", "-1"], "--checkpoint-every"),

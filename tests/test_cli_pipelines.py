@@ -205,9 +205,12 @@ def test_a_dit_pipeline_folder_samples_by_class_name_or_label_and_prunes(dit_fol
 
     out = tmp_path / "p"
     code, err = run(["prune", "--model", dit_folder, "--labels", "1,207", "--steps", "4", "--iterations", "2",
-                     "--samples", "2", "--ratio", "0.5", "--gradient", "full", "--out", out], capsys)
+                     "--samples", "2", "--ratio", "0.5", "--gradient", "full", "--start-every", "auto",
+                     "--reuse-mode", "taylor1", "--out", out], capsys)
     assert code == 0, err
-    assert "accuracy_judge" not in metrics_of(out) and (out / "heatmap.png").exists()
+    pruned = metrics_of(out)
+    assert "accuracy_judge" not in pruned and (out / "heatmap.png").exists()
+    assert pruned["search_settings"]["start"].startswith("every(interval=") and pruned["search_validation"]["samples"] == 8
     code, err = run(["sample", "--model", dit_folder, "--labels", "1", "--steps", "4", "--n", "2",
                      "--schedule", out / "schedule.json", "--out", tmp_path / "fast"], capsys)
     assert code == 0, err

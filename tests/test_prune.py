@@ -631,3 +631,17 @@ def test_a_search_from_a_rule_keeps_the_rule_where_it_validates_better():
     unchanged = ds.prune.train_pruner(sampler, conditions, ratio, lr=0.0, **kwargs)
     assert unchanged.history["validation"]["kept"] == "searched"
     assert torch.equal(unchanged.schedule(ratio).reuse, rule.reuse)
+
+
+def test_the_rule_table_for_a_ratio_is_the_interval_that_prunes_nearest_it():
+    sampler, noise, cond = unet_case(steps=50)
+    prof = profile(sampler.model, noise, cond)
+    for ratio in (0.5, 0.7, 0.8, 0.85):
+        chosen = CacheSchedule.every_for_ratio(sampler.timesteps, prof, ratio)
+        others = [CacheSchedule.every(sampler.timesteps, prof, n) for n in range(1, 50)]
+        assert all(abs(chosen.pruned_fraction - ratio) <= abs(o.pruned_fraction - ratio) for o in others)
+        assert chosen.info["method"].startswith("every(interval=")
+    assert CacheSchedule.every_for_ratio(sampler.timesteps, prof, 0.8).info["method"] != \
+        CacheSchedule.every_for_ratio(sampler.timesteps, prof, 0.5).info["method"]
+    with pytest.raises(ValueError, match="ratio"):
+        CacheSchedule.every_for_ratio(sampler.timesteps, prof, 1.0)

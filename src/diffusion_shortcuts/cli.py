@@ -28,6 +28,17 @@ from .reports import UsageError
 METRICS_VERSION = 1
 
 
+def _interval_or_auto(text: str):
+    """``--start-every``: a whole number of steps >= 1, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or auto, got {text!r}") from None
+    return number(int, 1)(text)
+
+
 def number(kind: type, low: float | None = None, high: float | None = None, open_low: bool = False,
            open_high: bool = False):
     """An argparse type: a finite int or float within bounds, else one line naming the allowed range."""
@@ -75,9 +86,10 @@ FLAGS = {
     "schedule": dict(default=None, help="a cache schedule JSON (from `prune`), or `zoo` for the model's shipped one; "
                      "resampled to --steps when made for another step count"),
     "strict_schedule": dict(action="store_true", help="refuse a schedule made for other timesteps"),
-    "start_every": dict(type=number(int, 1), default=None,
+    "start_every": dict(type=_interval_or_auto, default=None,
                         help="start the search from the rule table that computes every block at the first 3 steps and "
-                             "every N-th step after (TaylorSeer's), instead of from the full model"),
+                             "every N-th step after (TaylorSeer's), instead of from the full model; auto: the N whose "
+                             "table prunes nearest --ratio"),
     "reuse_mode": dict(choices=["copy", "taylor1", "taylor2"], default="copy",
                        help="what a reused block returns: its cached work, or that work extrapolated (first or second "
                             "order) from its latest computed steps"),

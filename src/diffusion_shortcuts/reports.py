@@ -188,9 +188,10 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
 
 def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_size: int, lr: float, gradient: str,
                  steps: int, samples: int, seed: int, resume: bool, checkpoint_every: int = 25,
-                 guidance: float | None = None, reuse_mode: str = "copy", start_every: int | None = None) -> dict:
+                 guidance: float | None = None, reuse_mode: str = "copy", start_every: int | str | None = None) -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
-    ``start_every`` N the search starts from the rule table that computes every block every N-th step."""
+    ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
+    the N whose table prunes nearest ``ratio``)."""
     from .plots import schedule_heatmap
     from .prune import CacheSchedule, SearchError, profile, train_pruner
     from .prune.compare import compare_schedule
@@ -207,7 +208,9 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     start = None
     if start_every is not None:
         example = torch.zeros(1, *sampler.sample_shape, device=subject.device)
-        start = CacheSchedule.every(sampler.timesteps, profile(sampler.model, example, C.first(conditions)), start_every)
+        prof = profile(sampler.model, example, C.first(conditions))
+        start = (CacheSchedule.every_for_ratio(sampler.timesteps, prof, ratio) if start_every == "auto" else
+                 CacheSchedule.every(sampler.timesteps, prof, start_every))
     try:
         result = train_pruner(sampler, conditions, ratio, iterations=iterations, batch_size=batch_size, lr=lr,
                               gradient=policy, seed=seed, checkpoint_dir=out, checkpoint_every=checkpoint_every,
