@@ -62,6 +62,8 @@ CASES = [
     (["sample", "--model", "digits-dit", "--guidance", "nan"], "--guidance: expected a finite number"),
     (["prune", "--model", "digits-dit", "--ratio", "1.5"], "--ratio: must be < 1"),
     (["prune", "--model", "digits-dit", "--start-every", "0"], "--start-every: must be >= 1"),
+    (["sample", "--model", "digits-unet", "--schedule", "zoo:0.3"], "ships 0.5, 0.7, 0.8, 0.85"),
+    (["sample", "--model", "digits-unet", "--schedule", "zoo:fast"], "zoo:RATIO takes a number"),
     (["prune", "--model", "digits-dit", "--start-every", "often"], "--start-every: expected a number of steps or auto"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--ema", "1.5"], "--ema: must be < 1"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--checkpoint-every", "0"], "--checkpoint-every"),

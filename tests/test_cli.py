@@ -199,3 +199,15 @@ def test_prune_bad_input(tmp_path, capsys, argv, needle):
 def test_finetune_bad_input(tmp_path, capsys, argv, needle):
     code, _, err = run([*argv, "--iterations", "1", "--steps", "2", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_sample_with_a_shipped_schedule_by_ratio(tmp_path, capsys):
+    macs = {}
+    for spec in ("zoo", "zoo:0.5"):
+        code, _, err = run(["sample", "--model", "digits-dit", "--n", "4", "--schedule", spec,
+                            "--out", str(tmp_path / spec.replace(":", "-"))], capsys)
+        assert code == 0, err
+        macs[spec] = json.loads((tmp_path / spec.replace(":", "-") / "metrics.json").read_text())["macs_ratio"]
+    assert macs["zoo"] == pytest.approx(ds.zoo.load("digits-dit").cache_schedule(0.8).macs_ratio)
+    assert macs["zoo:0.5"] == pytest.approx(ds.zoo.load("digits-dit").cache_schedule(0.5).macs_ratio)
+    assert macs["zoo:0.5"] > macs["zoo"] + 0.2

@@ -83,7 +83,8 @@ FLAGS = {
     "resume": dict(action="store_true", help="continue a run killed in the same --out"),
     "batch_size": dict(type=number(int, 1, 4096), default=4),
     "checkpoint_every": dict(type=number(int, 1), default=10, help="iterations between checkpoints"),
-    "schedule": dict(default=None, help="a cache schedule JSON (from `prune`), or `zoo` for the model's shipped one; "
+    "schedule": dict(default=None, help="a cache schedule JSON (from `prune`), or `zoo` / `zoo:RATIO` for the model's "
+                     "shipped one (0.8 / 0.5, 0.7, 0.8 or 0.85); "
                      "resampled to --steps when made for another step count"),
     "strict_schedule": dict(action="store_true", help="refuse a schedule made for other timesteps"),
     "start_every": dict(type=_interval_or_auto, default=None,

@@ -89,14 +89,22 @@ def parse_reward(text: str, subject):
 
 
 def load_schedule(path: str, subject, sampler, strict: bool = False):
-    """A schedule file (or ``zoo``: a zoo model's shipped 0.8 schedule), checked against the model and fitted
-    to the sampler's timesteps (resampled to another step count unless ``strict``)."""
+    """A schedule file (or ``zoo`` / ``zoo:RATIO``: a zoo model's shipped schedule for 0.8 / that ratio), checked
+    against the model and fitted to the sampler's timesteps (resampled to another step count unless ``strict``)."""
     from .prune import CacheSchedule, ScheduleError, apply
 
     try:
-        if path == "zoo" and not hasattr(subject.m, "cache_schedule"):
+        shipped = path == "zoo" or path.startswith("zoo:")
+        if shipped and not hasattr(subject.m, "cache_schedule"):
             raise ValueError(f"{subject.name} ships no schedule: pass a schedule file")
-        schedule = subject.m.cache_schedule() if path == "zoo" else CacheSchedule.load(path)
+        if shipped:
+            ratio = path.partition(":")[2] or "0.8"
+            try:
+                schedule = subject.m.cache_schedule(float(ratio))
+            except ValueError:
+                raise ValueError(f"zoo:RATIO takes a number, got {ratio!r}") from None
+        else:
+            schedule = CacheSchedule.load(path)
         schedule = schedule.fitted(sampler.timesteps, strict=strict)
         with apply(subject.model, schedule, sampler):
             pass

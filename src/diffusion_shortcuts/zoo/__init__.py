@@ -80,8 +80,11 @@ class ZooModel:
 
         path = self.dipgo_dir / f"schedule-{ratio:g}.json" if self.dipgo_dir is not None else None
         if path is None or not path.exists():
-            raise FileNotFoundError(f"{self.name} ships no cache schedule at ratio {ratio:g}; "
-                                    "make one with `diffusion-shortcuts prune`")
+            shipped = sorted(float(p.stem.split("-", 1)[1]) for p in self.dipgo_dir.glob("schedule-*.json")) \
+                if self.dipgo_dir is not None and self.dipgo_dir.is_dir() else []
+            raise FileNotFoundError(f"{self.name} ships no cache schedule at ratio {ratio:g} (it ships "
+                                    f"{', '.join(f'{r:g}' for r in shipped) or 'none'}); make one with "
+                                    "`diffusion-shortcuts prune`")
         return CacheSchedule.load(path)
 
     def dipgo(self):
