@@ -153,8 +153,8 @@ class SuperNet:
         self.stream_positions = [_positions(sig, self.family.streams) for sig in self.signatures]
         self.kinds = list(kinds) if kinds is not None else [reuse_kind(self.model, n) for n in self.names]
         self.timesteps = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
-        self.reuse: torch.Tensor | None = torch.zeros(len(self.timesteps), len(self.names), dtype=torch.bool)
-        self.reuse_rows: list[list[bool]] = self.reuse.tolist()  # read per block call: lists, not tensor indexing
+        # the table, read at every block call: Python lists, not tensor indexing
+        self.reuse: list[list[bool]] | None = [[False] * len(self.names) for _ in range(len(self.timesteps))]
         self.gates: torch.Tensor | None = None
         self.computed = [0] * len(self.names)  # block forwards really run, for accounting and tests
         if mode not in REUSE_MODES:
@@ -176,13 +176,13 @@ class SuperNet:
         if reuse.shape != (len(self.timesteps), len(self.names)):
             raise ScheduleError(f"reuse table {tuple(reuse.shape)} does not match {len(self.timesteps)} steps x "
                                 f"{len(self.names)} blocks")
-        self.reuse, self.reuse_rows, self.gates = reuse, reuse.tolist(), None
+        self.reuse, self.gates = reuse.tolist(), None
 
     def use_gates(self, gates: torch.Tensor) -> None:
         """Search: ``gates[t, b] = (g_reuse, g_keep)``, hard one-hot values carrying gradients."""
         if gates.shape != (len(self.timesteps), len(self.names), 2):
             raise ScheduleError(f"gates {tuple(gates.shape)} do not match ({len(self.timesteps)}, {len(self.names)}, 2)")
-        self.gates, self.reuse, self.reuse_rows = gates, None, None
+        self.gates, self.reuse = gates, None
 
     def reset(self, announced: bool = False) -> None:
         """Forget every cache: the next call starts a new generation (at any step if ``announced`` by the
@@ -261,7 +261,7 @@ class SuperNet:
         """The output of the latest call before this step, when this step reuses every block and ``whole_steps``
         says that is exact; else None (the call runs)."""
         step = self.step
-        if not self.whole_steps or self.gates is not None or step is None or not all(self.reuse_rows[step]) \
+        if not self.whole_steps or self.gates is not None or step is None or not all(self.reuse[step]) \
                 or self._graph_step_in_full():
             return None
         earlier = [s for s in self.outputs if s < step]
@@ -350,7 +350,7 @@ class SuperNet:
         if latest is not None and _batch(latest) != x.shape[0]:
             raise ScheduleError(f"block {self.names[index]} cached a batch of {_batch(latest)} but is called with "
                                 f"{x.shape[0]}: call the model once per step with both guidance branches batched")
-        if self.gates is None and latest is not None and self.reuse_rows[step][index] \
+        if self.gates is None and latest is not None and self.reuse[step][index] \
                 and not self._graph_step_in_full():
             cached = self._cached(index, step)
             return self._updated(streams, cached) if residual else cached
