@@ -79,13 +79,12 @@ def calibrate_magcache(model, sampler, noise, cond) -> list[float]:
     return [float(v) for v in ast.literal_eval(lines[-1])]
 
 
-def searches_of(m, searched: list[tuple[str, Path]]) -> dict:
-    """The ``prune`` output folders made for zoo model ``m`` (by the model id of their schedule) as
-    SearchResults by label; folders made for another model are left to that model's run (so one label can
-    name a search per model)."""
+def searches_of(m, model_id: str, searched: list[tuple[str, Path]]) -> dict:
+    """The ``prune`` output folders made for zoo model ``m`` (whose id is ``model_id``, matched against their
+    schedules') as SearchResults by label; folders made for another model are left to that model's run (so one
+    label can name a search per model)."""
     from diffusion_shortcuts.prune import CacheSchedule, SearchResult
 
-    model_id = m.dipgo().profile.model_id
     return {label: SearchResult.load(path, m.model, m.noise(1), m.encode([0])) for label, path in searched
             if CacheSchedule.load(path / "schedule.json").model_id == model_id}
 
@@ -131,7 +130,8 @@ def run_model(name: str, samples: int, searched: list[tuple[str, Path]], own_rat
         print(f"{name} {method} {extra}: MACs {row['macs_ratio']:.3f} SSIM {row['ssim']:.4f} PSNR {row['psnr']:.1f} "
               f"FID {row['fid']:.2f} acc {row['accuracy']:.3f} speedup {row['speedup']:.2f}", flush=True)
 
-    searches = {"dipgo": m.dipgo(), **searches_of(m, searched)}
+    dipgo = m.dipgo()
+    searches = {"dipgo": dipgo, **searches_of(m, dipgo.profile.model_id, searched)}
     for label, search in searches.items():
         modes = ("copy", "taylor1") if label == "dipgo" else (search.reuse_mode,)
         own = search.history["settings"]["ratio"]
@@ -143,12 +143,8 @@ def run_model(name: str, samples: int, searched: list[tuple[str, Path]], own_rat
 
     # TaylorSeer's own table (full steps 0-2, then every n-th) in our framework: which part of a difference is
     # the table and which the forecast
-    prof = searches["dipgo"].profile
     for interval in (5, 7, 10):
-        reuse = torch.ones(len(sampler.timesteps), len(prof.blocks), dtype=torch.bool)
-        for i in range(len(sampler.timesteps)):
-            reuse[i] = not (i < 3 or (i - 3) % interval == 0)
-        table = CacheSchedule.from_table(reuse, sampler.timesteps, prof, method=f"taylorseer table, interval {interval}")
+        table = CacheSchedule.every(sampler.timesteps, dipgo.profile, interval, warmup=3)
         for mode in ("copy", "taylor1", "taylor2"):
             measure(f"rule table {mode}", lambda s=table.with_mode(mode): apply(m.model, s, sampler),
                     cache_interval=interval)
