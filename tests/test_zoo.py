@@ -71,7 +71,7 @@ def test_frechet_distance_closed_form():
 @pytest.mark.parametrize("name", ["digits-unet", "digits-dit"])
 def test_shipped_dipgo_schedules_fit_their_models(name):
     m = ds.zoo.load(name)
-    ratios = sorted(float(p.stem.split("-", 1)[1]) for p in m.dipgo_dir.glob("schedule-*.json"))
+    ratios = m.schedule_ratios
     assert ratios == [0.5, 0.7, 0.8, 0.85]
     for ratio in ratios:  # one search per ratio, each within DiP-GO's tolerance of its ratio
         schedule = m.cache_schedule(ratio)

@@ -139,10 +139,8 @@ class ClassPipelineSubject(PipelineSubject):
     def __init__(self, model: PipelineModel, names: list[str], labels: str = "0-9"):
         from .reports import parse_labels
 
-        self.m, self.labels_text = model, labels
-        self.name, self.model, self.sample_shape = model.name, model.model, model.sample_shape
-        self.default_guidance, self.conditional, self.device = model.family.default_guidance, True, model.device
-        self.text, self.accuracy_judge = False, None
+        super().__init__(model, names)
+        self.labels_text, self.text = labels, False
         self.null_label = int(model.family.null_cond(model.model).reshape(-1)[0])  # DiT: the row after the classes
         known = dict(getattr(model.pipe, "labels", None) or {})
         self.names = {}

@@ -74,17 +74,20 @@ class ZooModel:
         """Where the DiP-GO search for this model is shipped (``dipgo/``: pruner, schedules, history)."""
         return self.path / "dipgo" if self.path is not None else None
 
+    @property
+    def schedule_ratios(self) -> list[float]:
+        """The ratios this model ships a cache schedule for (``dipgo/schedule-RATIO.json``), ascending."""
+        return shipped_schedule_ratios(self.dipgo_dir) if self.dipgo_dir is not None else []
+
     def cache_schedule(self, ratio: float = 0.8):
         """The cache schedule searched for ``ratio`` and shipped as ``dipgo/schedule-RATIO.json`` (see its README)."""
         from ..prune import CacheSchedule
 
         path = self.dipgo_dir / f"schedule-{ratio:g}.json" if self.dipgo_dir is not None else None
         if path is None or not path.exists():
-            shipped = sorted(float(p.stem.split("-", 1)[1]) for p in self.dipgo_dir.glob("schedule-*.json")) \
-                if self.dipgo_dir is not None and self.dipgo_dir.is_dir() else []
             raise FileNotFoundError(f"{self.name} ships no cache schedule at ratio {ratio:g} (it ships "
-                                    f"{', '.join(f'{r:g}' for r in shipped) or 'none'}); make one with "
-                                    "`diffusion-shortcuts prune`")
+                                    f"{', '.join(f'{r:g}' for r in self.schedule_ratios) or 'none'}); make one "
+                                    "with `diffusion-shortcuts prune`")
         return CacheSchedule.load(path)
 
     def dipgo(self):
@@ -157,6 +160,11 @@ def _resolve(name_or_path: str | Path) -> Path:
         raise ValueError(f"unknown model {str(name_or_path)!r}: not a zoo name ({', '.join(NAMES)}) "
                          "and not a local folder")
     return path
+
+
+def shipped_schedule_ratios(dipgo_dir: Path) -> list[float]:
+    """The ratios of the ``schedule-RATIO.json`` files in a zoo model's ``dipgo/`` folder, ascending."""
+    return sorted(float(p.stem.split("-", 1)[1]) for p in Path(dipgo_dir).glob("schedule-*.json"))
 
 
 def load(name_or_path: str | Path, device: str | torch.device = "cpu"):

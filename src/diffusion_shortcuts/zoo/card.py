@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import ZOO_DIR, ZooModel, load
+from . import ZOO_DIR, ZooModel, load, shipped_schedule_ratios
 from .architectures import dit_config, unet_config
 from .data import load_digits
 from .judge import DigitJudge
@@ -111,7 +111,7 @@ def write_card(name: str, folder: Path, figures: dict) -> None:
 
 def shipped_schedules_line(folder: Path) -> str:
     """The card's sentence about the DiP-GO schedules shipped in ``folder/dipgo``."""
-    ratios = sorted(float(p.stem.split("-", 1)[1]) for p in (folder / "dipgo").glob("schedule-*.json"))
+    ratios = shipped_schedule_ratios(folder / "dipgo")
     return (f"DiP-GO cache schedules searched at ratios {', '.join(f'{r:g}' for r in ratios)} ship beside it: "
             "[dipgo/README.md](dipgo/README.md) (`m.cache_schedule(0.8)`, `diffusion-shortcuts sample --schedule zoo`).")
 
