@@ -100,9 +100,10 @@ def load_schedule(path: str, subject, sampler, strict: bool = False):
         if shipped:
             ratio = path.partition(":")[2] or "0.8"
             try:
-                schedule = subject.m.cache_schedule(float(ratio))
+                value = float(ratio)
             except ValueError:
                 raise ValueError(f"zoo:RATIO takes a number, got {ratio!r}") from None
+            schedule = subject.m.cache_schedule(value)
         else:
             schedule = CacheSchedule.load(path)
         schedule = schedule.fitted(sampler.timesteps, strict=strict)

@@ -181,8 +181,8 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
         sampler=sampler.describe(), conditions=C.fingerprint(conditions))
     search = _Search(sampler, conditions, policy, config, start)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
-    start = search.restore(checkpoint)
-    bar = tqdm(range(start, iterations), desc="pruner search", disable=not progress, initial=start, total=iterations)
+    first = search.restore(checkpoint)
+    bar = tqdm(range(first, iterations), desc="pruner search", disable=not progress, initial=first, total=iterations)
     with search.attached():
         for it in bar:
             record = search.step(it)
@@ -302,7 +302,6 @@ class _Search:
         for key, value in record.items():
             self.history[key].append(value)
         return record
-
 
     @torch.no_grad()
     def keep_the_better(self, result: SearchResult) -> None:
