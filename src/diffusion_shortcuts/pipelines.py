@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .families import UnknownModelError, denoiser_of, family_of, vae_scale
+from .families import TEXT, UnknownModelError, denoiser_of, family_of, vae_scale
 from .loading import quiet_loading
 from .sampling import Sampler
 
@@ -66,7 +66,7 @@ class PipelineModel:
 
     @property
     def text(self) -> bool:
-        return self.family.encode_prompt is not None and self.family.null_cond is None
+        return self.family.conditioning == TEXT
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import conditions as C
 from . import gradients as G
 from .conditions import Cond
-from .families import CFG, EMBEDDED, denoiser_of, family_of, model_id, sample_shape, unwrap, vae_scale
+from .families import CFG, CLASS_NAMES, EMBEDDED, TEXT, denoiser_of, family_of, model_id, sample_shape, unwrap, vae_scale
 
 __all__ = ["Sampler", "call_denoiser", "sample_shape", "unwrap"]
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
@@ -131,7 +131,7 @@ class Sampler:
         (default: :attr:`sample_shape`), as the family's stock pipeline sets them (state of its own)."""
         sched = copy.deepcopy(self.scheduler)
         shape = latent_shape if latent_shape is not None else (1, *(self.sample_shape or (1, 1, 1)))
-        self.family.prepare_timesteps(sched, self.num_inference_steps, device, shape, self.model)
+        self.family.set_timesteps(sched, self.num_inference_steps, device, tuple(shape), self.model)
         return sched
 
     def describe(self) -> dict:
@@ -189,8 +189,7 @@ class Sampler:
             raise ValueError(f"latents spatial size {tuple(latents.shape[2:])} must be a multiple of {multiple} "
                              f"for {type(unwrap(self.model)).__name__}")
         C.check_fits(cond, latents.shape[0])
-        if self.family.check_cond is not None:
-            self.family.check_cond(unwrap(self.model), cond)
+        self.family.check_cond(unwrap(self.model), cond)
         if not isinstance(start_step, int) or not 0 <= start_step < self.num_inference_steps:
             raise ValueError(f"start_step must be an int in [0, {self.num_inference_steps - 1}], got {start_step!r}")
         if policy is not None and not self._warned_clip and self.scheduler.config.get("clip_sample", False):
@@ -340,16 +339,17 @@ class Sampler:
         return sampler
 
     def _default_uncond(self, negative_prompt: str | None) -> Cond:
-        if self.family.null_cond is not None:
-            return self.family.null_cond(self.model)
-        if self.family.encode_prompt is not None and _has_text_encoder(self.pipeline):
+        null = self.family.null_cond(self.model)
+        if null is not None:
+            return null
+        if self.family.conditioning == TEXT and _has_text_encoder(self.pipeline):
             return C.first(self._encode([""], negative_prompt)[1])
         raise ValueError(f"{type(self.pipeline).__name__}: classifier-free guidance needs uncond "
                          "(e.g. the empty-prompt embeddings) and the pipeline has no text encoder to make it; "
                          "pass uncond, or guidance_scale=1.0 for none")
 
     def _encode(self, prompts, negative_prompt):
-        if self.pipeline is None or self.family.encode_prompt is None:
+        if self.pipeline is None or self.family.conditioning not in (TEXT, CLASS_NAMES):
             raise ValueError(f"encode_prompt needs a sampler made by Sampler.from_pipeline of a text-conditional "
                              f"pipeline; this one drives {type(unwrap(self.model)).__name__} "
                              f"({self.family.name}) {'without a pipeline' if self.pipeline is None else ''}".rstrip())

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import zoo
+from .families import CLASS_NAMES
 from .metrics import accuracy
 from .pipelines import DTYPES, PipelineModel, is_pipeline_folder, load_pipeline, resolve_device
 from .rewards import SpecContext
@@ -199,7 +200,7 @@ def load_subject(model: str, *, labels: str = "0-9", prompt=None, prompts=None, 
         pipeline = load_pipeline(model, device, dtype, scheduler, negative_prompt, height, width, vae_checkpointing)
         if pipeline.text:
             return PipelineSubject(pipeline, texts)
-        if pipeline.family.null_cond is not None and getattr(pipeline.pipe, "vae", None) is not None:
+        if pipeline.family.conditioning == CLASS_NAMES and getattr(pipeline.pipe, "vae", None) is not None:
             return ClassPipelineSubject(pipeline, texts, labels)
     try:
         generator = zoo.load(model, device=resolve_device(device))

@@ -47,7 +47,7 @@ def reuse_kind(model: torch.nn.Module, name: str) -> str:
     """How block ``name`` reuses its work: the family's kind for its default blocks, ``"output"`` for any
     other module a user names (it is not known to sit on a residual stream)."""
     family = family_of(model)
-    return family.reuse if name in family.blocks(unwrap(model)) else OUTPUT
+    return family.block_kind if name in family.blocks(unwrap(model)) else OUTPUT
 
 
 DEEPCACHE_LAYERS = 3  # DeepCache numbers a branch as block * 3 + layer (3: SD's layers per up block)
@@ -168,7 +168,7 @@ def profile(model: torch.nn.Module, sample: torch.Tensor, cond=None, blocks: lis
         total, per_module = count_macs(call_denoiser, model, x, t, C.first(cond), guidance)
         root = type(model).__name__
         block_macs = tuple(int(per_module.get(f"{root}.{n}", 0)) for n in names)
-        whole = family.whole_step_reuse is not None and family.whole_step_reuse(model) and \
+        whole = family.whole_step_reuse(model) and \
             names == default_block_names(model)
         _PROFILES[key] = BlockProfile(tuple(names), tuple(reuse_kind(model, n) for n in names), block_macs,
                                       int(total), key[0], tuple(sample.shape[1:]), bool(whole), branch)
