@@ -52,8 +52,9 @@ class Case:
     guided: bool                            # two batched guidance branches per call
 
 
-def text_case(name: str, steps: int = STEPS) -> Case:
+def text_case(name: str, steps: int = STEPS, dtype: torch.dtype = torch.float32) -> Case:
     pipe, kwargs = BUILDERS[name]() if name in BUILDERS else VARIANTS[name][1]()
+    pipe.to(dtype)
     options = {k: kwargs[k] for k in ("max_sequence_length",) if k in kwargs}
     sampler = ds.Sampler.from_pipeline(pipe, num_inference_steps=steps, guidance_scale=GUIDANCE,
                                        prompt_options=options, sample_shape=(4, 8, 8))
@@ -61,51 +62,55 @@ def text_case(name: str, steps: int = STEPS) -> Case:
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     packed = name.startswith("flux")
 
-    def stock(n=steps):
+    def stock(n=steps):  # the stock call keeps its latents in the pipeline's dtype; ours keeps them in float32
         latents = pack_latents(noise) if packed else noise
-        out = pipe(prompt=PROMPTS, latents=latents.clone(), num_inference_steps=n, guidance_scale=GUIDANCE,
-                   output_type="latent", **kwargs).images
+        out = pipe(prompt=PROMPTS, latents=latents.to(dtype), num_inference_steps=n, guidance_scale=GUIDANCE,
+                   output_type="latent", **kwargs).images.float()
         return unpack_latents(out, 8, 8) if packed else out
 
     return Case(pipe, sampler, cond, noise, stock, lambda: sampler(noise, cond, return_latents=True)[1],
                 family_of(pipe.transformer if hasattr(pipe, "transformer") else pipe.unet).guidance == "cfg")
 
 
-def dit_case(steps: int = STEPS) -> Case:
+def dit_case(steps: int = STEPS, dtype: torch.dtype = torch.float32) -> Case:
     # DiTPipeline hard-codes the null class 1000, so this DiT has ImageNet's 1000 classes
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     pipe = DiTPipeline(transformer=tiny_dit(in_channels=4, num_classes=1000), vae=tiny_vae(), scheduler=scheduler)
+    pipe.to(dtype)
     labels = [1, 7]
-    noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    # the stock call draws its noise in the model's dtype from this generator
+    noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3), dtype=dtype).float()
     sampler = ds.Sampler.from_pipeline(pipe, num_inference_steps=steps, guidance_scale=GUIDANCE)
     cond = torch.tensor(labels)
 
     def stock(n=steps):
         return pipe(labels, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(3), num_inference_steps=n,
-                    output_type="pt").images
+                    output_type="pt").images.float()
 
     return Case(pipe, sampler, cond, noise, stock, lambda: sampler(noise, cond).clamp(0, 1), True)
 
 
-def ddpm_case(steps: int = STEPS) -> Case:
+def ddpm_case(steps: int = STEPS, dtype: torch.dtype = torch.float32) -> Case:
     pipe = DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False))
-    noise = randn_tensor((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    pipe.to(dtype)
+    noise = randn_tensor((2, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=dtype).float()
     sampler = ds.Sampler.from_pipeline(pipe, num_inference_steps=steps)
 
     def stock(n=steps):
         images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=n, eta=0.0,
                       output_type="np").images
-        return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+        return torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
 
     return Case(pipe, sampler, None, noise, stock, lambda: sampler(noise).clamp(0, 1), False)
 
 
-def make_case(name: str, steps: int = STEPS) -> Case:
+def make_case(name: str, steps: int = STEPS, dtype: torch.dtype = torch.float32) -> Case:
+    """A tiny pipeline of family ``name`` with its denoiser, text encoders and VAE in ``dtype``."""
     if name == "dit":
-        return dit_case(steps)
+        return dit_case(steps, dtype)
     if name == "ddpm-unet":
-        return ddpm_case(steps)
-    return text_case(name, steps)
+        return ddpm_case(steps, dtype)
+    return text_case(name, steps, dtype)
 
 
 # ---- the stock pipeline, reproduced ---------------------------------------------------------------------
@@ -263,6 +268,44 @@ def test_blocks_macs_and_schedules_under_the_sampler_and_the_stock_call(name):
         ds.prune.disable(model)
     assert (stock - ours).abs().max() < 1e-5
     assert torch.equal(stock, again)
+
+
+PRECISIONS = [torch.float32, torch.bfloat16]
+
+
+def computed_per_block(schedule: CacheSchedule) -> list[int]:
+    return [schedule.num_steps - r for r in schedule.reuse.sum(0).tolist()]
+
+
+@pytest.mark.parametrize("dtype", PRECISIONS, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_schedule_is_followed_in_every_precision_under_the_sampler_and_the_stock_call(name, dtype):
+    """The denoiser (and text encoders, VAE) in ``dtype``: a schedule is followed, not refused, under the Sampler and
+    the stock call (Flux's pipeline hands its model the timestep rounded to bfloat16), blocks are computed as the
+    table says, both paths agree within the precision, and SDO's gradient is finite, in float32 like the latents."""
+    case = make_case(name, dtype=dtype)
+    model = case.sampler.model
+    assert model.dtype == dtype
+    schedule = alternating_schedule(case)
+    with ds.prune.apply(model, schedule, case.sampler) as net:
+        ours = case.ours()
+        assert net.computed == computed_per_block(schedule) and net.calls == STEPS
+        noise = case.noise.clone().requires_grad_(True)
+        images = case.sampler(noise, case.cond, gradient=ds.gradients.Shortcut())
+        (images.float() ** 2).mean().backward()
+    assert images.dtype == torch.float32 and noise.grad.dtype == torch.float32
+    assert torch.isfinite(noise.grad).all() and noise.grad.abs().sum() > 0
+    net = ds.prune.enable(model, schedule)
+    try:
+        stock = case.stock()
+        assert net.computed == computed_per_block(schedule) and net.calls == STEPS
+        again = case.stock()  # a new generation of the stock call, found by the clock
+        assert net.computed == [2 * c for c in computed_per_block(schedule)] and net.calls == 2 * STEPS
+    finally:
+        ds.prune.disable(model)
+    assert torch.isfinite(ours).all() and torch.equal(stock, again)
+    relative = ((stock - ours).norm() / ours.norm()).item()
+    assert relative < (1e-5 if dtype == torch.float32 else 3e-2)
 
 
 def test_a_stock_call_with_other_steps_is_refused_not_run_on_stale_caches():

@@ -12,6 +12,8 @@ from diffusers import DDIMScheduler
 import diffusion_shortcuts as ds
 from diffusion_shortcuts.metrics import count_macs
 from diffusion_shortcuts.prune import CacheSchedule, Pruner, ScheduleError, SuperNet, apply, profile
+from diffusion_shortcuts.prune.forecast import FORECASTERS
+from diffusion_shortcuts.prune.state import BlockState
 
 STEPS = 6
 
@@ -487,36 +489,41 @@ def test_keep_scores_are_interpolated_linearly_in_the_timestep():
 
 
 # ---- forecasting reuse -----------------------------------------------------------------------------------
+def stored(works: dict) -> BlockState:
+    state = BlockState()
+    state.works.update(works)
+    return state
+
+
 def test_taylor1_forecasts_a_blocks_work_from_its_two_latest_computed_steps():
     sampler, noise, cond = dit_case()
-    net = SuperNet(sampler.model, sampler.timesteps, mode="taylor1")
+    taylor1 = FORECASTERS["taylor1"]()
     a, b = torch.randn(2, 3), torch.randn(2, 3)
-    net.caches[0] = {1: a, 3: b}
-    torch.testing.assert_close(net._cached(0, 4), b + (b - a) * 0.5)  # one step after s2, two steps between
-    torch.testing.assert_close(net._cached(0, 5), b + (b - a) * 1.0)
+    state = stored({1: a, 3: b})
+    torch.testing.assert_close(taylor1.predict(state, 4), b + (b - a) * 0.5)  # one step after s2, two steps between
+    torch.testing.assert_close(taylor1.predict(state, 5), b + (b - a) * 1.0)
     # the horizon: no farther past s2 than s1 is before it; the forecast holds there
-    torch.testing.assert_close(net._cached(0, 6), b + (b - a) * 1.0)
-    torch.testing.assert_close(net._cached(0, 9), b + (b - a) * 1.0)
-    net.caches[1] = {2: (a, (b,))}  # one computed step: nothing to extrapolate from, the copy
-    assert net._cached(1, 5)[0] is a
+    torch.testing.assert_close(taylor1.predict(state, 6), b + (b - a) * 1.0)
+    torch.testing.assert_close(taylor1.predict(state, 9), b + (b - a) * 1.0)
+    one = stored({2: (a, (b,))})  # one computed step: nothing to extrapolate from, the copy
+    assert taylor1.predict(one, 5)[0] is a
     with pytest.raises(ScheduleError, match="reuse mode must be one of copy, taylor1"):
         SuperNet(sampler.model, sampler.timesteps, mode="taylor9")
 
 
 def test_taylor2_is_the_parabola_through_the_three_latest_computed_steps():
-    sampler, noise, cond = dit_case()
-    net = SuperNet(sampler.model, sampler.timesteps, mode="taylor2")
+    taylor2 = FORECASTERS["taylor2"]()
     a, b, c = torch.randn(3, 2, 3, dtype=torch.float64)
 
     def work(s):  # a quadratic in the step: the second-order forecast must be exact within its horizon
         return a + b * s + c * s ** 2
 
-    net.caches[0] = {1: work(1), 4: work(4), 6: work(6)}
-    torch.testing.assert_close(net._cached(0, 7), work(7))
-    torch.testing.assert_close(net._cached(0, 8), work(8))
-    torch.testing.assert_close(net._cached(0, 11), work(8))  # held at s2 + (s2 - s1)
-    net.caches[1] = {2: work(2), 3: work(3)}  # two computed steps: the first-order forecast
-    torch.testing.assert_close(net._cached(1, 4), work(3) + (work(3) - work(2)))
+    state = stored({1: work(1), 4: work(4), 6: work(6)})
+    torch.testing.assert_close(taylor2.predict(state, 7), work(7))
+    torch.testing.assert_close(taylor2.predict(state, 8), work(8))
+    torch.testing.assert_close(taylor2.predict(state, 11), work(8))  # held at s2 + (s2 - s1)
+    two = stored({2: work(2), 3: work(3)})  # two computed steps: the first-order forecast
+    torch.testing.assert_close(taylor2.predict(two, 4), work(3) + (work(3) - work(2)))
 
 
 @pytest.mark.parametrize("case", ["unet", "dit"])

@@ -15,10 +15,14 @@ pipelines for the same scheduler, noise and steps.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import inspect
+import json
 import math
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,8 +34,36 @@ from . import gradients as G
 from .conditions import Cond
 from .families import CFG, CLASS_NAMES, EMBEDDED, TEXT, denoiser_of, family_of, model_id, sample_shape, unwrap, vae_scale
 
-__all__ = ["Sampler", "call_denoiser", "sample_shape", "unwrap"]
+__all__ = ["Sampler", "SamplingStep", "call_denoiser", "current_step", "sample_shape", "unwrap"]
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
+
+
+@dataclass(frozen=True)
+class SamplingStep:
+    """What the Sampler tells whoever wraps its denoiser about the call in progress: the step ``index`` of the
+    generation (counted in the sampler's ``timesteps``, whatever ``start_step``) and those timesteps as Python
+    floats. A cache schedule finds its step from it, with no read of the timestep tensor back to the host."""
+
+    index: int
+    timesteps: tuple[float, ...]
+
+
+_CURRENT_STEP: contextvars.ContextVar[SamplingStep | None] = contextvars.ContextVar("sampling_step", default=None)
+
+
+def current_step() -> SamplingStep | None:
+    """The :class:`SamplingStep` of the denoiser call in progress under a :class:`Sampler` (None outside one, as
+    under a stock pipeline call). A gradient checkpoint recomputing a step in the backward pass announces it again."""
+    return _CURRENT_STEP.get()
+
+
+@contextmanager
+def _announced(step: SamplingStep):
+    token = _CURRENT_STEP.set(step)
+    try:
+        yield
+    finally:
+        _CURRENT_STEP.reset(token)
 
 
 def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None = None,
@@ -118,6 +150,7 @@ class Sampler:
         self.progress = progress
         self._warned_clip = False
         self._step_params = set(inspect.signature(scheduler.step).parameters)
+        self._timestep_values: dict[tuple, tuple[float, ...]] = {}
 
     def _default_shape(self, model) -> tuple[int, int, int] | None:
         try:
@@ -145,6 +178,15 @@ class Sampler:
     def timesteps(self) -> torch.Tensor:
         """The timesteps of a generation at :attr:`sample_shape`."""
         return self.fresh_scheduler().timesteps
+
+    def timestep_values(self, latent_shape: tuple[int, ...]) -> tuple[float, ...]:
+        """The timesteps of a generation of latents shaped ``latent_shape``, as Python floats, computed on the CPU
+        once per scheduler configuration, step count and shape (no read back from the device per generation)."""
+        config = json.dumps(dict(self.scheduler.config), sort_keys=True, default=str)
+        key = (type(self.scheduler).__name__, config, self.num_inference_steps, tuple(latent_shape[1:]))
+        if key not in self._timestep_values:
+            self._timestep_values[key] = tuple(float(t) for t in self.fresh_scheduler("cpu", latent_shape).timesteps)
+        return self._timestep_values[key]
 
     # ---- one network evaluation -----------------------------------------------------------------
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond = None,
@@ -240,14 +282,16 @@ class Sampler:
 
         x = latents * getattr(sched, "init_noise_sigma", 1.0) if start_step == 0 else latents
         dtype = model_dtype(self.model, x.dtype)
+        values = self.timestep_values(tuple(latents.shape))
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not self.progress, leave=False)):
             mode = plan.modes[i]
             if plan.detach_before == i:
                 x = x.detach()
                 self._detach_state(sched, last_only=False)
 
-            def eps_fn(x_in, t=t):
-                return self.predict(_scale_input(sched, x_in, t), t, cond, uncond, dtype)
+            def eps_fn(x_in, t=t, step=SamplingStep(start_step + i, values)):
+                with _announced(step):
+                    return self.predict(_scale_input(sched, x_in, t), t, cond, uncond, dtype)
 
             if mode == G.GRAPH:
                 eps = eps_fn(x)

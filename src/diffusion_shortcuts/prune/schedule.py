@@ -17,12 +17,10 @@ import torch
 
 from ..checkpoints import write_json
 from .blocks import OUTPUT, RESIDUAL, BlockProfile
+from .forecast import REUSE_MODES
 
 FORMAT_VERSION = 1
 TOLERANCE = 0.0125  # DiP-GO's post-processing stops when the pruned MACs fraction is this close to the target
-# what a reused block returns, by the order of its forecast from the latest computed steps: the cached work as it
-# was (DiP-GO), or extrapolated to first or second order (TaylorSeer's rule)
-REUSE_MODES = {"copy": 0, "taylor1": 1, "taylor2": 2}
 
 
 class ScheduleError(ValueError):

@@ -1,107 +1,38 @@
-"""The DiP-GO SuperNet: gated blocks that either run or return their work cached at an earlier step.
+"""The DiP-GO SuperNet: gated blocks that either run or return their work from an earlier step.
 
-The wrappers are diffusers hooks (``diffusers.hooks.HookRegistry``) on the model and on each block, so
-the model keeps its class, parameters and state dict, and removing the hooks restores it exactly.
+The wrappers are diffusers hooks (``diffusers.hooks.HookRegistry``) on the model and on each block, so the
+model keeps its class, parameters and state dict, and removing the hooks restores it exactly. The SuperNet
+puts together four small parts, the diffusers way:
 
-- A hook on the model reads the timestep of every denoiser call (in the scheduler's units: the family
-  says how the model's ``timestep`` argument is scaled) and maps it to the step index of the schedule
-  (a timestep the schedule does not have, or a skipped step, is an error: the sampler and the schedule
-  disagree).
-- A hook on each block either computes the block or reuses its cache. Caches hold, per block, the
-  work of the steps at which the block ran, as whole batch tensors: under classifier-free guidance the
-  batch is ``[uncond; cond]`` and row r of a cache is only ever read by row r, so the two branches
-  never read each other's cache.
-- A generation starts whenever the Sampler starts one (it resets the stateful diffusers hooks of its
-  model), and also, for stock pipeline calls that never reset a UNet's hooks, whenever step 0 comes
-  again or the step index goes back outside a backward pass. A generation that the Sampler did not
-  announce must begin at step 0: a stock call with other timesteps is refused, never run on stale
-  caches. Only the Sampler may start mid-way (``start_step``).
+- a step clock (:mod:`.clock`), the model's hook: the step of each call, generation boundaries, refusals;
+- a decision (:mod:`.decision`): the static table (inference: a reused block is not called at all) or the
+  search's gates (every block runs and is mixed ``g_reuse * forecast + g_keep * f(x)``), one interface;
+- per-block state (:mod:`.state`): what each block computed at which step, reset at every generation;
+- a forecaster (:mod:`.forecast`): what a reused block returns (``copy``, ``taylor1``, ``taylor2``);
 
-Two modes:
-- table (inference): ``reuse[t, b]`` True means the block is not called at all at step t.
-- gates (search): every block runs and its result is ``g_reuse * cache + g_keep * f(x)`` with hard 0/1
-  gates that carry straight-through gradients to the pruner (DiP-GO eq. 3).
-
-Caches are keyed by step and written once per generation. Gradient checkpointing recomputes a step's
-forward during backward: the recomputation then reads the same cache the forward read, and overwrites
-nothing. Under ``torch.no_grad()`` (plain sampling) only the newest cached value per block is kept.
+plus the accounting that :func:`~diffusion_shortcuts.prune.summary` reads. Work is stored once per step and
+generation: a gradient checkpoint recomputing a step's forward during backward reads what the forward read
+and overwrites nothing; under ``torch.no_grad()`` only what the forecast needs is kept.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..families import family_of, unwrap
-from .blocks import OUTPUT, resolve_blocks, reuse_kind
-from .schedule import REUSE_MODES, ScheduleError
+from ..families import OUTPUT, family_of, unwrap
+from .blocks import resolve_blocks, reuse_kind
+from .clock import StepClock, in_backward
+from .decision import Decision, GateDecision, TableDecision
+from .forecast import FORECASTERS, REUSE_MODES
+from .schedule import ScheduleError
+from .state import BlockState, batch_of, map_streams
 
 HOOK_NAME = "diffusion_shortcuts.prune"
-
-
-def _map(fn, *trees):
-    """Apply ``fn`` leafwise to tensors in matching (nested) tuples, e.g. a down block's (h, residuals);
-    a missing leaf (SD3's last block returns no text stream) stays missing."""
-    first = trees[0]
-    if isinstance(first, (tuple, list)):
-        return type(first)(_map(fn, *parts) for parts in zip(*trees))
-    return None if any(t is None for t in trees) else fn(*trees)
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (a gradient checkpoint recomputing an earlier step)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
-
-
-def _leaves(tree):
-    if isinstance(tree, (tuple, list)):
-        for part in tree:
-            yield from _leaves(part)
-    elif isinstance(tree, torch.Tensor):
-        yield tree
-
-
-def _batch(tree) -> int:
-    return next(_leaves(tree)).shape[0]
-
-
-class _StepHook(ModelHook):
-    """On the model: read each call's timestep and tell the SuperNet which step it is."""
-
-    _is_stateful = True
-
-    def __init__(self, net: "SuperNet"):
-        super().__init__()
-        self.net = net
-        self.signature = None
-
-    def pre_forward(self, module, *args, **kwargs):
-        if self.signature is None:
-            self.signature = _class_signature(type(module).forward)
-        bound = self.signature.bind_partial(module, *args, **kwargs)
-        timestep = bound.arguments.get("timestep")
-        if timestep is None:
-            raise ScheduleError(f"{type(module).__name__} was called without a timestep: a schedule needs it "
-                                "to know the step")
-        self.net.enter(timestep)
-        return args, kwargs
-
-    def new_forward(self, module, *args, **kwargs):
-        """The whole call, or (at a step that reuses every block, where that is exact) its cached output."""
-        cached = self.net.whole_step_output()
-        if cached is not None:
-            return cached
-        out = self.fn_ref.original_forward(*args, **kwargs)
-        self.net.remember_output(out)
-        return out
-
-    def reset_state(self, module):
-        self.net.reset(announced=True)
-        return module
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,14 +40,6 @@ def _class_signature(function) -> inspect.Signature:
     """``inspect.signature`` of a class's function, computed once per function (a schedule is applied per
     generation, and the signatures of a UNet's blocks cost as much as a few sampling steps)."""
     return inspect.signature(function)
-
-
-def _positions(signature: inspect.Signature, names: tuple[str, ...]) -> list[tuple[str, int | None]]:
-    """Each name with its position among the signature's positional parameters (None if keyword-only or absent),
-    so that a block call's streams are read without binding its arguments at every call."""
-    positional = [p.name for p in signature.parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return [(name, positional.index(name) if name in positional else None) for name in names]
 
 
 def _forward_signature(module: torch.nn.Module) -> inspect.Signature:
@@ -127,83 +50,182 @@ def _forward_signature(module: torch.nn.Module) -> inspect.Signature:
     return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
-class _BlockHook(ModelHook):
-    """On one block: compute it, or return its cached work (the SuperNet decides)."""
+def _positions(signature: inspect.Signature, names: tuple[str, ...]) -> list[tuple[str, int | None]]:
+    """Each name with its position among the signature's positional parameters (None if keyword-only or absent),
+    so that a call's arguments are read without binding them at every call."""
+    positional = [p.name for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [(name, positional.index(name) if name in positional else None) for name in names]
 
-    def __init__(self, net: "SuperNet", index: int):
+
+def _arguments(positions, args, kwargs) -> tuple:
+    return tuple(kwargs[name] if name in kwargs else args[position] if position is not None and
+                 position < len(args) else None for name, position in positions)
+
+
+@dataclass
+class GatedBlock:
+    """One gated block: where it is, how its work is reused, which of its arguments are residual streams, and
+    its state. ``output`` blocks (UNets) store their output; ``residual`` blocks (transformers) store their
+    update ``f(x) - x`` of every stream they carry, and a reuse adds it to this step's streams."""
+
+    index: int
+    name: str
+    module: torch.nn.Module
+    kind: str
+    stream_positions: list[tuple[str, int | None]]
+    state: BlockState = field(default_factory=BlockState)
+
+    def streams(self, args, kwargs) -> tuple | None:
+        """The residual-stream inputs of a call, in the order the block returns them (None for output blocks)."""
+        return None if self.kind == OUTPUT else _arguments(self.stream_positions, args, kwargs)
+
+    def work_of(self, out, streams):
+        return out if streams is None else map_streams(lambda o, s: o - s, out if isinstance(out, tuple) else (out,),
+                                                       streams)
+
+    def output_of(self, work, streams):
+        if streams is None:
+            return work
+        out = map_streams(lambda x, w: x + w, streams, work)
+        return out[0] if len(out) == 1 else out
+
+
+@dataclass
+class Accounting:
+    """Denoiser calls seen (skipped ones included), calls skipped whole, and block forwards really run."""
+
+    calls: int = 0
+    skipped_calls: int = 0
+    computed: list[int] = field(default_factory=list)
+
+
+class _StepHook(ModelHook):
+    """On the model: tell the SuperNet which step each call is; skip a call whose every block is reused."""
+
+    _is_stateful = True
+
+    def __init__(self, net: "SuperNet", module: torch.nn.Module):
         super().__init__()
         self.net = net
-        self.index = index
+        self.timestep_position = _positions(_class_signature(type(module).forward), ("timestep",))
+
+    def pre_forward(self, module, *args, **kwargs):
+        (timestep,) = _arguments(self.timestep_position, (module, *args), kwargs)
+        self.net.enter(timestep)
+        return args, kwargs
 
     def new_forward(self, module, *args, **kwargs):
-        return self.net.run_block(self.index, self.fn_ref.original_forward, args, kwargs)
+        cached = self.net.whole_step_output()
+        if cached is not None:
+            return cached
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        self.net.remember_output(out)
+        return out
+
+    def reset_state(self, module):
+        self.net.reset()
+        return module
+
+
+class _BlockHook(ModelHook):
+    """On one block: compute it, or return its forecast work (the SuperNet's decision)."""
+
+    def __init__(self, net: "SuperNet", block: GatedBlock):
+        super().__init__()
+        self.net, self.block = net, block
+
+    def new_forward(self, module, *args, **kwargs):
+        net, block, step = self.net, self.block, self.net.step
+        if step is None:  # called outside a model call (a user calling the block directly)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        x = args[0] if args else kwargs["hidden_states"]
+        streams = block.streams(args, kwargs)
+        net.check_batch(block, step, x)
+        if net.reuses(block, step):
+            return block.output_of(net.forecaster.predict(block.state, step), streams)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        return net.ran(block, step, out, streams, x.dtype)
 
 
 class SuperNet:
-    """Gated blocks of ``model`` for a sampler with the given ``timesteps`` (see the module docstring)."""
+    """Gated blocks of ``model`` for a sampler with the given ``timesteps`` (see the module docstring).
+
+    ``whole_steps``: a step at which every block is reused reuses the whole call's output (exact for UNets, see
+    ``Family.whole_step_reuse``). ``full_graph_steps``: a call that keeps its autograd graph (SDO's one step)
+    computes every block, so that only the no-grad rollout is pruned. ``mode``: the forecaster.
+    """
 
     def __init__(self, model: torch.nn.Module, timesteps, blocks: list[str] | None = None, kinds=None,
                  whole_steps: bool = False, full_graph_steps: bool = False, mode: str = "copy"):
+        if mode not in REUSE_MODES:
+            raise ScheduleError(f"reuse mode must be one of {', '.join(REUSE_MODES)}, got {mode!r}")
         self.model = unwrap(model)
         self.family = family_of(self.model)
         resolved = resolve_blocks(self.model, blocks)
-        self.names = [n for n, _ in resolved]
-        self.modules = [m for _, m in resolved]
-        self.signatures = [_forward_signature(m) for m in self.modules]
-        self.stream_positions = [_positions(sig, self.family.streams) for sig in self.signatures]
-        self.kinds = list(kinds) if kinds is not None else [reuse_kind(self.model, n) for n in self.names]
-        self.timesteps = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
-        # the table, read at every block call: Python lists, not tensor indexing
-        self.reuse: list[list[bool]] | None = [[False] * len(self.names) for _ in range(len(self.timesteps))]
-        self.gates: torch.Tensor | None = None
-        self.computed = [0] * len(self.names)  # block forwards really run, for accounting and tests
-        if mode not in REUSE_MODES:
-            raise ScheduleError(f"reuse mode must be one of {', '.join(REUSE_MODES)}, got {mode!r}")
-        self.mode = mode  # "copy": the cached work as it was; "taylorK": extrapolated to order K
-        self.order = REUSE_MODES[mode]
+        kinds = list(kinds) if kinds is not None else [reuse_kind(self.model, n) for n, _ in resolved]
+        self.blocks = [GatedBlock(i, name, module, kind, _positions(_forward_signature(module), self.family.streams))
+                       for i, ((name, module), kind) in enumerate(zip(resolved, kinds))]
+        self.clock = StepClock(timesteps, self.family, self.model)
+        self.forecaster = FORECASTERS[mode]()
+        self.decision: Decision = TableDecision(torch.zeros(len(self.clock.timesteps), len(self.blocks)),
+                                                len(self.clock.timesteps), len(self.blocks))
         self.whole_steps = whole_steps and mode == "copy"  # a forecast changes the output: the call must run
-        # a call that keeps its autograd graph (SDO's one step) computes every block: only no-grad calls reuse
         self.full_graph_steps = full_graph_steps
-        self.skipped_calls = 0
-        self.calls = 0  # denoiser calls seen (skipped ones included)
+        self.output = BlockState()  # the whole call's output by step, for steps that reuse every block
+        self.accounting = Accounting(computed=[0] * len(self.blocks))
+        self.step: int | None = None
         self.attached = False
-        self.reset()
 
-    # ---- modes --------------------------------------------------------------------------------
-    def use_table(self, reuse: torch.Tensor) -> None:
+    # ---- what the parts say, under the names summary and the tests read ---------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [block.name for block in self.blocks]
+
+    @property
+    def mode(self) -> str:
+        return self.forecaster.name
+
+    @property
+    def computed(self) -> list[int]:
+        return self.accounting.computed
+
+    @property
+    def calls(self) -> int:
+        return self.accounting.calls
+
+    @property
+    def skipped_calls(self) -> int:
+        return self.accounting.skipped_calls
+
+    # ---- decisions ------------------------------------------------------------------------------------
+    def use_table(self, reuse) -> None:
         """Inference: ``reuse[t, b]`` True skips block b at step t (row 0 is ignored: step 0 runs in full)."""
-        reuse = torch.as_tensor(reuse, dtype=torch.bool).cpu()
-        if reuse.shape != (len(self.timesteps), len(self.names)):
-            raise ScheduleError(f"reuse table {tuple(reuse.shape)} does not match {len(self.timesteps)} steps x "
-                                f"{len(self.names)} blocks")
-        self.reuse, self.gates = reuse.tolist(), None
+        self.decision = TableDecision(reuse, len(self.clock.timesteps), len(self.blocks))
 
     def use_gates(self, gates: torch.Tensor) -> None:
         """Search: ``gates[t, b] = (g_reuse, g_keep)``, hard one-hot values carrying gradients."""
-        if gates.shape != (len(self.timesteps), len(self.names), 2):
-            raise ScheduleError(f"gates {tuple(gates.shape)} do not match ({len(self.timesteps)}, {len(self.names)}, 2)")
-        self.gates, self.reuse = gates, None
+        self.decision = GateDecision(gates, len(self.clock.timesteps), len(self.blocks))
 
-    def reset(self, announced: bool = False) -> None:
-        """Forget every cache: the next call starts a new generation (at any step if ``announced`` by the
-        Sampler, which may start mid-way; else at step 0)."""
-        self.caches: list[dict[int, object]] = [{} for _ in self.names]
-        # search with a forecast: steps whose hard gate chose reuse; their stored (mixed) work is a forecast, and
-        # a forecast extrapolates from computed steps only, as at inference, where reused steps store nothing
-        self.forecast_steps: list[set[int]] = [set() for _ in self.names]
-        self.outputs: dict[int, object] = {}  # whole-call outputs by step, for steps that reuse everything
-        self.step: int | None = None
-        self.last_step: int | None = None
-        self.announced = announced
+    def reset(self) -> None:
+        """Forget every block's work and the generation in progress: the next call starts a new generation."""
+        self.clock.reset()
+        self._forget()
 
-    # ---- hooks --------------------------------------------------------------------------------
+    def _forget(self) -> None:
+        for block in self.blocks:
+            block.state.reset()
+        self.output.reset()
+        self.step = None
+
+    # ---- hooks ----------------------------------------------------------------------------------------
     def attach(self) -> "SuperNet":
         registry = HookRegistry.check_if_exists_or_initialize(self.model)
         if registry.get_hook(HOOK_NAME) is not None:
             raise RuntimeError("a cache schedule is already applied to this model; disable it first")
-        registry.register_hook(_StepHook(self), HOOK_NAME)
-        for index, module in enumerate(self.modules):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(_BlockHook(self, index), HOOK_NAME)
+        registry.register_hook(_StepHook(self, self.model), HOOK_NAME)
+        for block in self.blocks:
+            HookRegistry.check_if_exists_or_initialize(block.module).register_hook(_BlockHook(self, block), HOOK_NAME)
         registry.invalidate_child_registries_cache()
         self.attached = True
         return self
@@ -223,146 +245,58 @@ class SuperNet:
         hook = registry.get_hook(HOOK_NAME) if registry is not None else None
         return hook.net if hook is not None else None
 
-    # ---- per call -----------------------------------------------------------------------------
-    def step_index(self, timestep) -> int:
-        """The schedule's step of a model call's ``timestep`` argument."""
-        t = self.family.timestep_of(timestep, self.model)
-        hits = ((self.timesteps - t).abs() <= 1e-4 * max(1.0, abs(t))).nonzero()
-        if len(hits) == 0:
-            ts = self.timesteps.tolist()
-            raise ScheduleError(f"timestep {t:g} is not one of the schedule's {len(ts)} timesteps "
-                                f"({ts[0]:g}, {ts[1] if len(ts) > 1 else ts[0]:g}, ..., {ts[-1]:g}): sample with the "
-                                "scheduler and number of steps the schedule was made for")
-        return int(hits[0])
-
+    # ---- per call -------------------------------------------------------------------------------------
     def enter(self, timestep) -> None:
-        step = self.step_index(timestep)
-        if _in_backward():  # a checkpoint recomputing an earlier step reads the caches its forward read
-            self.step = step
-            return
-        self.calls += 1
-        if self.last_step is not None and step == self.last_step:
-            raise ScheduleError(f"the model was called twice at step {step}: a cache schedule needs one call per "
-                                "step, with both guidance branches batched")
-        if step == 0 or (self.last_step is not None and step < self.last_step):
-            self.reset()
-        if self.last_step is None and step != 0 and not self.announced:
-            raise ScheduleError(f"a generation began at timestep {self.timesteps[step].item():g}, the schedule's step "
-                                f"{step} of {len(self.timesteps)}, not its first: sample with the scheduler and "
-                                "number of steps the schedule was made for")
-        if self.last_step is not None and step > self.last_step + 1:
-            raise ScheduleError(f"the sampler went from step {self.last_step} to step {step} of the schedule's "
-                                f"{len(self.timesteps)}: it runs other timesteps than the schedule was made for")
+        """A denoiser call begins: its step from the clock; a new generation forgets every block's work."""
+        recomputing = in_backward()  # a checkpoint recomputing an earlier step reads the work its forward read
+        step, new_generation = self.clock.tick(timestep)
+        if new_generation:
+            self._forget()
+        if not recomputing:
+            self.accounting.calls += 1
         self.step = step
-        self.last_step = step
-        self.announced = False
+
+    def _graph_step_in_full(self) -> bool:
+        return self.full_graph_steps and torch.is_grad_enabled()
 
     def whole_step_output(self):
         """The output of the latest call before this step, when this step reuses every block and ``whole_steps``
         says that is exact; else None (the call runs)."""
         step = self.step
-        if not self.whole_steps or self.gates is not None or step is None or not all(self.reuse[step]) \
-                or self._graph_step_in_full():
+        if not self.whole_steps or step is None or not self.decision.skips_all(step) or self._graph_step_in_full():
             return None
-        earlier = [s for s in self.outputs if s < step]
-        if not earlier or any(self._latest(i, step) is None for i in range(len(self.names))):
+        earlier = self.output.latest(step)
+        if earlier is None or any(block.state.latest(step) is None for block in self.blocks):
             return None
-        self.skipped_calls += 1
-        return self.outputs[max(earlier)]
-
-    def _graph_step_in_full(self) -> bool:
-        return self.full_graph_steps and torch.is_grad_enabled()
+        self.accounting.skipped_calls += 1
+        return earlier
 
     def remember_output(self, out) -> None:
-        if self.step is None or not self.whole_steps:
-            return
-        if self.step not in self.outputs:
-            self.outputs[self.step] = out
-            if not torch.is_grad_enabled():
-                for old in [s for s in self.outputs if s < self.step]:
-                    del self.outputs[old]
+        if self.step is not None and self.whole_steps:
+            self.output.store(self.step, out, keep=None if torch.is_grad_enabled() else 1)
 
-    def _latest(self, index: int, step: int):
-        """Block ``index``'s latest work before ``step`` (None if it has none)."""
-        earlier = [s for s in self.caches[index] if s < step]
-        return self.caches[index][max(earlier)] if earlier else None
-
-    def _cached(self, index: int, step: int):
-        """What block ``index`` reuses at ``step``: its latest work before it ("copy"), or that work extrapolated in
-        step units from its latest computed steps (TaylorSeer's rule), with a bounded horizon.
-
-        "taylor1", from the two latest computed steps s1 < s2 (works w1, w2): ``w2 + (w2 - w1) * h / (s2 - s1)``.
-        "taylor2", from the three latest s0 < s1 < s2: the parabola through them (Newton's divided differences),
-        ``w2 + D1 * h + D2 * h * (h + s2 - s1)`` with ``D1 = (w2 - w1) / (s2 - s1)`` and
-        ``D2 = (D1 - (w1 - w0) / (s1 - s0)) / (s2 - s0)``; with fewer computed steps, the highest order they allow.
-
-        The horizon ``h = min(step - s2, s2 - s1)``: the forecast goes at most as far past s2 as the two latest
-        computed steps are apart, and holds there. TaylorSeer never extrapolates farther than its interval (it
-        recomputes every N steps); a learned table may reuse a block for 20 steps after two adjacent
-        computations, where an unbounded line runs away (digits-unet's SSIM fell from 0.956 to 0.513 that way).
-        """
-        earlier = sorted(s for s in self.caches[index] if s < step and s not in self.forecast_steps[index])
-        if not earlier:
-            return None
-        cache = self.caches[index]
-        order = min(self.order, len(earlier) - 1)
-        s2 = earlier[-1]
-        if order == 0:
-            return cache[s2]
-        s1 = earlier[-2]
-        h = min(step - s2, s2 - s1)
-        if order == 1:
-            return _map(lambda w2, w1: torch.add(w2, w2 - w1, alpha=h / (s2 - s1)), cache[s2], cache[s1])
-        s0 = earlier[-3]
-        curve = h * (h + s2 - s1) / (s2 - s0)  # the D2 term's factor
-        a1 = (h + curve) / (s2 - s1)  # on w2 - w1 (from D1 * h and D2's first part)
-        a0 = curve / (s1 - s0)  # on w1 - w0
-        return _map(lambda w2, w1, w0: w2 + a1 * (w2 - w1) - a0 * (w1 - w0), cache[s2], cache[s1], cache[s0])
-
-    def _remember(self, index: int, step: int, value) -> None:
-        cache = self.caches[index]
-        if step in cache:  # a checkpoint recomputation: keep what the forward pass stored
-            return
-        cache[step] = value
-        if not torch.is_grad_enabled():  # no backward (hence no recomputation) can need older ones
-            keep = self.order + 1
-            for old in sorted(cache)[:-keep]:
-                del cache[old]
-
-    def _streams(self, index: int, args, kwargs) -> tuple:
-        """The residual-stream inputs of a block call, in the order the block returns them."""
-        return tuple(kwargs[name] if name in kwargs else args[position] if position is not None and
-                     position < len(args) else None for name, position in self.stream_positions[index])
-
-    def _updated(self, streams: tuple, work: tuple):
-        """``x + update`` per stream, shaped as the block returns it (a tensor for one stream)."""
-        out = _map(lambda x, w: x + w, streams, work)
-        return out[0] if len(out) == 1 else out
-
-    def run_block(self, index: int, forward, args, kwargs):
-        step = self.step
-        if step is None:  # called outside a model call (a user calling the block directly)
-            return forward(*args, **kwargs)
-        residual = self.kinds[index] != OUTPUT
-        x = args[0] if args else kwargs["hidden_states"]
-        streams = self._streams(index, args, kwargs) if residual else None
-        latest = self._latest(index, step)
-        if latest is not None and _batch(latest) != x.shape[0]:
-            raise ScheduleError(f"block {self.names[index]} cached a batch of {_batch(latest)} but is called with "
+    def check_batch(self, block: GatedBlock, step: int, x: torch.Tensor) -> None:
+        latest = block.state.latest(step)
+        if latest is not None and batch_of(latest) != x.shape[0]:
+            raise ScheduleError(f"block {block.name} cached a batch of {batch_of(latest)} but is called with "
                                 f"{x.shape[0]}: call the model once per step with both guidance branches batched")
-        if self.gates is None and latest is not None and self.reuse[step][index] \
-                and not self._graph_step_in_full():
-            cached = self._cached(index, step)
-            return self._updated(streams, cached) if residual else cached
 
-        out = forward(*args, **kwargs)
-        self.computed[index] += 1
-        work = _map(lambda o, s: o - s, out if isinstance(out, tuple) else (out,), streams) if residual else out
-        if self.gates is not None and latest is not None:  # the forecast (or copy) only where it is mixed in
-            g_reuse, g_keep = self.gates[step, index].to(x.dtype)
-            work = _map(lambda c, w: g_reuse * c + g_keep * w, self._cached(index, step), work)
-            if self.mode != "copy" and bool(g_reuse.detach() > g_keep.detach()):
-                self.forecast_steps[index].add(step)
-            out = self._updated(streams, work) if residual else work
-        self._remember(index, step, work)
+    def reuses(self, block: GatedBlock, step: int) -> bool:
+        """True when ``block`` is not computed at ``step``: the table says so, it has work to reuse, and the call
+        is not a graph step computed in full."""
+        return (self.decision.skips(step, block.index) and block.state.latest(step) is not None
+                and not self._graph_step_in_full())
+
+    def ran(self, block: GatedBlock, step: int, out, streams, dtype: torch.dtype):
+        """``block`` ran at ``step``: count it, mix it with its forecast under the gates, store its work; returns
+        what the block passes on."""
+        self.accounting.computed[block.index] += 1
+        work = block.work_of(out, streams)
+        if isinstance(self.decision, GateDecision) and block.state.latest(step) is not None:
+            forecast = self.forecaster.predict(block.state, step)
+            work, reused = self.decision.mix(step, block.index, forecast, work, dtype)
+            if reused and self.forecaster.order > 0:
+                block.state.forecast_steps.add(step)
+            out = block.output_of(work, streams)
+        self.forecaster.update(block.state, step, work)
         return out
