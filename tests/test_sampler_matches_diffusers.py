@@ -101,3 +101,21 @@ def test_ddim_inversion_round_trip_improves_with_steps():
     assert errors[100, 0.75] < 0.02
     assert errors[100, 0.5] < errors[10, 0.5] and errors[100, 0.75] < errors[10, 0.75]
     assert errors[100, 0.75] < errors[100, 0.5]
+
+
+def test_the_callback_sees_every_step_with_the_schedulers_x0_estimate():
+    unet = tiny_unet()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    sampler = ds.Sampler(unet, scheduler, 5)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    final = sampler(noise, callback=seen.append)
+    assert [s["i"] for s in seen] == list(range(5)) and torch.equal(seen[-1]["x"], final)
+    reference = DDIMScheduler.from_config(scheduler.config)
+    reference.set_timesteps(5)
+    x = noise
+    for state, t in zip(seen, reference.timesteps):
+        with torch.no_grad():
+            out = reference.step(unet(x, t).sample, t, x)
+        torch.testing.assert_close(state["denoised"], out.pred_original_sample)
+        x = out.prev_sample

@@ -21,9 +21,7 @@ import inspect
 import json
 import math
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -38,8 +36,7 @@ __all__ = ["Sampler", "SamplingStep", "call_denoiser", "current_step", "sample_s
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
 
 
-@dataclass(frozen=True)
-class SamplingStep:
+class SamplingStep(NamedTuple):
     """What the Sampler tells whoever wraps its denoiser about the call in progress: the step ``index`` of the
     generation (counted in the sampler's ``timesteps``, whatever ``start_step``) and those timesteps as Python
     floats. A cache schedule finds its step from it, with no read of the timestep tensor back to the host."""
@@ -57,17 +54,10 @@ def current_step() -> SamplingStep | None:
     return _CURRENT_STEP.get()
 
 
-@contextmanager
-def _announced(step: SamplingStep):
-    token = _CURRENT_STEP.set(step)
-    try:
-        yield
-    finally:
-        _CURRENT_STEP.reset(token)
 
 
 def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None = None,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+                  dtype: torch.dtype | None = None, *, family=None) -> torch.Tensor:
     """One call of a registered denoiser at scheduler timestep ``t``, as its model family calls it
     (:mod:`diffusion_shortcuts.families`); returns the output tensor shaped like ``x`` (plus any
     learned-variance channels). ``guidance`` is the scale of families with embedded guidance (Flux).
@@ -75,14 +65,15 @@ def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond,
     A model in lower precision (bfloat16, float16) gets ``x`` and the floating conditioning in its dtype
     and gives its output back in ``x``'s: latents and the scheduler arithmetic stay in ``x``'s precision.
     ``dtype`` is the model's, when the caller has looked it up already (:func:`model_dtype` walks every
-    submodule, a millisecond and more per call on a small model).
+    submodule, a millisecond and more per call on a small model), and ``family`` the model's family likewise.
     """
     t_batch = t.reshape(-1).expand(x.shape[0]) if t.ndim <= 1 else t
     dtype = model_dtype(model, x.dtype) if dtype is None else dtype
+    family = family_of(model) if family is None else family
     if dtype == x.dtype or not dtype.is_floating_point:
-        return family_of(model).call(model, x, t_batch, cond, guidance)
+        return family.call(model, x, t_batch, cond, guidance)
     cond = C.tree_map(lambda leaf: leaf.to(dtype) if leaf.is_floating_point() else leaf, cond)
-    return family_of(model).call(model, x.to(dtype), t_batch, cond, guidance).to(x.dtype)
+    return family.call(model, x.to(dtype), t_batch, cond, guidance).to(x.dtype)
 
 
 def model_dtype(model: Callable, default: torch.dtype) -> torch.dtype:
@@ -185,7 +176,7 @@ class Sampler:
         config = json.dumps(dict(self.scheduler.config), sort_keys=True, default=str)
         key = (type(self.scheduler).__name__, config, self.num_inference_steps, tuple(latent_shape[1:]))
         if key not in self._timestep_values:
-            self._timestep_values[key] = tuple(float(t) for t in self.fresh_scheduler("cpu", latent_shape).timesteps)
+            self._timestep_values[key] = tuple(self.fresh_scheduler("cpu", latent_shape).timesteps.tolist())
         return self._timestep_values[key]
 
     # ---- one network evaluation -----------------------------------------------------------------
@@ -197,16 +188,26 @@ class Sampler:
         the scale to the model. Learned-variance channels (DiT, PixArt: twice the latent channels) are
         split off. ``dtype`` is the model's, looked up once per generation by the sampling loop.
         """
+        dtype = model_dtype(self.model, x.dtype) if dtype is None else dtype
+        return self._predict(x, t, self.model_conditioning(cond, uncond, x.shape[0], dtype), dtype)
+
+    @property
+    def _guided(self) -> bool:
+        return self.guidance_scale != 1.0 and self.family.guidance == CFG
+
+    def model_conditioning(self, cond: Cond, uncond: Cond, batch: int, dtype: torch.dtype) -> Cond:
+        """The conditioning of one denoiser call on ``batch`` latents: ``[uncond; cond]`` under classifier-free
+        guidance, floating leaves in the model's ``dtype``. The sampling loop makes it once per generation."""
         uncond = self.uncond if uncond is None else uncond
-        guided = self.guidance_scale != 1.0 and self.family.guidance == CFG
+        cond_in = C.concat(C.expand(uncond, batch), C.expand(cond, batch)) if self._guided else C.expand(cond, batch)
+        return C.tree_map(lambda leaf: leaf.to(dtype) if leaf.is_floating_point() and dtype.is_floating_point
+                          else leaf, cond_in)
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, cond_in: Cond, dtype: torch.dtype) -> torch.Tensor:
+        guided = self._guided
         embedded = self.guidance_scale if self.family.guidance == EMBEDDED else None
-        if guided:
-            batch = x.shape[0]
-            x_in = torch.cat([x, x])
-            cond_in = C.concat(C.expand(uncond, batch), C.expand(cond, batch))
-        else:
-            x_in, cond_in = x, C.expand(cond, x.shape[0])
-        out = call_denoiser(self.model, x_in, t, cond_in, embedded, dtype)
+        x_in = torch.cat([x, x]) if guided else x
+        out = call_denoiser(self.model, x_in, t, cond_in, embedded, dtype, family=self.family)
         if self.family.learned_sigma and out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]
         if guided:
@@ -261,8 +262,14 @@ class Sampler:
         """Start a generation: reset the model's stateful diffusers hooks (block caches such as a cache
         schedule's or FirstBlockCache's), as diffusers' pipelines do after each call."""
         registry = getattr(unwrap(self.model), "_diffusers_hook", None)
-        if registry is not None:
+        if registry is None:
+            return
+        children = getattr(registry, "_get_child_registries", None)  # diffusers' cached walk of the module tree
+        if children is None:
             registry.reset_stateful_hooks()
+            return
+        for child in (registry, *children()):
+            child.reset_stateful_hooks(recurse=False)
 
     def _run(self, latents, cond, policy, start_step, generator, uncond, callback, return_latents):
         self._reset_model_state()
@@ -279,10 +286,13 @@ class Sampler:
             step_kwargs["generator"] = step_generator
         if "eta" in self._step_params:
             step_kwargs["eta"] = self.eta
+        if "return_dict" in self._step_params:  # a tuple: the output dataclass costs more than a tiny model's step
+            step_kwargs["return_dict"] = False
 
         x = latents * getattr(sched, "init_noise_sigma", 1.0) if start_step == 0 else latents
         dtype = model_dtype(self.model, x.dtype)
         values = self.timestep_values(tuple(latents.shape))
+        cond_in = self.model_conditioning(cond, uncond, latents.shape[0], dtype)
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not self.progress, leave=False)):
             mode = plan.modes[i]
             if plan.detach_before == i:
@@ -290,10 +300,13 @@ class Sampler:
                 self._detach_state(sched, last_only=False)
 
             def eps_fn(x_in, t=t, step=SamplingStep(start_step + i, values)):
-                with _announced(step):
-                    return self.predict(_scale_input(sched, x_in, t), t, cond, uncond, dtype)
+                token = _CURRENT_STEP.set(step)  # a checkpoint's recomputation announces its step again
+                try:
+                    return self._predict(_scale_input(sched, x_in, t), t, cond_in, dtype)
+                finally:
+                    _CURRENT_STEP.reset(token)
 
-            if mode == G.GRAPH:
+            if mode == G.GRAPH or policy is None:  # without a policy the whole loop runs under no_grad
                 eps = eps_fn(x)
             elif mode == G.CHECKPOINT:
                 eps = checkpoint(eps_fn, x, use_reentrant=False)
@@ -301,11 +314,13 @@ class Sampler:
                 with torch.no_grad():
                     eps = eps_fn(x).detach()
             out = sched.step(eps, t, x, **step_kwargs)
-            x = out.prev_sample
+            x = out[0] if isinstance(out, tuple) else out.prev_sample
             if mode == G.NOGRAD and policy is not None:
                 self._detach_state(sched, last_only=True)
             if callback is not None:
-                callback({"x": x, "i": start_step + i, "t": t, "denoised": getattr(out, "pred_original_sample", None)})
+                denoised = (out[1] if len(out) > 1 else None) if isinstance(out, tuple) else \
+                    getattr(out, "pred_original_sample", None)
+                callback({"x": x, "i": start_step + i, "t": t, "denoised": denoised})
         images = self.decode(x) if self.decode is not None else x
         return (images, x) if return_latents else images
 

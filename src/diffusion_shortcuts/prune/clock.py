@@ -18,10 +18,12 @@ from ..sampling import SamplingStep, current_step
 from .schedule import ScheduleError
 
 
+_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
+
+
 def in_backward() -> bool:
     """True while autograd runs a backward pass (a gradient checkpoint recomputing an earlier step)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
+    return _GRAPH_TASK is not None and _GRAPH_TASK() != -1
 
 
 def tolerance(timestep: float, dtype: torch.dtype | None) -> float:
