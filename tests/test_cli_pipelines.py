@@ -229,3 +229,60 @@ def test_a_dit_pipeline_folder_samples_by_class_name_or_label_and_prunes(dit_fol
     assert len(err.strip().splitlines()) == 1
     code, err = run(["sample", "--model", dit_folder, "--labels", "1000", "--out", tmp_path / "bad2"], capsys)
     assert code == 2 and "out of range" in err
+
+
+def overflowing(tmp_path, component: str):
+    """A copy of the SD folder whose ``component`` (unet or vae) overflows float16: its output convolution's
+    weights scaled far past float16's largest value (65504) over the activations it sees."""
+    pipe, _ = sd_pipeline()
+    conv = pipe.unet.conv_out if component == "unet" else pipe.vae.decoder.conv_out
+    with torch.no_grad():
+        conv.weight.mul_(1e6)
+    pipe.save_pretrained(tmp_path / component)
+    return tmp_path / component
+
+
+@pytest.mark.parametrize("component,named", [("unet", "denoiser (UNet2DConditionModel) in float16"),
+                                             ("vae", "VAE decoder (AutoencoderKL) in float16")])
+def test_a_float16_overflow_is_one_line_naming_the_component_and_the_fix(component, named, tmp_path, capsys):
+    folder = overflowing(tmp_path, component)
+    capsys.readouterr()  # what building the folder printed
+    code, err = run(["sample", "--model", folder, *PROMPTS, *SMALL, "--n", "2", "--dtype", "float16",
+                     "--out", tmp_path / "s"], capsys)
+    assert code == 2 and len(err.strip().split("\n")) == 1, err  # one line after the progress bar cleared itself
+    assert named in err and "non-finite" in err and "--dtype bfloat16" in err
+    assert not (tmp_path / "s" / "metrics.json").exists()
+    code, err = run(["sample", "--model", folder, *PROMPTS, *SMALL, "--n", "2", "--out", tmp_path / "f"], capsys)
+    assert code == 0, err  # the same folder in float32 does not overflow
+
+
+def test_a_float16_overflow_of_the_sampler_raises_precision_error():
+    pipe, _ = sd_pipeline()
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.mul_(1e6)
+    pipe.to(torch.float16)
+    sampler = ds.Sampler.from_pipeline(pipe, num_inference_steps=2, guidance_scale=1.0)
+    cond = sampler.encode_prompt(["a red car"])
+    with pytest.raises(ds.PrecisionError, match=r"denoiser \(UNet2DConditionModel\) in float16 produced non-finite "
+                                                r"latents"):
+        sampler(torch.randn(1, 4, 8, 8), cond)
+
+
+def test_a_precision_the_device_cannot_run_is_one_line_naming_the_flag(monkeypatch, folders, tmp_path, capsys):
+    from diffusion_shortcuts import pipelines
+
+    real = torch.nn.functional.conv2d
+
+    def no_half_convolutions(x, *args, **kwargs):  # a CPU build without half-precision convolutions
+        if x.dtype == torch.float16:
+            raise RuntimeError('"slow_conv2d_cpu" not implemented for \'Half\'')
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", no_half_convolutions)
+    with pytest.raises(ValueError, match="--dtype float16: cpu cannot compute in float16 here; available: float32, "
+                                         "bfloat16"):
+        pipelines.check_precision(torch.device("cpu"), "float16")
+    code, err = run(["sample", "--model", folders / "sd", *PROMPTS, *SMALL, "--dtype", "float16",
+                     "--out", tmp_path / "s"], capsys)
+    assert code == 2 and "--dtype float16: cpu cannot compute in float16" in err and len(err.strip().splitlines()) == 1
+    pipelines.check_precision(torch.device("cpu"), "bfloat16")  # runs here: no error

@@ -3,9 +3,9 @@
 from . import conditions, families, gradients, prune, rewards, zoo
 from .optimize import (FinetuneError, FinetuneResult, HeldOut, OptimizationError, OptimizeResult, add_lora, finetune,
                        optimize_latents)
-from .sampling import Sampler, call_denoiser
+from .sampling import PrecisionError, Sampler, call_denoiser
 
-__all__ = ["Sampler", "call_denoiser", "conditions", "families", "gradients", "prune", "rewards", "zoo", "optimize_latents", "OptimizeResult",
+__all__ = ["Sampler", "PrecisionError", "call_denoiser", "conditions", "families", "gradients", "prune", "rewards", "zoo", "optimize_latents", "OptimizeResult",
            "OptimizationError", "finetune", "add_lora", "FinetuneResult", "FinetuneError",
            "HeldOut"]
 __version__ = "0.1.0"

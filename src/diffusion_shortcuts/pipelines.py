@@ -37,6 +37,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_precision(device: torch.device, dtype: str) -> None:
+    """One line naming ``--dtype`` and what is available where ``device`` cannot compute in ``dtype`` (bfloat16 on a
+    GPU before Ampere; a half-precision convolution a CPU build lacks): tried on a tiny convolution and matmul."""
+    def runs(name: str) -> bool:
+        if device.type == "cuda" and name == "bfloat16" and not torch.cuda.is_bf16_supported():
+            return False
+        try:
+            x = torch.ones(1, 1, 4, 4, device=device, dtype=DTYPES[name])
+            torch.nn.functional.conv2d(x, torch.ones(1, 1, 3, 3, device=device, dtype=DTYPES[name])) @ x[..., :2, :]
+            return True
+        except (RuntimeError, TypeError, NotImplementedError):
+            return False
+
+    if not runs(dtype):
+        available = [name for name in DTYPES if runs(name)]
+        raise ValueError(f"--dtype {dtype}: {device.type} cannot compute in {dtype} here; available: "
+                         f"{', '.join(available)}")
+
+
 def is_pipeline_folder(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
@@ -119,6 +138,7 @@ def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32"
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     torch_device = resolve_device(device)
+    check_precision(torch_device, dtype)
     try:
         index = json.loads((path / "model_index.json").read_text())
         absent = {k: None for k, v in index.items() if not k.startswith("_") and v in (None, [None, None])}

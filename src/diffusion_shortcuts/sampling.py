@@ -32,8 +32,25 @@ from . import gradients as G
 from .conditions import Cond
 from .families import CFG, CLASS_NAMES, EMBEDDED, TEXT, denoiser_of, family_of, model_id, sample_shape, unwrap, vae_scale
 
-__all__ = ["Sampler", "SamplingStep", "call_denoiser", "current_step", "sample_shape", "unwrap"]
+__all__ = ["PrecisionError", "Sampler", "SamplingStep", "call_denoiser", "current_step", "sample_shape", "unwrap"]
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
+
+
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class PrecisionError(ValueError):
+    """A generation in half precision that went non-finite (an overflow): names the component and the fix."""
+
+
+def check_finite(values: torch.Tensor, dtype: torch.dtype, component: str, what: str) -> None:
+    """Once per generation, where ``component`` ran in half precision: a :class:`PrecisionError` if ``values``
+    hold NaN or inf (one read back from the device; none in float32, where the loop reads nothing extra)."""
+    if dtype in HALF_PRECISION and not torch.isfinite(values.detach()).all():
+        fix = "float32" if dtype == torch.bfloat16 else "bfloat16 or float32"
+        raise PrecisionError(f"the {component} in {str(dtype).removeprefix('torch.')} produced non-finite {what} "
+                             f"(NaN or inf: it overflowed); run it in {fix} (--dtype "
+                             f"{fix.split()[0]})")
 
 
 class SamplingStep(NamedTuple):
@@ -321,6 +338,7 @@ class Sampler:
                 denoised = (out[1] if len(out) > 1 else None) if isinstance(out, tuple) else \
                     getattr(out, "pred_original_sample", None)
                 callback({"x": x, "i": start_step + i, "t": t, "denoised": denoised})
+        check_finite(x, dtype, f"denoiser ({type(unwrap(self.model)).__name__})", "latents")
         images = self.decode(x) if self.decode is not None else x
         return (images, x) if return_latents else images
 
@@ -443,7 +461,9 @@ def _vae_codec(vae):
     shift = vae.config.get("shift_factor", None) or 0.0
 
     def decode(z):  # in the VAE's precision, back in the latents'
-        return vae.decode((z / scale + shift).to(vae.dtype)).sample.to(z.dtype) / 2 + 0.5
+        images = vae.decode((z / scale + shift).to(vae.dtype)).sample
+        check_finite(images, vae.dtype, f"VAE decoder ({type(vae).__name__})", "images")  # SD's VAE overflows in fp16
+        return images.to(z.dtype) / 2 + 0.5
 
     def encode(images):
         out = vae.encode((images * 2 - 1).to(vae.dtype))
