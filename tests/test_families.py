@@ -269,14 +269,14 @@ def test_blocks_macs_and_schedules_under_the_sampler_and_the_stock_call(name):
     assert torch.equal(stock, again)
 
 
-PRECISIONS = [torch.float32, torch.bfloat16]
+PRECISIONS = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def computed_per_block(schedule: CacheSchedule) -> list[int]:
     return [schedule.num_steps - r for r in schedule.reuse.sum(0).tolist()]
 
 
-@pytest.mark.parametrize("dtype", PRECISIONS, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", PRECISIONS, ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_schedule_is_followed_in_every_precision_under_the_sampler_and_the_stock_call(name, dtype):
     """The denoiser (and text encoders, VAE) in ``dtype``: a schedule is followed, not refused, under the Sampler and
@@ -345,9 +345,10 @@ def brightness(images, conditions):
     return images.mean(dim=(1, 2, 3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["sd-unet", "flux"])
-def test_the_three_jobs_take_prompts_through_encode_prompt(name, tmp_path):
-    case = text_case(name, steps=3)
+def test_the_three_jobs_take_prompts_through_encode_prompt(name, dtype, tmp_path):
+    case = text_case(name, steps=3, dtype=dtype)
     sampler = case.sampler
     before = brightness(sampler(case.noise, case.cond), None).mean()
     result = ds.optimize_latents(sampler, brightness, case.noise, case.cond, iterations=3, lr=0.1, progress=False)
@@ -364,6 +365,8 @@ def test_the_three_jobs_take_prompts_through_encode_prompt(name, tmp_path):
     assert len(tuned.history["reward"]) == 2
     after = {n: p.detach() for n, p in sampler.model.named_parameters() if "lora_B" in n}
     assert any(not torch.equal(lora[n], after[n]) for n in lora)  # the LoRA weights moved
+    assert all(p.dtype == torch.float32 for p in after.values())  # trained in float32 in a model of any dtype
+    assert all(isinstance(r, float) and np.isfinite(r) for r in tuned.history["reward"] + result.history["reward"])
 
 
 @pytest.mark.parametrize("name", ["sd-unet", "flux"])
