@@ -140,16 +140,26 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(tmp_path):
 
 
 def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
+    """Before the first checkpoint there is nothing to --resume: the line says to run the command again without it;
+    after one, it names the checkpoint and --resume."""
     from diffusion_shortcuts import reports
 
-    def interrupted(*args, **kwargs):
+    def interrupted(out, *args, **kwargs):
+        if kwargs.get("iterations") == 7:  # the second run: a checkpoint was written before the Ctrl-C
+            (out / "finetune_checkpoint.pt").write_bytes(b"")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(reports, "finetune_report", interrupted)
-    code = cli.main(["finetune", "--model", "digits-dit", "--reward", "label", "--out", str(tmp_path / "o")])
+    argv = ["finetune", "--model", "digits-dit", "--reward", "label", "--out", str(tmp_path / "o")]
+    code = cli.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and len(err) == 1
-    assert f"what was saved is in {tmp_path / 'o'}" in err[0] and "--resume" in err[0]
+    assert f"nothing was checkpointed yet in {tmp_path / 'o'}: run the same command (without --resume)" in err[0]
+    code = cli.main([*argv, "--iterations", "7"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1
+    assert f"the last checkpoint is {tmp_path / 'o' / 'finetune_checkpoint.pt'}: run the same command with " \
+           "--resume to continue" in err[0]
 
 
 # ---- the library's entry points -------------------------------------------------------------------------
@@ -184,9 +194,14 @@ def test_library_errors_name_the_argument(call, error, needle):
     assert needle in str(info.value)
 
 
-def test_float64_latents_on_a_float32_model_just_work():
+def test_float64_latents_need_a_float64_model():
+    """float64 latents on a float32 model were silently run (the model in float32, the scheduler in float64: slow on
+    GPUs, and not what was asked); now refused. On a float64 model (finite-difference checks) they run."""
     sampler = unet_sampler()
-    out = sampler(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="latents are float64: pass float32 latents"):
+        sampler(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8))
+    sampler.model.double()
+    out = sampler(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64))
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
 
 

@@ -10,6 +10,8 @@ field that differs.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import glob
 import json
 import math
 import os
@@ -27,15 +29,52 @@ class CheckpointError(ValueError):
 
 # ---- atomic files -------------------------------------------------------------------------------------
 
+class NoSpaceError(OSError):
+    """The device filled up while a file was written; the file that was there before is kept."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of ``path`` left by writers that were killed mid-write (``.NAME.PID.tmp`` whose process is
+    gone); a live writer's is left alone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _no_space(exc: BaseException) -> bool:
+    """torch's writer reports a full disk as ``enforce fail at inline_container.cc ... unexpected pos``."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or \
+        (isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "No space left" in str(exc)))
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``: a reader (or
     a resume after SIGKILL) sees the old file or the new one, never half of one. The temporary name is
-    unique per process, so two writers never share it."""
+    unique per process, so two writers never share it; those of killed writers are removed. A full disk is a
+    :class:`NoSpaceError` naming the folder (the old file is kept)."""
     path = Path(path)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if _no_space(exc):
+            kept = "the one there before is kept" if path.exists() else "there was none before"
+            raise NoSpaceError(errno.ENOSPC, f"no space left on the device at {path.parent} while writing "
+                                             f"{path.name} ({kept})") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -98,11 +137,22 @@ def first_difference(saved: dict, now: dict) -> str | None:
 
 def load_checkpoint(path: str | Path, map_location=None) -> dict:
     """A checkpoint written by :func:`save_atomically`; a truncated, empty, foreign or corrupt file is a
-    :class:`CheckpointError` naming it."""
+    :class:`CheckpointError` naming it. Loaded with ``weights_only=True``: torch's allow-list of tensors and plain
+    data (what every checkpoint here holds: weights, optimizer and schedule states, RNG states as tensors,
+    histories and settings), so a crafted file in a shared run folder is refused, never executed."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, AttributeError,
+        state = torch.load(path, map_location=map_location, weights_only=True)  # never unpickles code
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if ln.startswith(("Unsupported", "Trying to load"))), lines[0] if lines else "")
+        if "GLOBAL" in reason:  # a pickled object that would be called: refused before anything runs
+            refused = reason.split("GLOBAL ")[1].split()[0]
+            raise CheckpointError(f"{path}: holds Python objects besides tensors and plain data ({refused}), and is "
+                                  "not loaded (unpickling them could run code; this library never writes such a "
+                                  "file): start afresh in another folder, without --resume") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError: {reason[:200]})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, AttributeError,
             ModuleNotFoundError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else 'empty'})") from None

@@ -15,6 +15,7 @@ module only parses flags (each declared once, in ``FLAGS``), owns the output fol
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -22,8 +23,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-
-from .reports import UsageError
 
 METRICS_VERSION = 1
 
@@ -160,7 +159,11 @@ def add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block), exit status 2."""
+    """argparse with its errors on one line (no usage block), exit status 2, and exact flags only (no prefix of
+    a flag stands for it: ``--schedule`` must never become ``--scheduler``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -198,33 +201,77 @@ def _fail(verb: str, message: str, code: int) -> int:
     return code
 
 
+CHECKPOINTS = {"prune": "search_checkpoint.pt", "finetune": "finetune_checkpoint.pt"}  # the verbs that --resume
+# what lowers the memory of a verb, by the flag it needs: only the verb's own flags are named
+LOWER_MEMORY = (("gradient", "--gradient shortcut or checkpointed"), ("vae_checkpointing", "--vae-checkpointing"),
+                ("batch_size", "a smaller --batch-size"), ("n", "a smaller --n"), ("dtype", "--dtype bfloat16"))
+
+
+def what_was_kept(verb: str, out: str) -> str:
+    """Where a run that stopped left its work, and the command that continues it."""
+    name = CHECKPOINTS.get(verb)
+    if name is None:
+        return f"what was saved is in {out}; run the same command to start again"
+    if (Path(out) / name).exists():
+        return f"the last checkpoint is {Path(out) / name}: run the same command with --resume to continue"
+    return f"nothing was checkpointed yet in {out}: run the same command (without --resume) to start again"
+
+
+def out_of_memory(verb: str, flags: dict, exc: BaseException) -> str:
+    """One line for a ``torch.OutOfMemoryError``: what ran out, the peak so far, and the flags that lower it."""
+    import torch
+
+    from .metrics import peak_memory_mb
+
+    device = "cuda" if "cuda" in str(exc).lower() and torch.cuda.is_available() else "cpu"
+    hints = [hint for flag, hint in LOWER_MEMORY if flag in VERBS[verb][1] and not
+             (flag == "dtype" and flags.get("dtype") != "float32") and not (flag == "vae_checkpointing" and
+                                                                              flags.get("vae_checkpointing"))]
+    lower = f"; lower it with {', '.join(hints)}" if hints else ""
+    return (f"out of memory on {device} (peak {peak_memory_mb(device):.0f} MB so far){lower}; "
+            f"{what_was_kept(verb, flags['out'])}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a verb; bad input is one line and status 2, an interruption one line and 130, anything else one
-    line and 1 (``--debug`` shows its traceback)."""
+    line and 1 (``--debug`` shows its traceback). A Ctrl-C while torch loads is one line too."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before a verb began: while the parser and its imports load
+        print("diffusion-shortcuts: interrupted while starting; nothing was run", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from .outdir import OutputFolder
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad flag (2, its one line already printed)
         return int(exc.code or 0)
     flags = {k: v for k, v in vars(args).items() if k not in ("verb", "out", "debug")}
+    given = {**flags, "out": args.out}  # run_verb takes the model's flags out of ``flags``
     try:
         with OutputFolder(args.out) as out:
             metrics = run_verb(args.verb, flags, out)
             if metrics:  # empty on the other processes of an `accelerate launch` run: the main one writes
                 write_metrics(out, metrics)
     except (ValueError, TypeError) as exc:  # bad input: UsageError, ScheduleError, CheckpointError, ...
+        from .reports import UsageError
+
         if args.debug and not isinstance(exc, UsageError):
             raise
         return _fail(args.verb, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2)
     except KeyboardInterrupt:
-        resume = " with --resume" if "resume" in flags else ""
-        return _fail(args.verb, f"interrupted; what was saved is in {args.out} (run the same command{resume} to "
-                                "continue)", 130)
+        return _fail(args.verb, f"interrupted; {what_was_kept(args.verb, args.out)}", 130)
     except (OSError, RuntimeError) as exc:
         if args.debug:
             raise
+        if type(exc).__name__ == "OutOfMemoryError":
+            return _fail(args.verb, out_of_memory(args.verb, given, exc), 1)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return _fail(args.verb, f"{exc.strerror}; {what_was_kept(args.verb, args.out)}", 1)
         return _fail(args.verb, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                                 f"(--debug shows the traceback; what was saved is in {args.out})", 1)
     if metrics:

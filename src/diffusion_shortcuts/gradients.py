@@ -1,8 +1,14 @@
 """Gradient policies: which denoiser calls of a sampling run keep their autograd graph.
 
-Every first-order sampler step has the form (DESIGN.md, "Sampler as linear map + network")
+Every first-order sampler step (DDIM, DDPM with fixed noise draws, Euler, flow-matching Euler, DPM-Solver-1) has
+the form of a linear map plus the network
 
     x_{i+1} = a_i * x_i + b_i * eps_theta(x_i, t_i, c) + s_i * noise_i
+
+Full backpropagation multiplies the Jacobians ``a_i I + b_i d eps/dx`` of all N steps. SDO (arXiv 2505.07477)
+keeps the network's graph at one step k and the linear skip path of the others: the latent gradient is
+``(prod_{i>k} a_i) * g^T (a_k I + b_k d eps/dx |_{x_k})``, and a parameter's ``(prod_{i>s} a_i) * g^T b_s
+d eps(x_s, t_s, c)/d theta`` at the graph step s (with x_s detached).
 
 A policy never changes what is sampled, only the backward pass. Like torchdiffeq's ``odeint`` and
 ``odeint_adjoint``, every optimizer in this library takes ``gradient=`` and nothing else changes.

@@ -233,13 +233,23 @@ class Sampler:
         return out
 
     # ---- checks ---------------------------------------------------------------------------------
-    def _check_inputs(self, latents: torch.Tensor, cond: Cond, start_step: int, policy) -> None:
+    def _check_inputs(self, latents: torch.Tensor, cond: Cond, start_step: int, policy, uncond: Cond,
+                      dtype: torch.dtype) -> None:
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] < 1:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be a (B, C, H, W) tensor with B >= 1, got {shape}")
         if not latents.is_floating_point() or not torch.isfinite(latents.detach()).all():
             raise ValueError(f"latents must be finite floating-point values, got {latents.dtype} with "
                              f"{int((~torch.isfinite(latents.detach().float())).sum())} non-finite entries")
+        if latents.dtype not in (torch.float32, dtype):
+            raise ValueError(f"latents are {str(latents.dtype).removeprefix('torch.')}: pass float32 latents (the "
+                             f"denoiser computes in {str(dtype).removeprefix('torch.')}; the latents and the "
+                             "scheduler's arithmetic stay float32)")
+        if self._guided:
+            try:
+                C.check_fits(self.uncond if uncond is None else uncond, latents.shape[0])
+            except C.ConditionError as exc:
+                raise C.ConditionError(f"uncond: {str(exc).removeprefix('cond ')} (one row is broadcast)") from None
         channels = self.sample_shape[0] if self.sample_shape is not None else None
         if channels is not None and latents.shape[1] != channels:
             raise ValueError(f"latents have {latents.shape[1]} channels but the model takes {channels}: "
@@ -269,11 +279,12 @@ class Sampler:
         called after every step. With ``return_latents`` the result is ``(images, final_latents)``.
         """
         policy = G.resolve(gradient)
-        self._check_inputs(latents, cond, start_step, policy)
+        dtype = model_dtype(self.model, torch.float32)  # walks the model's modules: once per generation
+        self._check_inputs(latents, cond, start_step, policy, uncond, dtype)
         if policy is None:
             with torch.no_grad():
-                return self._run(latents, cond, None, start_step, generator, uncond, callback, return_latents)
-        return self._run(latents, cond, policy, start_step, generator, uncond, callback, return_latents)
+                return self._run(latents, cond, None, start_step, generator, uncond, callback, return_latents, dtype)
+        return self._run(latents, cond, policy, start_step, generator, uncond, callback, return_latents, dtype)
 
     def _reset_model_state(self) -> None:
         """Start a generation: reset the model's stateful diffusers hooks (block caches such as a cache
@@ -288,7 +299,7 @@ class Sampler:
         for child in (registry, *children()):
             child.reset_stateful_hooks(recurse=False)
 
-    def _run(self, latents, cond, policy, start_step, generator, uncond, callback, return_latents):
+    def _run(self, latents, cond, policy, start_step, generator, uncond, callback, return_latents, dtype):
         self._reset_model_state()
         sched = self.fresh_scheduler(latents.device, tuple(latents.shape))
         timesteps = sched.timesteps[start_step:]
@@ -307,7 +318,6 @@ class Sampler:
             step_kwargs["return_dict"] = False
 
         x = latents * getattr(sched, "init_noise_sigma", 1.0) if start_step == 0 else latents
-        dtype = model_dtype(self.model, x.dtype)
         values = self.timestep_values(tuple(latents.shape))
         cond_in = self.model_conditioning(cond, uncond, latents.shape[0], dtype)
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not self.progress, leave=False)):
@@ -376,10 +386,10 @@ class Sampler:
             raise ValueError(f"to_step must be an int in [0, {self.num_inference_steps - 1}], got {to_step!r}")
         use_encode = self.encode is not None and not latents
         x = self.encode(images_or_latents) if use_encode else images_or_latents
-        self._check_inputs(x, cond, to_step, None)
+        dtype = model_dtype(self.model, torch.float32)
+        self._check_inputs(x, cond, to_step, None, uncond, dtype)
         timesteps = sched.timesteps
         alphas = alphas.to(x.device, x.dtype)
-        dtype = model_dtype(self.model, x.dtype)
         for j in range(len(timesteps) - 1, to_step - 1, -1):
             t = timesteps[j]
             a_t = alphas[t]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class CacheSchedule:
     def __post_init__(self):
         self.reuse = torch.as_tensor(self.reuse, dtype=torch.bool).cpu()
         self.timesteps = [float(t) for t in self.timesteps]
+        if not all(math.isfinite(t) for t in self.timesteps):
+            raise ScheduleError(f"schedule timesteps must be finite, got {self.timesteps[:3]}...")
         self.blocks, self.kinds = list(self.blocks), list(self.kinds)
         self.block_macs = [int(m) for m in self.block_macs]
         t, n = len(self.timesteps), len(self.blocks)
@@ -285,9 +288,7 @@ class CacheSchedule:
         keys = ("reuse", "timesteps", "blocks", "kinds", "block_macs", "total_macs", "model_id")
         if missing := [k for k in keys if k not in data]:
             raise ScheduleError(f"{path}: schedule lacks {missing}")
-        flat = torch.tensor(data["reuse"]).flatten().tolist() if data["reuse"] else []
-        if bad := [v for v in flat if v not in (0, 1, True, False)]:
-            raise ScheduleError(f"{path}: reuse entries must be 0/1 (false/true), found {bad[:3]}")
+        _check_table(path, data)
         try:
             return cls(torch.tensor(data["reuse"], dtype=torch.bool).reshape(len(data["timesteps"]), -1)
                        if data["timesteps"] else torch.zeros(0, len(data["blocks"]), dtype=torch.bool),
@@ -298,3 +299,23 @@ class CacheSchedule:
             raise ScheduleError(f"{path}: {e}") from None
         except (TypeError, ValueError, RuntimeError) as e:
             raise ScheduleError(f"{path}: malformed schedule ({e})") from None
+
+
+def _check_table(path: Path, data: dict) -> None:
+    """The parts of a schedule file torch would misread or report without the file's name: timesteps a list of
+    finite numbers, blocks a list of names, reuse one row of 0/1 (false/true) per timestep and one entry per block."""
+    timesteps, blocks, reuse = data["timesteps"], data["blocks"], data["reuse"]
+    if not isinstance(timesteps, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                                  and math.isfinite(t) for t in timesteps):
+        shown = timesteps[:3] if isinstance(timesteps, list) else timesteps
+        raise ScheduleError(f"{path}: timesteps must be a list of finite numbers, found {shown!r}")
+    if not isinstance(blocks, list) or not all(isinstance(b, str) for b in blocks):
+        raise ScheduleError(f"{path}: blocks must be a list of block names")
+    if not isinstance(reuse, list) or not all(isinstance(row, list) for row in reuse):
+        raise ScheduleError(f"{path}: reuse must be a table: one list of {len(blocks)} entries per timestep")
+    if len(reuse) != len(timesteps) or any(len(row) != len(blocks) for row in reuse):
+        lengths = sorted({len(row) for row in reuse})
+        raise ScheduleError(f"{path}: the reuse table has {len(reuse)} rows of {lengths} entries; {len(timesteps)} "
+                            f"timesteps and {len(blocks)} blocks need {len(timesteps)} rows of {len(blocks)}")
+    if bad := [v for row in reuse for v in row if v not in (0, 1) or not isinstance(v, (int, bool))]:
+        raise ScheduleError(f"{path}: reuse entries must be 0/1 (false/true), found {bad[:3]}")
