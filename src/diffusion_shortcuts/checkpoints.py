@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .outdir import process_alive
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or one made by another run (other settings)."""
@@ -33,22 +35,12 @@ class NoSpaceError(OSError):
     """The device filled up while a file was written; the file that was there before is kept."""
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def remove_stale_temporaries(path: Path) -> None:
     """Temporary files of ``path`` left by writers that were killed mid-write (``.NAME.PID.tmp`` whose process is
     gone); a live writer's is left alone."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:-len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 

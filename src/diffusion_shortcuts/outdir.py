@@ -14,12 +14,13 @@ class OutputFolderError(ValueError):
     """An output folder that cannot be used: empty path, not writable, or held by another run."""
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
@@ -47,7 +48,7 @@ class OutputFolder:
             fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             holder = self._holder()
-            if holder is not None and holder != os.getpid() and _alive(holder):
+            if holder is not None and holder != os.getpid() and process_alive(holder):
                 raise OutputFolderError(f"--out {self.path}: another run (process {holder}) is using this folder; "
                                         "wait for it or choose another --out") from None
             self.lock.unlink(missing_ok=True)  # a stale lock from a run that was killed
