@@ -118,6 +118,8 @@ FLAGS = {
     "dtype": dict(choices=["float32", "bfloat16", "float16"], default="float32",
                   help="precision of the denoiser, text encoders and VAE; trained tensors stay float32"),
     "vae_checkpointing": dict(action="store_true", help="decode with VAE gradient checkpointing (less memory)"),
+    "compile": dict(action="store_true", help="compile each gated block of the denoiser (torch.compile, fullgraph=True; "
+                    "a cache schedule decides outside the compiled regions)"),
 }
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, scheduler=None, height=None, width=None,
              device=None, dtype=None)
@@ -128,16 +130,15 @@ VERBS = {
              dict(out="diffusion-shortcuts-demo", n=100, seed=0, steps=50, digit=3, iterations=15)),
     "sample": ("sample a model and judge the samples",
                dict(**MODEL, labels=None, n=64, seed=0, steps=50, guidance=None, schedule=None, strict_schedule=None,
-                    out=None)),
+                    compile=None, out=None)),
     "optimize": ("optimize initial noise against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, reward=None, gradient=None, iterations=None, n=None, lr=None, steps=None,
                       seed=None, guidance=None, noise_prior=None, labels="null", schedule=None, strict_schedule=None,
-                      out=None)),
+                      compile=None, out=None)),
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None, start_every=None,
-                   resume=None,
-                   out=None)),
+                   resume=None, compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
                       iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,

@@ -161,11 +161,22 @@ def captioned_grid(images: torch.Tensor, captions: list[str] | None, path: Path)
 
 # ---- the verbs ------------------------------------------------------------------------------------------
 
+def compiled_table(cache, compile: bool, sampler, subject, conditions, noise):
+    """The table a verb samples with: its schedule, or with ``--compile`` and none, the keep-everything table (the
+    blocks compiled the same way either side); None without either."""
+    from .prune.compare import keep_everything
+
+    if cache is not None or not compile:
+        return cache
+    first = subject.encode(C.take(conditions, torch.arange(1))) if conditions is not None else None
+    return keep_everything(sampler, noise, first)
+
+
 def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance: float | None,
                   schedule: str | None = None, strict_schedule: bool = False, tag: str = "",
-                  progress: bool = True) -> dict:
+                  progress: bool = True, compile: bool = False) -> dict:
     """Sample n images cycling through the conditions, judge them, write a captioned grid; with a schedule,
-    what it computed and reused."""
+    what it computed and reused; with ``compile``, the gated blocks compiled (the first batch pays for it)."""
     from .prune import apply, summary
     from .prune.compare import generate
 
@@ -175,7 +186,8 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
     sampler = subject.sampler(steps, guidance)
     cache = load_schedule(schedule, subject, sampler, strict_schedule) if schedule else None
     noise = subject.noise(n, torch.Generator().manual_seed(seed))
-    with Timer() as timer, apply(subject.model, cache, sampler) if cache else nullcontext() as net:
+    table = compiled_table(cache, compile, sampler, subject, conditions, noise)
+    with Timer() as timer, apply(subject.model, table, sampler, compile=compile) if table else nullcontext() as net:
         images = generate(sampler, subject.encode, conditions, noise, batch_size=min(n, 100),
                           progress=progress, desc=f"sampling {subject.name}")
     check_finite(images, "sample")
@@ -183,7 +195,7 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
                "guidance_scale": sampler.guidance_scale, "scheduler": type(sampler.scheduler).__name__,
                "seconds": timer.seconds, "schedule": schedule, "macs_ratio": cache.macs_ratio if cache else 1.0,
                "schedule_resampled_from": cache.info.get("resampled_from") if cache else None,
-               "cache_summary": summary(net) if cache else None,
+               "cache_summary": summary(net) if cache else None, "compiled": compile,
                "prompts": subject.distinct_conditions() if subject.text else None}
     judged = subject.judge(images, conditions)
     if judged:
@@ -197,14 +209,19 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
 
 def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_size: int, lr: float, gradient: str,
                  steps: int, samples: int, seed: int, resume: bool, checkpoint_every: int = 25,
-                 guidance: float | None = None, reuse_mode: str = "copy", start_every: int | str | None = None) -> dict:
+                 guidance: float | None = None, reuse_mode: str = "copy", start_every: int | str | None = None,
+                 compile: bool = False) -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
     ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
-    the N whose table prunes nearest ``ratio``)."""
+    the N whose table prunes nearest ``ratio``); ``compile``: the comparison (quality and speed) through compiled
+    blocks on both sides."""
     from .plots import schedule_heatmap
     from .prune import CacheSchedule, SearchError, profile, train_pruner
     from .prune.compare import compare_schedule
+    from .prune.supernet import compile_options
 
+    if compile:  # before an hour of search, not after it
+        compile_options(True, False, torch.device(subject.device))
     if not 0.0 < ratio < 1.0:
         raise UsageError(f"--ratio must be in (0, 1), got {ratio}")
     if iterations < 1 or samples < 1:
@@ -234,7 +251,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     conditions = subject.conditions(samples)
     noise = subject.noise(samples, torch.Generator().manual_seed(seed + 1))
     metrics, full, pruned = compare_schedule(sampler, schedule, subject.encode, conditions, noise,
-                                             subject.schedule_judge())
+                                             subject.schedule_judge(), compile=compile)
     if subject.accuracy_judge:
         metrics.update(accuracy_judge=subject.accuracy_judge,
                        fid_features="digits-classifier" if "fid_full" in metrics else None)
@@ -256,9 +273,11 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
 
 def optimize_report(out: Path, subject, *, reward: str, gradient: str, iterations: int, n: int, lr: float,
                     steps: int, seed: int, noise_prior: str | None, guidance: float | None = None,
-                    schedule: str | None = None, strict_schedule: bool = False, tag: str = "") -> dict:
+                    schedule: str | None = None, strict_schedule: bool = False, tag: str = "",
+                    compile: bool = False) -> dict:
     """Optimize the initial noise of n samples against a reward; write curve, before/after and latents. With a
-    cache schedule, every rollout (the graph step's call included) runs pruned: both shortcuts at once."""
+    cache schedule, every rollout (the graph step's call included) runs pruned: both shortcuts at once; with
+    ``compile``, through compiled blocks."""
     from safetensors.torch import save_file
 
     from .optimize import OptimizationError, optimize_latents
@@ -275,7 +294,8 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
     cache = load_schedule(schedule, subject, sampler, strict_schedule) if schedule else None
     noise = subject.noise(n, torch.Generator().manual_seed(seed))
     error = None
-    with apply(subject.model, cache, sampler) if cache else nullcontext():
+    table = compiled_table(cache, compile, sampler, subject, conditions, noise)
+    with apply(subject.model, table, sampler, compile=compile) if table else nullcontext():
         with torch.no_grad():
             before = sampler(noise, cond).clamp(0, 1)
         try:  # the reward sees the labels or prompts, the sampler their encoding
@@ -295,7 +315,7 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
                "peak_memory_mb": peak_memory_mb(subject.device), "graph_mb": history["graph_mb"],
                "final_reward": history.get("final_reward"), "shell_drift": history.get("final_shell_drift"),
                "latents": f"latents{tag}.safetensors", "error": error, "schedule": schedule,
-               "macs_ratio": cache.macs_ratio if cache else 1.0}
+               "macs_ratio": cache.macs_ratio if cache else 1.0, "compiled": compile}
     after = result.images.clamp(0, 1) if result.images is not None else before
     if reward.startswith("digit:"):
         target = torch.full((n,), int(reward.split(":")[1]))

@@ -12,12 +12,14 @@ from .supernet import SuperNet
 
 
 def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full_graph_steps: bool = False,
-           strict: bool = True) -> SuperNet:
+           strict: bool = True, compile: bool | dict = False) -> SuperNet:
     """Make ``model`` follow ``schedule`` until :func:`disable`: reused blocks are not computed.
 
     ``full_graph_steps``: a call that keeps its autograd graph (the one step of SDO's ``Shortcut``) computes
     every block, so that only the no-grad rollout is pruned. ``strict=False`` (with a ``sampler``) resamples a
     schedule made for other timesteps to the sampler's (:meth:`CacheSchedule.resampled`) instead of refusing.
+    ``compile``: compile each gated block with ``fullgraph=True`` (a dict: more ``torch.compile`` options), the
+    schedule's decision outside the compiled regions (see :class:`SuperNet`); a model compiled whole works too.
 
     Fails with :class:`~diffusion_shortcuts.prune.ScheduleError` when the schedule was made for other
     blocks or another model configuration, or (given ``sampler``, or at the first call otherwise) for
@@ -35,7 +37,7 @@ def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, ful
             raise ValueError("the sampler drives another model than the one the schedule is applied to")
         schedule = schedule.fitted(sampler.timesteps, strict=strict)
     net = SuperNet(model, schedule.timesteps, schedule.blocks, schedule.kinds, whole_steps=schedule.whole_steps,
-                   full_graph_steps=full_graph_steps, mode=schedule.mode)
+                   full_graph_steps=full_graph_steps, mode=schedule.mode, compile=compile)
     net.use_table(schedule.reuse)
     return net.attach()
 
@@ -51,9 +53,9 @@ def disable(model: torch.nn.Module) -> bool:
 
 @contextmanager
 def apply(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full_graph_steps: bool = False,
-          strict: bool = True):
+          strict: bool = True, compile: bool | dict = False):
     """Context manager around :func:`enable` / :func:`disable`; yields the :class:`SuperNet`."""
-    net = enable(model, schedule, sampler, full_graph_steps=full_graph_steps, strict=strict)
+    net = enable(model, schedule, sampler, full_graph_steps=full_graph_steps, strict=strict, compile=compile)
     try:
         yield net
     finally:
@@ -61,11 +63,11 @@ def apply(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full
 
 
 def enable_cache(pipe, schedule: CacheSchedule, num_inference_steps: int | None = None, height: int | None = None,
-                 width: int | None = None) -> SuperNet:
+                 width: int | None = None, compile: bool | dict = False) -> SuperNet:
     """``enable`` on a diffusers pipeline: finds its denoiser (``unet`` or ``transformer``); with
     ``num_inference_steps`` the schedule is resampled to the timesteps the pipeline's scheduler will use for
     that many steps (at ``height`` x ``width`` pixels, for schedulers that shift with the resolution), so that a
-    stock ``pipe(..., num_inference_steps=M)`` call runs with it."""
+    stock ``pipe(..., num_inference_steps=M)`` call runs with it. ``compile``: as in :func:`enable`."""
     from ..families import denoiser_of, family_of, vae_scale
     from ..sampling import Sampler
 
@@ -75,7 +77,7 @@ def enable_cache(pipe, schedule: CacheSchedule, num_inference_steps: int | None 
         factor = vae_scale(pipe)
         shape = (channels, height // factor if height else h, width // factor if width else w)
         schedule = schedule.fitted(Sampler(model, pipe.scheduler, num_inference_steps, sample_shape=shape).timesteps)
-    return enable(model, schedule)
+    return enable(model, schedule, compile=compile)
 
 
 def summary(net: SuperNet) -> dict:

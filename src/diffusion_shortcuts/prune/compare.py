@@ -16,13 +16,19 @@ from tqdm.auto import tqdm
 from .. import conditions as C
 from ..metrics import psnr, ssim, timed_pair
 from .apply import apply
+from .blocks import profile
+from .schedule import CacheSchedule
 
 
 def generate(sampler, encode: Callable, conditions, noise: torch.Tensor, batch_size: int = 100, schedule=None,
-             progress: bool = False, desc: str = "") -> torch.Tensor:
-    """Images in [0, 1] for ``noise`` and ``conditions`` (None, labels or prompts), ``batch_size`` at a time."""
+             progress: bool = False, desc: str = "", compile: bool = False) -> torch.Tensor:
+    """Images in [0, 1] for ``noise`` and ``conditions`` (None, labels or prompts), ``batch_size`` at a time;
+    ``compile``: the gated blocks compiled (:func:`~diffusion_shortcuts.prune.apply`), with or without a schedule."""
     out = []
-    with apply(sampler.model, schedule, sampler) if schedule is not None else nullcontext():
+    if schedule is None and compile:
+        schedule = keep_everything(sampler, noise, encode(C.take(conditions, torch.arange(1))) if conditions
+                                   is not None else None)
+    with apply(sampler.model, schedule, sampler, compile=compile) if schedule is not None else nullcontext():
         for i in tqdm(range(0, len(noise), batch_size), desc=desc, disable=not progress, leave=False):
             rows = torch.arange(i, min(i + batch_size, len(noise)))
             cond = encode(C.take(conditions, rows)) if conditions is not None else None
@@ -30,24 +36,37 @@ def generate(sampler, encode: Callable, conditions, noise: torch.Tensor, batch_s
     return torch.cat(out)
 
 
-def timed_speedup(sampler, schedule, noise: torch.Tensor, cond, repeats: int = 5) -> dict:
-    """Seconds to sample one batch with and without ``schedule``, alternated; median of each."""
-    def pruned():
-        with apply(sampler.model, schedule, sampler):
-            sampler(noise, cond)
+def keep_everything(sampler, noise: torch.Tensor, cond) -> CacheSchedule:
+    """The table that computes every block: the full model, through the same hooks as a schedule."""
+    return CacheSchedule.keep_all(sampler.timesteps, profile(sampler.model, noise, C.first(cond)))
 
-    full, fast = timed_pair(lambda: sampler(noise, cond), pruned, repeats)
-    return {"batch": len(noise), "seconds_full": full, "seconds_pruned": fast, "speedup": full / fast}
+
+def timed_speedup(sampler, schedule, noise: torch.Tensor, cond, repeats: int = 5, compile: bool = False) -> dict:
+    """Seconds to sample one batch with and without ``schedule``, alternated; median of each. With ``compile`` both
+    run with compiled blocks (the full model as the keep-everything table), after one compiling run each."""
+    def run(table):
+        def go():
+            with apply(sampler.model, table, sampler, compile=compile) if table is not None else nullcontext():
+                sampler(noise, cond)
+        return go
+
+    full, fast = timed_pair(run(keep_everything(sampler, noise, cond) if compile else None), run(schedule), repeats)
+    return {"batch": len(noise), "seconds_full": full, "seconds_pruned": fast, "speedup": full / fast,
+            "compiled": compile}
 
 
 def compare_schedule(sampler, schedule, encode: Callable, conditions, noise: torch.Tensor, judge: Callable | None = None,
                      batch_size: int = 100, speed_batch: int = 16, progress: bool = True,
-                     full_images: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                     full_images: torch.Tensor | None = None,
+                     compile: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """(metrics, full images, scheduled images) from the same ``noise`` and ``conditions``; pass
-    ``full_images`` made earlier from the same inputs to skip regenerating them."""
+    ``full_images`` made earlier from the same inputs to skip regenerating them. ``compile``: both sides with
+    compiled blocks (quality and speed)."""
     if full_images is None:
-        full_images = generate(sampler, encode, conditions, noise, batch_size, progress=progress, desc="full model")
-    pruned = generate(sampler, encode, conditions, noise, batch_size, schedule, progress, desc="with schedule")
+        full_images = generate(sampler, encode, conditions, noise, batch_size, progress=progress, desc="full model",
+                               compile=compile)
+    pruned = generate(sampler, encode, conditions, noise, batch_size, schedule, progress, desc="with schedule",
+                      compile=compile)
     metrics = {"samples": len(noise), "macs_ratio": schedule.macs_ratio,
                "ssim": float(ssim(pruned, full_images).mean()), "psnr": float(psnr(pruned, full_images).mean())}
     if judge is not None:
@@ -57,5 +76,5 @@ def compare_schedule(sampler, schedule, encode: Callable, conditions, noise: tor
     rows = torch.arange(min(speed_batch, len(noise)))
     speed_noise = noise[rows]
     speed_cond = encode(C.take(conditions, rows)) if conditions is not None else None
-    metrics.update(timed_speedup(sampler, schedule, speed_noise, speed_cond))
+    metrics.update(timed_speedup(sampler, schedule, speed_noise, speed_cond, compile=compile))
     return metrics, full_images, pruned

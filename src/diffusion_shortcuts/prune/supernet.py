@@ -18,8 +18,12 @@ and overwrites nothing; under ``torch.no_grad()`` only what the forecast needs i
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
+import os
+import shutil
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -63,6 +67,53 @@ def _arguments(positions, args, kwargs) -> tuple:
                  position < len(args) else None for name, position in positions)
 
 
+def compiled_whole(model) -> bool:
+    """True for a model compiled whole (``torch.compile(model)``: an ``OptimizedModule``); a schedule's decision runs
+    between its graphs, which ``fullgraph=True`` forbids: refused with what to do instead."""
+    context = getattr(model, "dynamo_ctx", None)
+    if context is None:
+        return False
+    if getattr(context, "fullgraph", False):
+        raise ScheduleError(f"{type(unwrap(model)).__name__} is compiled with fullgraph=True, and a cache schedule "
+                            "decides between its blocks, outside any graph: compile it with fullgraph=False, or "
+                            "leave it uncompiled and pass compile=True to compile each block with fullgraph=True")
+    return True
+
+
+class CompileUnavailable(ValueError):
+    """torch cannot compile here: no C++ compiler for inductor on the CPU, no Triton on a GPU."""
+
+
+def why_not_compilable(device: torch.device, backend: str = "inductor") -> str | None:
+    """What keeps ``torch.compile`` (inductor) from compiling on ``device`` (None when nothing does)."""
+    if backend != "inductor":
+        return None
+    if device.type == "cpu":
+        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        return None if any(c and shutil.which(c) for c in compilers) else \
+            "no C++ compiler (inductor needs one on the CPU: install g++, or set CXX)"
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") is not None else "no Triton (inductor needs it on a GPU)"
+    return f"inductor does not compile for {device.type} here"
+
+
+def compile_options(compile: bool | dict, compiled_model: bool, device: torch.device) -> dict | None:
+    """``torch.compile``'s keyword arguments for the blocks (None: run them as they are); a
+    :class:`CompileUnavailable` where torch cannot compile on ``device``."""
+    if not (compile or compiled_model):
+        return None
+    options = {"fullgraph": True, **(compile if isinstance(compile, dict) else {})}
+    reason = why_not_compilable(device, options.get("backend", "inductor"))
+    if reason is not None:
+        raise CompileUnavailable(f"compile: torch cannot compile on {device.type} here: {reason}; run without "
+                                 "compiling (no --compile)")
+    return options
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
 @dataclass
 class GatedBlock:
     """One gated block: where it is, how its work is reused, which of its arguments are residual streams, and
@@ -75,6 +126,7 @@ class GatedBlock:
     kind: str
     stream_positions: list[tuple[str, int | None]]
     state: BlockState = field(default_factory=BlockState)
+    run: Callable | None = None  # the block's own forward as the hook calls it: as it was, or compiled
 
     def streams(self, args, kwargs) -> tuple | None:
         """The residual-stream inputs of a call, in the order the block returns them (None for output blocks)."""
@@ -138,13 +190,13 @@ class _BlockHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         net, block, step = self.net, self.block, self.net.step
         if step is None:  # called outside a model call (a user calling the block directly)
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return block.run(*args, **kwargs)
         x = args[0] if args else kwargs["hidden_states"]
         streams = block.streams(args, kwargs)
         net.check_batch(block, step, x)
         if net.reuses(block, step):
             return block.output_of(net.forecaster.predict(block.state, step), streams)
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        out = block.run(*args, **kwargs)
         return net.ran(block, step, out, streams, x.dtype)
 
 
@@ -154,13 +206,21 @@ class SuperNet:
     ``whole_steps``: a step at which every block is reused reuses the whole call's output (exact for UNets, see
     ``Family.whole_step_reuse``). ``full_graph_steps``: a call that keeps its autograd graph (SDO's one step)
     computes every block, so that only the no-grad rollout is pruned. ``mode``: the forecaster.
+
+    ``compile``: compile each gated block's own forward (``torch.compile(..., fullgraph=True)``; a dict adds
+    ``torch.compile`` options): the reuse decision stays outside the compiled regions, so nothing in a block
+    breaks its graph and a block compiles once per input shape, whatever the step. A model already compiled
+    whole (``torch.compile(model)``) gets the same: the hooks run outside its graphs and the blocks are compiled.
     """
 
     def __init__(self, model: torch.nn.Module, timesteps, blocks: list[str] | None = None, kinds=None,
-                 whole_steps: bool = False, full_graph_steps: bool = False, mode: str = "copy"):
+                 whole_steps: bool = False, full_graph_steps: bool = False, mode: str = "copy",
+                 compile: bool | dict = False):
         if mode not in REUSE_MODES:
             raise ScheduleError(f"reuse mode must be one of {', '.join(REUSE_MODES)}, got {mode!r}")
+        self.compiled_whole = compiled_whole(model)
         self.model = unwrap(model)
+        self.compile_options = compile_options(compile, self.compiled_whole, _device_of(self.model))
         self.family = family_of(self.model)
         resolved = resolve_blocks(self.model, blocks)
         kinds = list(kinds) if kinds is not None else [reuse_kind(self.model, n) for n, _ in resolved]
@@ -223,16 +283,29 @@ class SuperNet:
         registry = HookRegistry.check_if_exists_or_initialize(self.model)
         if registry.get_hook(HOOK_NAME) is not None:
             raise RuntimeError("a cache schedule is already applied to this model; disable it first")
-        registry.register_hook(_StepHook(self, self.model), HOOK_NAME)
+        registry.register_hook(self._outside_graphs(_StepHook(self, self.model)), HOOK_NAME)
         for block in self.blocks:
-            HookRegistry.check_if_exists_or_initialize(block.module).register_hook(_BlockHook(self, block), HOOK_NAME)
+            hook = self._outside_graphs(_BlockHook(self, block))
+            HookRegistry.check_if_exists_or_initialize(block.module).register_hook(hook, HOOK_NAME)
+            block.run = hook.fn_ref.original_forward
+            if self.compile_options is not None:
+                block.run = torch.compile(block.run, **self.compile_options)
         registry.invalidate_child_registries_cache()
         self.attached = True
         return self
 
+    def _outside_graphs(self, hook: ModelHook) -> ModelHook:
+        """On a model compiled whole, the hook's Python (the step, the table, the caches) runs outside its graphs."""
+        if self.compiled_whole:
+            hook.pre_forward = torch.compiler.disable(hook.pre_forward)
+            hook.new_forward = torch.compiler.disable(hook.new_forward)
+        return hook
+
     def detach(self) -> None:
         if not self.attached:
             return
+        for block in self.blocks:
+            block.run = None
         HookRegistry.check_if_exists_or_initialize(self.model).remove_hook(HOOK_NAME, recurse=True)
         HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
         self.attached = False
