@@ -26,6 +26,8 @@ def test_the_gpu_benchmark_runs_its_tiny_mode_and_judges_every_target():
     assert out["sd"]["search"]["seconds_per_iteration"] > 0 and len(out["sd"]["finetune"]) == 2
     assert {"stock call, full", "stock call, our rule table"} <= set(out["flux"]["flux_seconds"])
     assert any("TaylorSeer" in name for name in out["flux"]["flux_seconds"])
-    assert len(out["targets"]) == 6 and all(isinstance(v, bool) for v in out["targets"].values())
+    assert len(out["targets"]) == 8 and all(isinstance(v, bool) for v in out["targets"].values())
+    assert set(out["sd"]["compile"]["loop_seconds"]) == {"eager, full", "compiled, full", "eager, rule 0.2",
+                                                          "compiled, rule 0.2"}
     assert out["sd"]["rule_macs_ratio"] < 1 and out["flux"]["flux_rule_macs_ratio"] < 1
     assert "targets" in gpu.table(out)
