@@ -86,7 +86,8 @@ def test_console_script_help():
 
 
 def test_labels_parser():
-    from diffusion_shortcuts.reports import UsageError, parse_labels
+    from diffusion_shortcuts.labels import parse_labels
+    from diffusion_shortcuts.usage import UsageError
 
     assert parse_labels("0-3,7", 10) == [0, 1, 2, 3, 7]
     with pytest.raises(UsageError, match=r"--labels '9-10': labels out of range \[10\]; the model takes 0-9"):

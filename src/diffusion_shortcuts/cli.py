@@ -259,7 +259,7 @@ def _main(argv: list[str] | None) -> int:
             if metrics:  # empty on the other processes of an `accelerate launch` run: the main one writes
                 write_metrics(out, metrics)
     except (ValueError, TypeError) as exc:  # bad input: UsageError, ScheduleError, CheckpointError, ...
-        from .reports import UsageError
+        from .usage import UsageError
 
         if args.debug and not isinstance(exc, UsageError):
             raise

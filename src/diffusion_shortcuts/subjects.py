@@ -2,18 +2,21 @@
 class-conditional latent pipeline such as DiT, class names or labels).
 
 Both kinds answer the same questions (:class:`Subject`): which conditions the user asked for, how they
-become the denoiser's conditioning, a sampler, noise, how samples are judged and captioned, and where a
-fine-tuned adapter goes. The verbs in :mod:`.reports` are written once against this.
+become the denoiser's conditioning, a sampler, noise, how samples are judged and captioned, which cache schedule
+ships with the model, and where a fine-tuned adapter goes. The verbs in :mod:`.reports` are written once against
+this protocol and reach no further into a subject.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from . import zoo
 from .families import CLASS_NAMES
+from .labels import cycled_labels, parse_labels
 from .metrics import accuracy
 from .pipelines import DTYPES, PipelineModel, is_pipeline_folder, load_pipeline, resolve_device
 from .rewards import SpecContext
@@ -23,6 +26,32 @@ JUDGE = "digits-classifier-eval"
 
 class SubjectError(ValueError):
     """A model or condition flag that does not fit the model (reported as one line)."""
+
+
+class Subject(Protocol):
+    """What a verb works on. ``conditions`` are what the user asked for (labels, prompts), as rewards and captions
+    see them; ``encode`` turns them into the denoiser's conditioning."""
+
+    name: str
+    model: torch.nn.Module
+    sample_shape: tuple[int, int, int]
+    device: torch.device
+    conditional: bool
+    text: bool                       # the conditions are prompts
+    default_guidance: float
+    accuracy_judge: str | None       # the classifier behind judge()'s accuracy, None where there is none
+
+    def conditions(self, n: int) -> Any: ...
+    def distinct_conditions(self) -> Any: ...
+    def encode(self, conditions) -> Any: ...
+    def sampler(self, steps: int, guidance: float | None = None): ...
+    def noise(self, n: int, generator=None) -> torch.Tensor: ...
+    def judge(self, images: torch.Tensor, conditions) -> dict: ...
+    def schedule_judge(self): ...
+    def captions(self, conditions) -> list[str] | None: ...
+    def reward_context(self) -> SpecContext: ...
+    def shipped_schedule(self, ratio: float): ...
+    def save_adapter(self, out: Path) -> str: ...
 
 
 class ZooSubject:
@@ -37,8 +66,6 @@ class ZooSubject:
 
     def conditions(self, n: int):
         """n labels cycling through the user's ``--labels`` ('null': the unconditional label)."""
-        from .reports import cycled_labels
-
         if not self.conditional:
             return None
         if self.labels_text == "null":
@@ -74,6 +101,12 @@ class ZooSubject:
 
     def reward_context(self) -> SpecContext:
         return SpecContext(self.sample_shape, self.conditional, str(self.device))
+
+    def shipped_schedule(self, ratio: float):
+        """The zoo's schedule at ``ratio`` (``--schedule zoo:RATIO``)."""
+        if not hasattr(self.m, "cache_schedule"):
+            raise ValueError(f"{self.name} ships no schedule: pass a schedule file")
+        return self.m.cache_schedule(ratio)
 
     def save_adapter(self, out: Path) -> str:
         from .optimize import save_lora
@@ -121,6 +154,9 @@ class PipelineSubject:
     def reward_context(self) -> SpecContext:
         return SpecContext(self.m.image_shape, True, str(self.device))
 
+    def shipped_schedule(self, ratio: float):
+        raise ValueError(f"{self.name} ships no schedule: pass a schedule file")
+
     def save_adapter(self, out: Path) -> str:
         from .optimize import save_lora as save_adapter_file
         from .pipelines import save_lora
@@ -138,8 +174,6 @@ class ClassPipelineSubject(PipelineSubject):
     sampled through its VAE; no judge of its own."""
 
     def __init__(self, model: PipelineModel, names: list[str], labels: str = "0-9"):
-        from .reports import parse_labels
-
         super().__init__(model, names)
         self.labels_text, self.text = labels, False
         self.null_label = int(model.family.null_cond(model.model).reshape(-1)[0])  # DiT: the row after the classes
