@@ -4,7 +4,7 @@ LoRA for a few iterations and save each process's adapter."""
 import sys
 
 import torch
-from conftest import tiny_cond_unet
+from tiny_models import tiny_cond_unet
 from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 

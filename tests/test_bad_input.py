@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_cond_unet, tiny_dit
+from tiny_models import tiny_cond_unet, tiny_dit, unet_sampler
 from diffusers import DDIMScheduler
 
 import diffusion_shortcuts as ds
@@ -163,10 +163,6 @@ def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, mon
 
 
 # ---- the library's entry points -------------------------------------------------------------------------
-
-def unet_sampler(**kwargs):
-    return ds.Sampler(tiny_cond_unet(), DDIMScheduler(num_train_timesteps=1000, clip_sample=False), 3, **kwargs)
-
 
 @pytest.mark.parametrize("call,error,needle", [
     (lambda: unet_sampler()(torch.zeros(0, 1, 8, 8), torch.zeros(0, 3, 8)), ValueError, "B >= 1"),

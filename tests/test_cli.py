@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_unet
+from tiny_models import tiny_unet
 from diffusers import DDIMScheduler, DDPMPipeline
 
 import diffusion_shortcuts as ds

@@ -174,7 +174,7 @@ def test_bad_pipeline_input_is_one_line(folders, tmp_path, capsys, argv, needle)
 def dit_folder(tmp_path_factory):
     """A tiny latent DiT pipeline saved as the hub's are: transformer, VAE, scheduler, and the class names in
     model_index.json (``id2label``, several names for a class)."""
-    from conftest import tiny_dit, tiny_vae
+    from tiny_models import tiny_dit, tiny_vae
     from diffusers import DDIMScheduler, DiTPipeline
 
     folder = tmp_path_factory.mktemp("dit") / "dit"

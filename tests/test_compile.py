@@ -9,8 +9,7 @@ bounded. Tiny models, CPU; about a minute together (inductor's first compilation
 import pytest
 import torch
 import torch._dynamo
-from conftest import tiny_cond_unet, tiny_dit
-from diffusers import DDIMScheduler
+import tiny_models
 from torch._dynamo.utils import counters
 
 import diffusion_shortcuts as ds
@@ -20,19 +19,12 @@ pytestmark = pytest.mark.compile
 STEPS = 5
 
 
-def ddim():
-    return DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)
-
-
 def dit_case(steps=STEPS):
-    sampler = ds.Sampler(tiny_dit(in_channels=2), ddim(), steps, guidance_scale=2.0, uncond=torch.tensor([10]))
-    return sampler, torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([1, 7])
+    return tiny_models.dit_case(steps=steps)
 
 
 def unet_case(steps=STEPS):
-    sampler = ds.Sampler(tiny_cond_unet(), ddim(), steps, guidance_scale=2.0, uncond=torch.zeros(1, 3, 8))
-    gen = torch.Generator().manual_seed(3)
-    return sampler, torch.randn(2, 1, 8, 8, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    return tiny_models.unet_case(steps=steps)
 
 
 def alternating(sampler, noise, cond) -> CacheSchedule:

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_dit, tiny_unet, tiny_vae
+from tiny_models import tiny_dit, tiny_unet, tiny_vae
 from diffusers import DDIMPipeline, DDIMScheduler, DiTPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 from tiny_pipelines import BUILDERS, PROMPTS, VARIANTS

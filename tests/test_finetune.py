@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from conftest import Killed, kill_at, tiny_cond_unet, tiny_dit
-from diffusers import DDIMScheduler
+from conftest import Killed, kill_at
+import tiny_models
+from tiny_models import tiny_cond_unet, tiny_dit
 
 import diffusion_shortcuts as ds
 from diffusion_shortcuts import FinetuneError, add_lora, finetune
@@ -14,9 +15,7 @@ def brightness(images, cond):
 
 
 def unet_sampler():
-    model = tiny_cond_unet()
-    return ds.Sampler(model, DDIMScheduler(num_train_timesteps=1000, clip_sample=False), 4, guidance_scale=2.0,
-                      uncond=torch.zeros(1, 3, 8), decode=lambda x: x / 2 + 0.5)
+    return tiny_models.unet_sampler(steps=4, guidance_scale=2.0, decode=lambda x: x / 2 + 0.5)
 
 
 def test_lora_is_injected_through_peft_in_both_ways():

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_cond_unet
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+from tiny_models import ddim, tiny_cond_unet
+from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        FlowMatchEulerDiscreteScheduler)
 
 import diffusion_shortcuts as ds
@@ -32,8 +32,8 @@ def reward(images, weights):
     return (images * weights).sum() + 0.3 * (images ** 2 * weights.abs()).sum()
 
 
-def ddim():
-    return DDIMScheduler(num_train_timesteps=1000, clip_sample=False, beta_schedule="squaredcos_cap_v2")
+def cosine_ddim():
+    return ddim(beta_schedule="squaredcos_cap_v2")
 
 
 def grads(sampler, policy, noise, cond, weights, param):
@@ -60,7 +60,7 @@ def central_difference(f, value, direction, h=1e-4):
 
 @pytest.fixture(scope="module")
 def ddim_setup():
-    sampler = make_sampler(ddim())
+    sampler = make_sampler(cosine_ddim())
     noise, cond, weights = inputs()
     param = sampler.model.conv_in.weight
     return sampler, noise, cond, weights, param
@@ -189,8 +189,8 @@ def eps_at(sampler, sched, kind, x, t, cond):
 
 
 SCHEDULERS = {
-    "ddim": ddim,
-    "ddim_v": lambda: DDIMScheduler(num_train_timesteps=1000, clip_sample=False, prediction_type="v_prediction"),
+    "ddim": cosine_ddim,
+    "ddim_v": lambda: ddim(prediction_type="v_prediction"),
     "ddpm": lambda: DDPMScheduler(num_train_timesteps=1000, clip_sample=False, beta_schedule="squaredcos_cap_v2"),
     "euler": lambda: EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear"),
     "flow": lambda: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
@@ -231,7 +231,7 @@ def test_shortcut_latent_gradient_equals_closed_form(kind):
 
 @pytest.mark.parametrize("step", [0, 2, 3])
 def test_shortcut_weight_and_embedding_gradient_equal_closed_form(step):
-    sampler = make_sampler(ddim())
+    sampler = make_sampler(cosine_ddim())
     noise, cond, weights = inputs()
     param = sampler.model.conv_in.weight
     _, gc, gp = grads(sampler, G.Shortcut(step), noise, cond, weights, param)
@@ -309,7 +309,7 @@ def test_shortcut_graph_holds_one_network_call_whatever_n():
     noise, cond, _ = inputs(dtype=torch.float32)
     by_n = {}
     for n in (10, 50):
-        sampler = make_sampler(ddim(), steps=n, dtype=torch.float32)
+        sampler = make_sampler(cosine_ddim(), steps=n, dtype=torch.float32)
         by_n[n] = {p: saved_bytes(sampler, policy, noise, cond)
                    for p, policy in (("shortcut", G.Shortcut()), ("full", G.Full()),
                                      ("checkpointed", G.Checkpointed()))}
@@ -324,7 +324,7 @@ def test_shortcut_graph_holds_one_network_call_whatever_n():
 # ---- determinism and bad input ----------------------------------------------------------------------
 
 def test_same_seed_same_samples_and_gradients_bit_for_bit():
-    sampler = make_sampler(DDIMScheduler(num_train_timesteps=1000, clip_sample=False), eta=0.7)
+    sampler = make_sampler(ddim(), eta=0.7)
     noise, cond, weights = inputs()
     param = sampler.model.conv_in.weight
     runs = [grads(sampler, G.Shortcut("random"), noise, cond, weights, param) for _ in range(2)]
@@ -336,7 +336,7 @@ def test_same_seed_same_samples_and_gradients_bit_for_bit():
 
 
 def test_bad_input_raises_value_error_naming_the_argument(cond_unet):
-    sampler = ds.Sampler(cond_unet, ddim(), 5)
+    sampler = ds.Sampler(cond_unet, cosine_ddim(), 5)
     noise = torch.randn(2, 1, 8, 8)
     cond = torch.randn(2, 3, 8)
     with pytest.raises(ValueError, match="latents"):
@@ -346,17 +346,17 @@ def test_bad_input_raises_value_error_naming_the_argument(cond_unet):
     with pytest.raises(ValueError, match="cond"):
         sampler(noise, torch.randn(3, 3, 8))
     with pytest.raises(ValueError, match="num_inference_steps"):
-        ds.Sampler(cond_unet, ddim(), 0)
+        ds.Sampler(cond_unet, cosine_ddim(), 0)
     with pytest.raises(ValueError, match="start_step"):
         sampler(noise, cond, start_step=5)
     with pytest.raises(ValueError, match="gradient"):
         sampler(noise, cond, gradient="backprop-everything")
     with pytest.raises(ValueError, match="uncond"):
-        ds.Sampler(cond_unet, ddim(), 5, guidance_scale=3.0)
+        ds.Sampler(cond_unet, cosine_ddim(), 5, guidance_scale=3.0)
 
 
 def test_clip_sample_warns_once_under_a_gradient_policy(cond_unet):
-    sampler = ds.Sampler(cond_unet, DDIMScheduler(num_train_timesteps=1000, clip_sample=True), 3)
+    sampler = ds.Sampler(cond_unet, ddim(clip_sample=True), 3)
     noise, cond = torch.randn(1, 1, 8, 8), torch.randn(1, 3, 8)
     with pytest.warns(UserWarning, match="clip_sample"):
         sampler(noise.requires_grad_(True), cond, gradient="shortcut")

@@ -6,8 +6,8 @@ import inspect
 
 import pytest
 import torch
-from conftest import Killed, tiny_cond_unet
-from diffusers import DDIMScheduler
+from conftest import Killed
+import tiny_models
 
 import diffusion_shortcuts as ds
 from diffusion_shortcuts.checkpoints import (CheckpointError, load_checkpoint, make_optimizer, save_atomically,
@@ -40,8 +40,7 @@ def test_a_loops_keyword_arguments_are_its_config_fields_with_the_same_defaults(
 
 
 def unet_sampler(steps=3):
-    return ds.Sampler(tiny_cond_unet(), DDIMScheduler(num_train_timesteps=1000, clip_sample=False), steps,
-                      guidance_scale=2.0, uncond=torch.zeros(1, 3, 8), decode=lambda x: x / 2 + 0.5)
+    return tiny_models.unet_sampler(steps=steps, guidance_scale=2.0, decode=lambda x: x / 2 + 0.5)
 
 
 def brightness(images, cond):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_cond_unet
+from tiny_models import tiny_cond_unet
 from diffusers import DDIMScheduler
 
 import diffusion_shortcuts as ds

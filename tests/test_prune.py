@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Killed, kill_at, tiny_cond_unet, tiny_dit, tiny_unet
-from diffusers import DDIMScheduler
+from conftest import Killed, kill_at
+from tiny_models import ddim, dit_case, tiny_cond_unet, tiny_dit, tiny_unet, unet_case
 
 import diffusion_shortcuts as ds
 from diffusion_shortcuts.metrics import count_macs
@@ -16,27 +16,6 @@ from diffusion_shortcuts.prune.forecast import FORECASTERS
 from diffusion_shortcuts.prune.state import BlockState
 
 STEPS = 6
-
-
-def ddim():
-    return DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
-
-
-def unet_case(dtype=torch.float32, guidance=2.0, steps=STEPS):
-    model = tiny_cond_unet().to(dtype)
-    gen = torch.Generator().manual_seed(3)
-    uncond = torch.randn(1, 3, 8, generator=gen, dtype=dtype)
-    sampler = ds.Sampler(model, ddim(), steps, guidance_scale=guidance, uncond=uncond)
-    noise = torch.randn(2, 1, 8, 8, generator=gen, dtype=dtype)
-    cond = torch.randn(2, 3, 8, generator=gen, dtype=dtype)
-    return sampler, noise, cond
-
-
-def dit_case(dtype=torch.float32, guidance=2.0, steps=STEPS):
-    model = tiny_dit(in_channels=2, learned_sigma=True, num_classes=10).to(dtype)
-    sampler = ds.Sampler(model, ddim(), steps, guidance_scale=guidance, uncond=torch.tensor([10]))
-    noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(4), dtype=dtype)
-    return sampler, noise, torch.tensor([1, 7])
 
 
 CASES = {"unet": unet_case, "dit": dit_case}

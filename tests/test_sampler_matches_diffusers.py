@@ -1,7 +1,7 @@
 """With gradient=None the Sampler reproduces diffusers' own pipelines (max abs difference < 1e-5)."""
 
 import torch
-from conftest import tiny_cond_unet, tiny_dit, tiny_unet, tiny_vae
+from tiny_models import tiny_cond_unet, tiny_dit, tiny_unet, tiny_vae
 from diffusers import (DDIMPipeline, DDIMScheduler, DiTPipeline, DPMSolverMultistepScheduler,
                        StableDiffusionPipeline)
 from diffusers.utils.torch_utils import randn_tensor

@@ -9,11 +9,12 @@ and guidance (its image size).
 from __future__ import annotations
 
 import torch
-from diffusers import (AutoencoderDC, AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+from diffusers import (AutoencoderDC, AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                        FluxTransformer2DModel, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel,
                        SanaPipeline, SanaTransformer2DModel, SD3Transformer2DModel,
                        StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
+from tiny_models import ddim
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model,
                           PreTrainedTokenizerFast, T5Config, T5EncoderModel)
@@ -66,10 +67,10 @@ def vae(latent_channels: int = 4, shift: float | None = None, scaling: float = 0
     ).eval()
 
 
-def ddim(prediction_type: str = "epsilon"):
-    return DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
-                         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         prediction_type=prediction_type)
+def sd_ddim(prediction_type: str = "epsilon"):
+    """DDIM as Stable Diffusion's scheduler configuration sets it."""
+    return ddim(set_alpha_to_one=False, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                prediction_type=prediction_type)
 
 
 def sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
@@ -79,7 +80,7 @@ def sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4).eval()
     pipe = StableDiffusionPipeline(vae=vae(), text_encoder=clip_encoder(), tokenizer=tokenizer(), unet=unet,
-                                   scheduler=ddim(prediction_type), safety_checker=None, feature_extractor=None,
+                                   scheduler=sd_ddim(prediction_type), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     return pipe, {"height": SIZE, "width": SIZE}
 
@@ -94,7 +95,7 @@ def sdxl_pipeline(seed: int = 0):
         use_linear_projection=True).eval()
     pipe = StableDiffusionXLPipeline(vae=vae(), text_encoder=clip_encoder(), tokenizer=tokenizer(),
                                      text_encoder_2=clip_encoder(projection=32, seed=1), tokenizer_2=tokenizer(),
-                                     unet=unet, scheduler=ddim(), force_zeros_for_empty_prompt=False)
+                                     unet=unet, scheduler=sd_ddim(), force_zeros_for_empty_prompt=False)
     return pipe, {"height": SIZE, "width": SIZE}
 
 
@@ -106,7 +107,7 @@ def pixart_pipeline(seed: int = 0, sigma: bool = False):
         use_additional_conditions=False, norm_num_groups=2).eval()
     pipeline = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
     pipe = pipeline(tokenizer=tokenizer(clip=False), text_encoder=t5_encoder(), vae=vae(), transformer=transformer,
-                    scheduler=ddim())
+                    scheduler=sd_ddim())
     return pipe, {"height": SIZE, "width": SIZE, "use_resolution_binning": False, "max_sequence_length": 12,
                   "clean_caption": False}
 
