@@ -108,7 +108,7 @@ def run_one(config: str, policy_name: str, budget: float, batch: int, steps: int
                                        judge=lambda images, lab: {"accuracy": accuracy(judge_model, images, lab)})
     result = ds.finetune(sampler, reward, torch.arange(10), m.sample_shape, params=params, gradient=policy,
                          iterations=100_000, batch_size=batch, lr=lr, seed=seed, encode=m.encode, heldout=heldout,
-                         progress=False, **regularisers, callback=lambda info: info["seconds"] >= budget)
+                         progress=False, **regularisers, callback=lambda event: event["elapsed"] >= budget)
     history = result.history
     return {"config": config, "model": model_name, "params": params, "lr": lr, "policy": policy_name,
             "gradient": repr(policy), "budget_seconds": budget, "batch": batch, "steps": steps, "rank": rank,

@@ -104,7 +104,8 @@ def finetune_one(model_name: str, variant: str, iterations: int, batch: int, lr:
 
     def snapshot(info):
         if (info["iteration"] + 1) % every == 0:
-            snapshots.append((info["iteration"] + 1, info["seconds"], {n: p.detach().clone() for n, p in trainable.items()}))
+            snapshots.append((info["iteration"] + 1, info["elapsed"],
+                              {n: p.detach().clone() for n, p in trainable.items()}))
 
     snapshots.append((0, 0.0, {n: p.detach().clone() for n, p in trainable.items()}))
     reward = ds.rewards.DigitClass(None)

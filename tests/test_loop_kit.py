@@ -141,8 +141,8 @@ def test_an_interrupted_latent_optimization_resumes_to_the_same_latents(tmp_path
                   progress=False)
     whole = ds.optimize_latents(sampler, brightness, noise, conditions(), **kwargs)
 
-    def die_at_3(iteration, record):
-        if iteration == 3:
+    def die_at_3(event):
+        if event["iteration"] == 3:
             raise Killed
 
     with pytest.raises(Killed):

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import conditions as C
 from .. import gradients as G
 from ..checkpoints import Checkpoint, make_optimizer, settings_of
+from ..loop import LoopState, iteration_generator, run_loop
 from ..metrics import Timer
 from ..rewards.base import check_reward_output, reward_name
 from .heldout import HeldOut
@@ -208,8 +208,9 @@ def finetune(sampler, reward: Callable, conditions, *, noise_shape: tuple[int, .
         checkpoint_dir / checkpoint_every / resume: an atomic checkpoint (weights, optimizer, warm-up
             schedule, EMA, RNG, history) every ``checkpoint_every`` iterations; ``resume`` continues from it
             and refuses one made with other settings (:class:`FinetuneConfig`), naming the first difference.
-        callback: called after each iteration with ``{"iteration", "reward", "seconds"}`` (seconds of
-            training so far); returning True stops the run there (a time budget, early stopping).
+        callback: ``callback(event)`` after each iteration (the loop kit's contract, :mod:`diffusion_shortcuts.loop`:
+            ``iteration``, ``elapsed`` (seconds of training so far), ``reward``, ``seconds``); returning True stops
+            the run there (a time budget, early stopping).
         accelerator: an ``accelerate.Accelerator`` (made here when None). Under ``accelerate launch
             --num_processes P`` every process draws the same global batch of ``batch_size * P`` samples,
             samples its own slice, and the gradients are averaged across processes: P processes reach the
@@ -237,30 +238,14 @@ def finetune(sampler, reward: Callable, conditions, *, noise_shape: tuple[int, .
                opt=opt, lr_schedule=get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup),
                averaged=EMAModel(trainable.values(), decay=ema) if ema is not None else None)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
-    start = run.restore(checkpoint)
-    if start == 0:
-        run.evaluate(0)
-    bar = tqdm(range(start, iterations), desc="finetune", disable=not progress or not accelerator.is_main_process,
-               initial=start, total=iterations)
-    for it in bar:
-        run.step(it)
-        bar.set_postfix(reward=f"{run.history['reward'][-1]:.4g}", refresh=False)
-        done = it + 1
-        stop = callback is not None and callback({"iteration": it, "reward": run.history["reward"][-1],
-                                                  "seconds": sum(run.history["seconds"])}) is True
-        if done % (heldout.every if heldout else iterations) == 0 or done == iterations or stop:
-            run.evaluate(done)
-        if checkpoint.due(done, iterations) and accelerator.is_main_process:
-            run.save(checkpoint, done)
-        if stop:
-            break
-    bar.close()
+    run_loop(run, iterations, checkpoint, desc="finetune", progress=progress, callback=callback,
+             main_process=accelerator.is_main_process)
     if run.averaged is not None:
         run.averaged.copy_to(trainable.values())
     return FinetuneResult(sampler.model, trainable, run.history, run.averaged)
 
 
-class _Run:
+class _Run(LoopState):
     """The state of one fine-tuning run and its iteration (see :func:`finetune`)."""
 
     def __init__(self, sampler, reward, conditions, encode, policy, config: FinetuneConfig, trainable, heldout,
@@ -278,17 +263,25 @@ class _Run:
         return {"params": _Params(self.trainable), "optimizer": self.opt, "lr_schedule": self.lr_schedule,
                 "ema": self.averaged}
 
-    def restore(self, checkpoint: Checkpoint) -> int:
-        state = checkpoint.restore(**self.objects())
-        if state is None:
-            return 0
+    def saved(self) -> dict:
+        return {"base": self.base, "history": self.history}
+
+    def restore(self, state: dict) -> None:
         if self.base is not None:  # the weights the run started from, not whatever the model holds now
             self.base = state["base"]
         self.history = state["history"]
-        return state["iteration"]
 
-    def save(self, checkpoint: Checkpoint, done: int) -> None:
-        checkpoint.save(done, {"base": self.base, "history": self.history}, **self.objects())
+    def begin(self, first: int) -> None:
+        if first == 0:
+            self.evaluate(0)
+
+    def after(self, done: int, stopping: bool) -> None:
+        if done % (self.heldout.every if self.heldout else self.config.iterations) == 0 or \
+                done == self.config.iterations or stopping:
+            self.evaluate(done)
+
+    def postfix(self, record: dict) -> dict:
+        return {"reward": f"{record['reward']:.4g}"}
 
     def evaluate(self, done: int) -> None:
         if self.heldout is None or not self.accelerator.is_main_process:
@@ -302,21 +295,20 @@ class _Run:
     def batch(self, it: int):
         """Noise and conditions of iteration ``it``: this process's slice of the global batch."""
         cfg, world, rank = self.config, self.accelerator.num_processes, self.accelerator.process_index
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+        gen = iteration_generator(cfg.seed, it)
         mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
         noise = torch.randn((cfg.batch_size * world, *cfg.noise_shape), generator=gen)[mine].to(self.device)
         rows = ((it * cfg.batch_size * world + torch.arange(cfg.batch_size * world)) % self.n_cond)[mine]
         return noise, C.take(self.conditions, rows), gen
 
-    def step(self, it: int) -> None:
+    def step(self, it: int) -> dict:
         cfg, accelerator = self.config, self.accelerator
         noise, cond, gen = self.batch(it)
-        step_seed = cfg.seed * 1_000_003 + it
         model_cond = self.encode(cond) if self.encode is not None and cond is not None else cond
         with Timer() as timer:
             if self.base is not None:  # the base model's samples from the same noise, condition and scheduler noise
                 with swapped_in(self.trainable, self.base), torch.no_grad():
-                    base_images = self.sampler(noise, model_cond, generator=torch.Generator().manual_seed(step_seed))
+                    base_images = self.sampler(noise, model_cond, generator=iteration_generator(cfg.seed, it))
             images = self.sampler(noise, model_cond, gradient=self.policy, generator=gen)
             rewards = check_reward_output(self.reward(images, cond), len(images), "reward")
             if images.requires_grad:
@@ -331,6 +323,7 @@ class _Run:
         self.history["reward"].append(float(accelerator.reduce(mean_reward, reduction="mean") if world > 1
                                             else mean_reward))
         self.history["seconds"].append(timer.seconds)
+        return {"reward": self.history["reward"][-1], "seconds": timer.seconds}
 
     def _update(self, it: int, images: torch.Tensor, rewards: torch.Tensor, base_images) -> None:
         """One optimizer step on ``-mean reward`` (plus the distance to the base model's images).

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import conditions as C
 from .. import gradients as G
 from ..checkpoints import Checkpoint, make_optimizer, settings_of
+from ..loop import LoopState, run_loop
 from ..metrics import peak_rss_mb
 from ..rewards.base import check_reward_output, reward_name
 
@@ -136,7 +136,7 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
                      grad_clip: float | None = None, target_reward: float | None = None,
                      optimizer: str = "adam", seed: int = 0, checkpoint_dir: str | Path | None = None,
                      checkpoint_every: int = 10, resume: bool = False, progress: bool = True,
-                     callback: Callable[[int, dict], None] | None = None) -> OptimizeResult:
+                     callback: Callable[[dict], bool | None] | None = None) -> OptimizeResult:
     """Maximize ``reward(sampler(latents, cond))`` over the latents (and the conditioning if asked).
 
     Args:
@@ -154,7 +154,9 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
         checkpoint_dir / checkpoint_every / resume: an atomic checkpoint (latents, optimizer, history)
             every ``checkpoint_every`` iterations; ``resume`` continues from it and refuses one made with
             other settings (:class:`LatentConfig`), naming the first difference.
-        callback: ``callback(iteration, record)`` after each iteration.
+        callback: ``callback(event)`` after each iteration (the loop kit's contract, :mod:`diffusion_shortcuts.loop`:
+            ``iteration``, ``elapsed`` and the iteration's figures: ``reward``, ``seconds``, ...); returning True
+            stops the run there.
 
     Returns an :class:`OptimizeResult`; history has per iteration the mean reward of the latents
     BEFORE the update (so ``reward[0]`` is the starting point), seconds, peak RSS and autograd-graph MB.
@@ -169,28 +171,12 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
         latents=C.fingerprint(latents), cond=C.fingerprint(cond) if cond is not None else "")
     run = _LatentRun(sampler, reward, latents, cond, policy, config)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
-    state = checkpoint.restore(**run.objects())
-    start = 0
-    if state is not None:
-        run.history.update(state["history"])
-        start = state["iteration"]
-    bar = tqdm(range(start, iterations), desc=f"optimize ({policy.name})", disable=not progress, initial=start,
-               total=iterations)
-    for it in bar:
-        mean = run.step(it)
-        if run.result.stopped != "iterations":
-            break
-        bar.set_postfix(reward=f"{mean:.4g}")
-        if callback is not None:
-            callback(it, {k: v[-1] for k, v in run.history.items()})
-        if checkpoint.due(it + 1, iterations):
-            checkpoint.save(it + 1, {"history": run.history}, **run.objects())
-    else:
+    if run_loop(run, iterations, checkpoint, desc=f"optimize ({policy.name})", progress=progress, callback=callback):
         run.finish()
     return run.result
 
 
-class _LatentRun:
+class _LatentRun(LoopState):
     """The state of one latent optimization and its iteration (see :func:`optimize_latents`)."""
 
     def __init__(self, sampler, reward, latents, cond, policy, config: LatentConfig):
@@ -213,6 +199,15 @@ class _LatentRun:
     def objects(self) -> dict:
         return {"tensors": _Tensors(self.params), "optimizer": self.opt}
 
+    def restore(self, state: dict) -> None:
+        self.history.update(state["history"])
+
+    def ended(self) -> bool:
+        return self.result.stopped != "iterations"
+
+    def postfix(self, record: dict) -> dict:
+        return {"reward": f"{record['reward']:.4g}"}
+
     def _pack(self, t):
         self.graph_bytes += t.numel() * t.element_size()
         return t
@@ -226,7 +221,7 @@ class _LatentRun:
         self.history["final_reward"], self.history["final_reward_per_sample"] = mean, values.detach().tolist()
         self.history["final_shell_drift"] = shell_drift(self.result.latents)
 
-    def step(self, it: int) -> float:
+    def step(self, it: int) -> dict:
         cfg, x, result = self.config, self.x, self.result
         start = time.perf_counter()
         self.graph_bytes = 0
@@ -261,13 +256,17 @@ class _LatentRun:
             self._record_cost(start)
             result.stopped = f"target reached at iteration {it}"
             self._final(values, mean)
-            return mean
+            return self._record()
         self.opt.step()
         if self.prior == "sphere":
             with torch.no_grad():
                 x.copy_(project_to_sphere(x))
         self._record_cost(start)
-        return mean
+        return self._record()
+
+    def _record(self) -> dict:
+        """The iteration's figures: the latest entry of each per-iteration history."""
+        return {k: v[-1] for k, v in self.history.items() if isinstance(v, list) and v}
 
     def finish(self) -> None:
         """The final latents' sample and reward, after the last update."""

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import conditions as C
 from .. import gradients as G
 from ..checkpoints import Checkpoint, make_optimizer, settings_of
+from ..loop import LoopState, iteration_generator, run_loop
 from ..families import unwrap
 from ..metrics import Timer, ssim
 from .blocks import BlockProfile, profile
@@ -166,6 +166,8 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
             history, iteration) is written atomically every ``checkpoint_every`` iterations; with
             ``resume`` the search continues from it, refusing one made with other settings
             (:class:`SearchConfig`) and naming the first difference.
+        callback: ``callback(event)`` after each iteration (the loop kit's contract, :mod:`diffusion_shortcuts.loop`:
+            ``iteration``, ``elapsed``, ``loss``, ``ssim``, ``macs_ratio``, ``seconds``); returning True stops there.
     """
     policy = G.resolve(gradient)
     if policy is None:
@@ -181,23 +183,16 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
         sampler=sampler.describe(), conditions=C.fingerprint(conditions))
     search = _Search(sampler, conditions, policy, config, start)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
-    first = search.restore(checkpoint)
-    bar = tqdm(range(first, iterations), desc="pruner search", disable=not progress, initial=first, total=iterations)
     with search.attached():
-        for it in bar:
-            record = search.step(it)
-            bar.set_postfix(ssim=f"{record['ssim']:.3f}", macs=f"{record['macs_ratio']:.3f}")
-            if callback is not None:
-                callback({"iteration": it, **record, "pruner": search.pruner})
-            if checkpoint.due(it + 1, iterations):
-                checkpoint.save(it + 1, {"history": search.history}, **search.objects())
+        run_loop(search, iterations, checkpoint, desc="pruner search", progress=progress, callback=callback,
+                 map_location=search.device)
         result = SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history, reuse_mode)
         if search.start is not None:
             search.keep_the_better(result)
     return result
 
 
-class _Search:
+class _Search(LoopState):
     """The state of one pruner search and its iteration (see :func:`train_pruner`)."""
 
     def __init__(self, sampler, conditions, policy, config: SearchConfig, start: CacheSchedule | None = None):
@@ -232,12 +227,8 @@ class _Search:
     def objects(self) -> dict:
         return {"pruner": self.pruner, "optimizer": self.optimizer, "lr_schedule": self.lr_schedule}
 
-    def restore(self, checkpoint: Checkpoint) -> int:
-        state = checkpoint.restore(map_location=self.device, **self.objects())
-        if state is None:
-            return 0
-        self.history = state["history"]
-        return state["iteration"]
+    def postfix(self, record: dict) -> dict:
+        return {"ssim": f"{record['ssim']:.3f}", "macs": f"{record['macs_ratio']:.3f}"}
 
     @contextmanager
     def attached(self):
@@ -255,7 +246,7 @@ class _Search:
 
     def batch(self, iteration: int):
         cfg = self.config
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+        gen = iteration_generator(cfg.seed, iteration)
         noise = torch.randn((cfg.batch_size, *cfg.sample_shape), generator=gen)
         rows = self.perm[(iteration * cfg.batch_size + torch.arange(cfg.batch_size)) % self.n_cond]
         return noise.to(self.device), C.take(self.conditions, rows)

@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..checkpoints import Checkpoint, make_optimizer, settings_of, write_json
+from ..loop import LoopState, run_loop
 from .architectures import NULL_LABEL, DigitClassifier, LabelEncoder, dit_config, unet_config
 from .data import load_digits
 
@@ -119,40 +120,57 @@ class _Generator:
         self.generator.set_state(state["state"])
 
 
+class _GeneratorRun(LoopState):
+    """Training one zoo generator: the epsilon objective on noised digits, EMA weights (see the module docstring)."""
+
+    def __init__(self, name: str, config: GeneratorConfig):
+        torch.manual_seed(config.seed)
+        self.config, self.gen = config, torch.Generator().manual_seed(config.seed)
+        self.images, self.labels = load_digits("train")
+        self.parts, self.predict = _generator_parts(name)
+        self.params = [p for m in self.parts.values() for p in m.parameters()]
+        self.opt = make_optimizer("adamw", self.params, config.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / config.warmup))
+        self.ema = EMAModel(self.params, decay=config.ema_decay)
+        self.noise_schedule = DDPMScheduler(**NOISE_SCHEDULE)
+        self.history = {"losses": []}
+
+    def objects(self) -> dict:
+        return {**{f"part.{k}": m for k, m in self.parts.items()}, "opt": self.opt, "sched": self.sched,
+                "ema": self.ema, "generator": _Generator(self.gen)}
+
+    def saved(self) -> dict:
+        return {"losses": self.history["losses"]}
+
+    def restore(self, state: dict) -> None:
+        self.history = {"losses": state["losses"]}
+
+    def step(self, it: int) -> dict:
+        batch, gen = self.config.batch, self.gen
+        idx = torch.randint(0, len(self.images), (batch,), generator=gen)
+        x0, y = self.images[idx], self.labels[idx].clone()
+        y[torch.rand(batch, generator=gen) < LABEL_DROPOUT] = NULL_LABEL
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (batch,), generator=gen)
+        loss = F.mse_loss(self.predict(self.noise_schedule.add_noise(x0, noise, t), t, y), noise)
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.ema.step(self.params)
+        self.history["losses"].append(loss.item())
+        return {"loss": self.history["losses"][-1]}
+
+
 def train_generator(name: str, out: Path, steps: int, batch: int, lr: float, seed: int,
                     checkpoint_every: int = 500, resume: bool = False) -> dict:
     config = GeneratorConfig(name=name, steps=steps, batch=batch, lr=lr, seed=seed)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    images, labels = load_digits("train")
-    parts, predict = _generator_parts(name)
-    params = [p for m in parts.values() for p in m.parameters()]
-    opt = make_optimizer("adamw", params, lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup))
-    ema = EMAModel(params, decay=config.ema_decay)
-    noise_schedule = DDPMScheduler(**NOISE_SCHEDULE)
-    objects = {**{f"part.{k}": m for k, m in parts.items()}, "opt": opt, "sched": sched, "ema": ema,
-               "generator": _Generator(gen)}
+    run = _GeneratorRun(name, config)
     checkpoint = Checkpoint(out, "checkpoint.pt", settings_of(config), checkpoint_every, resume)
-    state = checkpoint.restore(**objects)
-    losses, first = (state["losses"], state["iteration"]) if state is not None else ([], 0)
-    for step in tqdm(range(first, steps), desc=f"train {name}", initial=first, total=steps):
-        idx = torch.randint(0, len(images), (batch,), generator=gen)
-        x0, y = images[idx], labels[idx].clone()
-        y[torch.rand(batch, generator=gen) < LABEL_DROPOUT] = NULL_LABEL
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,), generator=gen)
-        loss = F.mse_loss(predict(noise_schedule.add_noise(x0, noise, t), t, y), noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(params)
-        losses.append(loss.item())
-        if checkpoint.due(step + 1, steps) and step + 1 < steps:
-            checkpoint.save(step + 1, {"losses": losses}, **objects)
-    ema.copy_to(params)
+    run_loop(run, steps, checkpoint, desc=f"train {name}")
+    parts, params, losses = run.parts, run.params, run.history["losses"]
+    run.ema.copy_to(params)
     for sub, module in parts.items():
         module.save_pretrained(out / sub)
     DDIMScheduler(**NOISE_SCHEDULE).save_pretrained(out / "scheduler")
