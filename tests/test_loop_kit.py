@@ -27,16 +27,34 @@ def settings_fields(config):
 
 
 @pytest.mark.parametrize("loop, config", LOOPS, ids=lambda x: getattr(x, "__name__", ""))
-def test_a_loops_keyword_arguments_are_its_config_fields_with_the_same_defaults(loop, config):
-    fields = {f.name: f.default for f in settings_fields(config)}
-    params = {n: p for n, p in inspect.signature(loop).parameters.items()
-              if p.kind is inspect.Parameter.KEYWORD_ONLY or n in fields}
-    assert set(params) - RUNTIME - DESCRIBED == set(fields), "a keyword argument is missing from the config (or vice versa)"
-    for name, default in fields.items():
-        given = params[name].default
-        assert (ds.gradients.resolve(given).spec if name == "gradient" else given) == default, name
-    keyword_only = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    assert set(fields) - {"ratio"} <= set(keyword_only)
+def test_a_loop_takes_its_config_with_each_setting_declared_once(loop, config):
+    """A setting is a field of the loop's config (default and documentation there); the loop takes the config and
+    any setting as a keyword over it, never as a parameter of its own, and refuses a name that is no setting."""
+    params = inspect.signature(loop).parameters
+    assert "config" in params and list(params.values())[-1].kind is inspect.Parameter.VAR_KEYWORD
+    settings = {f.name for f in settings_fields(config)}
+    assert not (settings - {"ratio"}) & set(params), "a setting is declared again in the loop's signature"
+    assert set(params) - {"config", "settings", "ratio"} - RUNTIME - DESCRIBED <= {"sampler", "reward", "latents",
+                                                                                   "cond", "conditions"}
+    positional = [n for n, p in params.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+                  and p.default is inspect.Parameter.empty]
+    with pytest.raises(TypeError, match=f"{config.__name__} has no setting not_a_setting; its settings: "):
+        loop(*[None] * len(positional), not_a_setting=1)
+    for derived in [f.name for f in dataclasses.fields(config) if f.metadata.get("derived") and f.name not in params]:
+        with pytest.raises(TypeError, match=f"has no setting {derived}"):  # the loop fills those itself
+            loop(*[None] * len(positional), **{derived: 1})
+
+
+def test_a_config_and_its_keywords_run_the_same():
+    sampler, noise = unet_sampler(), torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    by_config = ds.optimize_latents(sampler, brightness, noise, conditions(),
+                                    LatentConfig(iterations=2, lr=0.05, gradient="full"), progress=False)
+    by_keywords = ds.optimize_latents(sampler, brightness, noise, conditions(), iterations=2, lr=0.05,
+                                      gradient=ds.gradients.Full(), progress=False)
+    over_config = ds.optimize_latents(sampler, brightness, noise, conditions(), LatentConfig(iterations=5, lr=0.05),
+                                      iterations=2, gradient="full", progress=False)  # keywords win over the config
+    assert by_config.settings == by_keywords.settings == over_config.settings
+    assert by_config.history["reward"] == by_keywords.history["reward"] == over_config.history["reward"]
 
 
 def unet_sampler(steps=3):

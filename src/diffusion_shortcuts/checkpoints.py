@@ -114,6 +114,19 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], lr: float, momentu
 
 # ---- settings -----------------------------------------------------------------------------------------
 
+def configured(cls: type, config=None, overrides: dict | None = None):
+    """A loop's config: ``config`` (default ``cls()``) with keyword ``overrides`` (the sugar
+    ``finetune(..., iterations=50)`` for ``config=FinetuneConfig(iterations=50)``). A name that is not one of its
+    settings (derived fields are the loop's to fill) is a TypeError listing them."""
+    config = cls() if config is None else config
+    if not isinstance(config, cls):
+        raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+    if unknown := sorted(set(overrides or {}) - set(names)):
+        raise TypeError(f"{cls.__name__} has no setting {', '.join(unknown)}; its settings: {', '.join(names)}")
+    return dataclasses.replace(config, **(overrides or {}))
+
+
 def settings_of(config) -> dict:
     """A config dataclass as plain data (tuples as lists, so that it round-trips through a checkpoint)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=repr))

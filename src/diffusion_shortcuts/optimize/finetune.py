@@ -14,6 +14,7 @@ iterations so that reward hacking (collapse) shows.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from .. import conditions as C
 from .. import gradients as G
-from ..checkpoints import Checkpoint, make_optimizer, settings_of
+from ..checkpoints import Checkpoint, configured, make_optimizer, settings_of
 from ..loop import LoopState, iteration_generator, run_loop
 from ..metrics import Timer
 from ..rewards.base import check_reward_output, reward_name
@@ -131,16 +132,28 @@ def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Te
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Every setting that changes what a fine-tuning run computes: a checkpoint is matched on all of them.
+    """Every setting of a fine-tuning run (:func:`finetune` takes it, or its fields as keywords); a checkpoint is
+    matched on all of them. The last fields are derived from the objects the run is given (the sampler, the reward,
+    the trained parameters).
 
-    The first fields are :func:`finetune`'s keyword arguments of the same names (a test keeps the two in
-    step); the last are derived from the objects the run is given (the sampler, the reward, the trained
-    parameters).
+    Attributes:
+        noise_shape: one sample's latent shape (C, H, W); default: the sampler's ``sample_shape``.
+        params: ``"lora"`` (the model's adapter, see :func:`add_lora`), ``"all"``, or a callable
+            ``(name, param) -> bool`` (recorded as ``"callable"``).
+        gradient: the policy or its spec; ``"shortcut:random"`` (``Shortcut(step="random")``) is SDO.
+        iterations, batch_size, lr, optimizer, grad_clip: the optimizer's run (the gradient norm clipped to
+            ``grad_clip``, None for none).
+        warmup: iterations of linear learning-rate warm-up (diffusers' ``constant_with_warmup``).
+        seed: every iteration's noise, conditions and sampler draws follow ``(seed, iteration)``.
+        base_weight: weight of ``mean (x - x_base)^2``, the distance to the base model's samples. The
+            starting values of the trained parameters are kept (one more copy of them, also in checkpoints).
+        ema: decay of an exponential moving average of the trained weights (e.g. 0.99), or None. With it,
+            held-out evaluation uses the EMA weights and the model ends with them.
     """
 
     noise_shape: tuple[int, ...] | None = None
-    params: str = "lora"
-    gradient: str = "shortcut:random"
+    params: str | Callable = "lora"
+    gradient: str | G.GradientPolicy = "shortcut:random"
     iterations: int = 100
     batch_size: int = 4
     lr: float = 1e-3
@@ -172,37 +185,27 @@ class _Params:
                 p.copy_(state[n])
 
 
-def _check_finetune_args(iterations, batch_size, warmup, base_weight, ema, noise_shape) -> None:
-    if iterations < 1 or batch_size < 1 or warmup < 0:
+def _check_finetune_args(config: FinetuneConfig) -> None:
+    if config.iterations < 1 or config.batch_size < 1 or config.warmup < 0:
         raise ValueError("iterations and batch_size must be >= 1 and warmup >= 0")
-    if base_weight < 0 or (ema is not None and not 0 < ema < 1):
-        raise ValueError(f"base_weight must be >= 0 and ema in (0, 1), got {base_weight} and {ema}")
-    if noise_shape is None:
+    if config.base_weight < 0 or (config.ema is not None and not 0 < config.ema < 1):
+        raise ValueError(f"base_weight must be >= 0 and ema in (0, 1), got {config.base_weight} and {config.ema}")
+    if config.noise_shape is None:
         raise ValueError("noise_shape: the model's configuration has no sample size; pass noise_shape=(C, H, W)")
 
 
-def finetune(sampler, reward: Callable, conditions, *, noise_shape: tuple[int, ...] | None = None,
-             params="lora", gradient: G.GradientPolicy | str = G.Shortcut(step="random"), iterations: int = 100,
-             batch_size: int = 4, lr: float = 1e-3, optimizer: str = "adamw", grad_clip: float | None = 1.0,
-             warmup: int = 0, seed: int = 0, base_weight: float = 0.0, ema: float | None = None,
+def finetune(sampler, reward: Callable, conditions, config: FinetuneConfig | None = None, *,
              encode: Callable | None = None, heldout: HeldOut | None = None, checkpoint_dir: str | Path | None = None,
              checkpoint_every: int = 10, resume: bool = False, progress: bool = True, callback=None,
-             accelerator=None) -> FinetuneResult:
+             accelerator=None, **settings) -> FinetuneResult:
     """Fine-tune ``sampler.model`` in place to raise ``reward(images, conditions)``.
 
     Args:
         conditions: conditions cycled through (a tensor batch, a dict of them or a list), or None. The reward receives
             them as given; the sampler receives ``encode(conditions)`` when ``encode`` is set (labels or
             prompts -> embeddings), else the conditions themselves.
-        noise_shape: one sample's latent shape (C, H, W); default: the sampler's ``sample_shape``.
-        params: ``"lora"`` (the model's adapter, see :func:`add_lora`), ``"all"``, or a callable
-            ``(name, param) -> bool``.
-        gradient: the policy; ``Shortcut(step="random")`` is SDO.
-        warmup: iterations of linear learning-rate warm-up (diffusers' ``constant_with_warmup``).
-        base_weight: weight of ``mean (x - x_base)^2``, the distance to the base model's samples. The
-            starting values of the trained parameters are kept (one more copy of them, also in checkpoints).
-        ema: decay of an exponential moving average of the trained weights (e.g. 0.99), or None. With it,
-            held-out evaluation uses the EMA weights and the model ends with them.
+        config / settings: a :class:`FinetuneConfig`, and any of its fields as keywords over it
+            (``finetune(sampler, reward, labels, iterations=50, params="lora")``).
         heldout: a :class:`HeldOut` set evaluated before the first iteration, every ``heldout.every``
             iterations and after the last, into ``history["eval"]`` (main process only).
         checkpoint_dir / checkpoint_every / resume: an atomic checkpoint (weights, optimizer, warm-up
@@ -220,25 +223,25 @@ def finetune(sampler, reward: Callable, conditions, *, noise_shape: tuple[int, .
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
+    config = configured(FinetuneConfig, config, settings)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    policy = G.resolve(gradient)
+    policy = G.resolve(config.gradient)
     if policy is None:
         raise ValueError("gradient: fine-tuning needs a gradient policy, e.g. Shortcut(step='random'), got None")
-    noise_shape = noise_shape if noise_shape is not None else sampler.sample_shape
-    _check_finetune_args(iterations, batch_size, warmup, base_weight, ema, noise_shape)
-    trainable = _select(sampler.model, params)
-    config = FinetuneConfig(
-        noise_shape=tuple(noise_shape), params=params if isinstance(params, str) else "callable",
-        gradient=policy.spec, iterations=iterations, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        grad_clip=grad_clip, warmup=warmup, seed=seed, base_weight=base_weight, ema=ema,
+    noise_shape = config.noise_shape if config.noise_shape is not None else sampler.sample_shape
+    config = dataclasses.replace(config, noise_shape=tuple(noise_shape) if noise_shape is not None else None)
+    _check_finetune_args(config)
+    trainable = _select(sampler.model, config.params)
+    config = dataclasses.replace(
+        config, params=config.params if isinstance(config.params, str) else "callable", gradient=policy.spec,
         sampler=sampler.describe(), reward=reward_name(reward),
         trainable_parameters=sum(p.numel() for p in trainable.values()))
-    opt = make_optimizer(optimizer, trainable.values(), lr)
+    opt = make_optimizer(config.optimizer, trainable.values(), config.lr)
     run = _Run(sampler, reward, conditions, encode, policy, config, trainable, heldout, accelerator,
-               opt=opt, lr_schedule=get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup),
-               averaged=EMAModel(trainable.values(), decay=ema) if ema is not None else None)
+               opt=opt, lr_schedule=get_scheduler("constant_with_warmup", opt, num_warmup_steps=config.warmup),
+               averaged=EMAModel(trainable.values(), decay=config.ema) if config.ema is not None else None)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
-    run_loop(run, iterations, checkpoint, desc="finetune", progress=progress, callback=callback,
+    run_loop(run, config.iterations, checkpoint, desc="finetune", progress=progress, callback=callback,
              main_process=accelerator.is_main_process)
     if run.averaged is not None:
         run.averaged.copy_to(trainable.values())

@@ -8,6 +8,7 @@ the SDO latent-optimization loop of arXiv 2505.07477 (Adam, lr about 0.01, 100-2
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 
 from .. import conditions as C
 from .. import gradients as G
-from ..checkpoints import Checkpoint, make_optimizer, settings_of
+from ..checkpoints import Checkpoint, configured, make_optimizer, settings_of
 from ..loop import LoopState, run_loop
 from ..metrics import peak_rss_mb
 from ..rewards.base import check_reward_output, reward_name
@@ -77,15 +78,27 @@ def shell_drift(latents: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class LatentConfig:
-    """Every setting that changes what a latent optimization computes: a checkpoint is matched on all of them.
+    """Every setting of a latent optimization (:func:`optimize_latents` takes it, or its fields as keywords); a
+    checkpoint is matched on all of them. The last fields are derived from the sampler, the reward and the starting
+    latents.
 
-    The first fields are :func:`optimize_latents`'s keyword arguments of the same names (a test keeps the
-    two in step); the last are derived from the sampler, the reward and the starting latents.
+    Attributes:
+        iterations, lr, optimizer: the optimizer's run (``"adam"``, ``"adamw"`` or ``"sgd"``).
+        gradient: the policy or its spec (``"shortcut"`` = SDO; ``"full"``, ``"checkpointed"``, ...).
+        start_step: the step the latents enter (0: initial noise; else e.g. from ``sampler.invert`` of an image).
+        optimize_cond: optimize the conditioning too (a float tensor of embeddings).
+        noise_prior: "sphere" (projection onto the Gaussian shell after every step), "chi2" (penalty
+            ``prior_weight * chi2_prior``), None, or "auto": "sphere" for initial noise (``start_step == 0``),
+            None for an intermediate latent. Without a prior the optimized noise drifts off the shell into
+            adversarial noise that the reward model likes and no other judge does.
+        grad_clip: clip the gradient norm of each optimized tensor to this value.
+        target_reward: stop once the mean reward reaches it.
+        seed: seeds the sampler's per-iteration generator (stochastic samplers, random policies).
     """
 
     iterations: int = 100
     lr: float = 0.01
-    gradient: str = "shortcut"
+    gradient: str | G.GradientPolicy = "shortcut"
     start_step: int = 0
     optimize_cond: bool = False
     noise_prior: str | None = "auto"
@@ -118,39 +131,29 @@ class _Tensors:
                 t.copy_(v)
 
 
-def _check_latent_args(policy, noise_prior, iterations, optimize_cond, cond) -> None:
+def _check_latent_args(policy, config: LatentConfig, cond) -> None:
     if policy is None:
         raise ValueError("gradient: optimize_latents needs a gradient policy, got None")
-    if noise_prior not in NOISE_PRIORS:
-        raise ValueError(f"noise_prior must be one of {NOISE_PRIORS}, got {noise_prior!r}")
-    if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
-    if optimize_cond and not (isinstance(cond, torch.Tensor) and cond.is_floating_point()):
+    if config.noise_prior not in NOISE_PRIORS:
+        raise ValueError(f"noise_prior must be one of {NOISE_PRIORS}, got {config.noise_prior!r}")
+    if not isinstance(config.iterations, int) or config.iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got {config.iterations!r}")
+    if config.optimize_cond and not (isinstance(cond, torch.Tensor) and cond.is_floating_point()):
         raise ValueError("optimize_cond needs cond to be a float tensor (embeddings), "
                          f"got {type(cond).__name__ if not isinstance(cond, torch.Tensor) else cond.dtype}")
 
 
-def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any = None, *, iterations: int = 100,
-                     lr: float = 0.01, gradient: G.GradientPolicy | str = G.Shortcut(), start_step: int = 0,
-                     optimize_cond: bool = False, noise_prior: str | None = "auto", prior_weight: float = 1.0,
-                     grad_clip: float | None = None, target_reward: float | None = None,
-                     optimizer: str = "adam", seed: int = 0, checkpoint_dir: str | Path | None = None,
+def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any = None,
+                     config: LatentConfig | None = None, *, checkpoint_dir: str | Path | None = None,
                      checkpoint_every: int = 10, resume: bool = False, progress: bool = True,
-                     callback: Callable[[dict], bool | None] | None = None) -> OptimizeResult:
+                     callback: Callable[[dict], bool | None] | None = None, **settings) -> OptimizeResult:
     """Maximize ``reward(sampler(latents, cond))`` over the latents (and the conditioning if asked).
 
     Args:
-        latents: initial noise (``start_step=0``) or the latent entering ``start_step`` (e.g. from
-            ``sampler.invert`` of an image to edit). Not modified.
+        latents: initial noise (``start_step=0``) or the latent entering ``start_step``. Not modified.
         cond: conditioning; with ``optimize_cond`` a float tensor that is optimized too.
-        gradient: the policy (``Shortcut()`` = SDO; ``Full()``, ``Checkpointed()``, ``StraightThrough()``).
-        noise_prior: "sphere" (projection onto the Gaussian shell after every step), "chi2" (penalty
-            ``prior_weight * chi2_prior``), None, or "auto" (the default): "sphere" for initial noise
-            (``start_step == 0``), None for an intermediate latent. Without a prior the optimized noise drifts
-            off the shell into adversarial noise that the reward model likes and no other judge does.
-        grad_clip: clip the gradient norm of each optimized tensor to this value.
-        target_reward: stop once the mean reward reaches it.
-        seed: seeds the sampler's per-iteration generator (stochastic samplers, random policies).
+        config / settings: a :class:`LatentConfig`, and any of its fields as keywords over it
+            (``optimize_latents(sampler, reward, noise, cond, iterations=50, gradient="full")``).
         checkpoint_dir / checkpoint_every / resume: an atomic checkpoint (latents, optimizer, history)
             every ``checkpoint_every`` iterations; ``resume`` continues from it and refuses one made with
             other settings (:class:`LatentConfig`), naming the first difference.
@@ -162,16 +165,15 @@ def optimize_latents(sampler, reward: Callable, latents: torch.Tensor, cond: Any
     BEFORE the update (so ``reward[0]`` is the starting point), seconds, peak RSS and autograd-graph MB.
     Raises :class:`OptimizationError` (with the last good latents) on a non-finite reward or gradient.
     """
-    policy = G.resolve(gradient)
-    _check_latent_args(policy, noise_prior, iterations, optimize_cond, cond)
-    config = LatentConfig(
-        iterations=iterations, lr=lr, gradient=policy.spec, start_step=start_step, optimize_cond=optimize_cond,
-        noise_prior=noise_prior, prior_weight=prior_weight, grad_clip=grad_clip, target_reward=target_reward,
-        optimizer=optimizer, seed=seed, sampler=sampler.describe(), reward=reward_name(reward),
-        latents=C.fingerprint(latents), cond=C.fingerprint(cond) if cond is not None else "")
+    config = configured(LatentConfig, config, settings)
+    policy = G.resolve(config.gradient)
+    _check_latent_args(policy, config, cond)
+    config = dataclasses.replace(config, gradient=policy.spec, sampler=sampler.describe(), reward=reward_name(reward),
+                                 latents=C.fingerprint(latents), cond=C.fingerprint(cond) if cond is not None else "")
     run = _LatentRun(sampler, reward, latents, cond, policy, config)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
-    if run_loop(run, iterations, checkpoint, desc=f"optimize ({policy.name})", progress=progress, callback=callback):
+    if run_loop(run, config.iterations, checkpoint, desc=f"optimize ({policy.name})", progress=progress,
+                callback=callback):
         run.finish()
     return run.result
 

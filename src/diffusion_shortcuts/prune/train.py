@@ -18,6 +18,7 @@ checkpoint resumes to the same pruner as an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 
 from .. import conditions as C
 from .. import gradients as G
-from ..checkpoints import Checkpoint, make_optimizer, settings_of
+from ..checkpoints import Checkpoint, configured, make_optimizer, settings_of
 from ..loop import LoopState, iteration_generator, run_loop
 from ..families import unwrap
 from ..metrics import Timer, ssim
@@ -96,10 +97,28 @@ def interpolate_scores(scores: torch.Tensor, timesteps: list[float], new: list[f
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Every setting that changes what a pruner search computes: a checkpoint is matched on all of them.
+    """Every setting of a pruner search (:func:`train_pruner` takes it, or its fields as keywords); a checkpoint is
+    matched on all of them. The last fields are derived from the sampler, the conditions and the start table.
 
-    The first fields are :func:`train_pruner`'s keyword arguments of the same names (a test keeps the two
-    in step); the last are derived from the sampler and the conditions the search is given.
+    Attributes:
+        ratio: the MACs fraction to prune; ``tau`` (default ``1 - ratio``) is the kept fraction below which the
+            sparsity term is dropped; ``alpha`` its weight (DiP-GO eq. 8).
+        iterations, batch_size, lr, optimizer, momentum: the gate network's training (momentum for ``"sgd"``).
+        gradient: the policy for the gated rollout, or its spec; ``"checkpointed"`` is exact with the memory of one
+            step.
+        blocks: the gated blocks (default: the family's); ``sample_shape``: one latent's (C, H, W) (default: the
+            sampler's).
+        seed: the gate network's initialisation and every iteration's noise and conditions.
+        target_batch: the full model's target images are made this many iterations at a time, in one rollout.
+        pruner_kwargs: the :class:`Pruner`'s own settings (``dim``, ``heads``, ...).
+        reuse_mode: what a reused block returns during the search and in the schedule: ``"copy"`` (DiP-GO) or
+            ``"taylor1"`` / ``"taylor2"`` (its work extrapolated from its two / three latest computed steps); the
+            search trains with it.
+        validation: with a ``start`` table, the searched schedule and the start (if it prunes as much, within the
+            tolerance) are compared at the end on this many fresh samples (SSIM to the full model's images, as the
+            loss); where the start is better the result is the pruner as it began (it gives the start table back),
+            and ``history["validation"]`` says which was kept and why. A search from a good rule thus never returns
+            a worse table than the rule on its own measure.
     """
 
     ratio: float = 0.8
@@ -110,7 +129,7 @@ class SearchConfig:
     momentum: float = 0.9
     alpha: float = 1.0
     tau: float | None = None
-    gradient: str = "checkpointed"
+    gradient: str | G.GradientPolicy = "checkpointed"
     blocks: tuple[str, ...] | None = None
     sample_shape: tuple[int, ...] | None = None
     seed: int = 0
@@ -124,10 +143,10 @@ class SearchConfig:
     start: str = field(default="", metadata={"derived": True})
 
 
-def _check_search_args(ratio, iterations, batch_size, target_batch, conditions, shape) -> None:
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
-    if iterations < 1 or batch_size < 1 or target_batch < 1:
+def _check_search_args(config: SearchConfig, conditions, shape) -> None:
+    if not 0.0 < config.ratio < 1.0:
+        raise ValueError(f"ratio must be in (0, 1), got {config.ratio}")
+    if config.iterations < 1 or config.batch_size < 1 or config.target_batch < 1:
         raise ValueError("iterations, batch_size and target_batch must be >= 1")
     if isinstance(conditions, (list, tuple)):  # the sampler takes them as they are: embeddings, not labels
         raise ValueError("conditions must be a non-empty batch of conditioning (a tensor, a dict of tensors) or None")
@@ -135,25 +154,18 @@ def _check_search_args(ratio, iterations, batch_size, target_batch, conditions, 
         raise ValueError("sample_shape: the model's configuration has no sample size; pass sample_shape=(C, H, W)")
 
 
-def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 300, batch_size: int = 4,
-                 lr: float = 0.01, optimizer: str = "adam", momentum: float = 0.9, alpha: float = 1.0,
-                 tau: float | None = None, gradient: G.GradientPolicy | str = G.Checkpointed(),
-                 blocks: list[str] | None = None, sample_shape: tuple[int, ...] | None = None, seed: int = 0,
-                 target_batch: int = 8, pruner_kwargs: dict | None = None, reuse_mode: str = "copy",
-                 start: CacheSchedule | None = None, validation: int = 8, checkpoint_dir: str | Path | None = None,
-                 checkpoint_every: int = 25, resume: bool = False, progress: bool = True,
-                 callback=None) -> SearchResult:
+def train_pruner(sampler, conditions, ratio: float | None = None, config: SearchConfig | None = None, *,
+                 start: CacheSchedule | None = None, checkpoint_dir: str | Path | None = None,
+                 checkpoint_every: int = 25, resume: bool = False, progress: bool = True, callback=None,
+                 **settings) -> SearchResult:
     """Train a :class:`Pruner` for ``sampler`` (its model, scheduler, steps and guidance).
 
     Args:
         conditions: the conditioning rows to cycle through (e.g. ``m.encode(labels)`` or
             ``sampler.encode_prompt(prompts)``), or None.
-        ratio: the MACs fraction to prune; ``tau`` (default ``1 - ratio``) is the kept fraction below
-            which the sparsity term is dropped.
-        gradient: policy for the gated rollout; ``Checkpointed()`` is exact with the memory of one step.
-        reuse_mode: what a reused block returns during the search and in the schedule: ``"copy"`` (DiP-GO) or
-            ``"taylor1"`` / ``"taylor2"`` (its work extrapolated from its two / three latest computed steps); the
-            search trains with it.
+        ratio / config / settings: a :class:`SearchConfig`, and any of its fields as keywords over it
+            (``train_pruner(sampler, conds, 0.8, iterations=200, reuse_mode="taylor1")``; ``ratio`` may come
+            third, as a position).
         start: a schedule the gates start from (e.g. ``CacheSchedule.every(...)``, a rule) instead of keeping
             every block, for this sampler's timesteps and blocks; the search then moves away from it where that
             lowers the loss.
@@ -169,24 +181,23 @@ def train_pruner(sampler, conditions, ratio: float = 0.8, *, iterations: int = 3
         callback: ``callback(event)`` after each iteration (the loop kit's contract, :mod:`diffusion_shortcuts.loop`:
             ``iteration``, ``elapsed``, ``loss``, ``ssim``, ``macs_ratio``, ``seconds``); returning True stops there.
     """
-    policy = G.resolve(gradient)
+    config = configured(SearchConfig, config, {**settings, **({"ratio": ratio} if ratio is not None else {})})
+    policy = G.resolve(config.gradient)
     if policy is None:
         raise ValueError("gradient: the search needs a gradient policy, e.g. Checkpointed(), got None")
-    shape = sample_shape if sample_shape is not None else sampler.sample_shape
-    _check_search_args(ratio, iterations, batch_size, target_batch, conditions, shape)
-    config = SearchConfig(
-        ratio=ratio, iterations=iterations, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-        alpha=alpha, tau=1.0 - ratio if tau is None else tau, gradient=policy.spec,
-        blocks=tuple(blocks) if blocks is not None else None, sample_shape=tuple(shape), seed=seed,
-        target_batch=target_batch, pruner_kwargs=pruner_kwargs, reuse_mode=reuse_mode, validation=validation,
-        start=_describe_start(start),
-        sampler=sampler.describe(), conditions=C.fingerprint(conditions))
+    shape = config.sample_shape if config.sample_shape is not None else sampler.sample_shape
+    _check_search_args(config, conditions, shape)
+    config = dataclasses.replace(
+        config, tau=1.0 - config.ratio if config.tau is None else config.tau, gradient=policy.spec,
+        blocks=tuple(config.blocks) if config.blocks is not None else None, sample_shape=tuple(shape),
+        start=_describe_start(start), sampler=sampler.describe(), conditions=C.fingerprint(conditions))
     search = _Search(sampler, conditions, policy, config, start)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
     with search.attached():
-        run_loop(search, iterations, checkpoint, desc="pruner search", progress=progress, callback=callback,
+        run_loop(search, config.iterations, checkpoint, desc="pruner search", progress=progress, callback=callback,
                  map_location=search.device)
-        result = SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history, reuse_mode)
+        result = SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history,
+                              config.reuse_mode)
         if search.start is not None:
             search.keep_the_better(result)
     return result
