@@ -176,7 +176,8 @@ def main() -> None:
     plot(results, args.out.with_suffix(".png"))
     for r in results:
         print(f"{r['model']:12s} N={r['steps']:3d} {r['policy']:18s} {r['seconds']:7.2f}s "
-              f"x{r.get('time_vs_nograd', float('nan')):5.2f} nograd  x{r.get('time_vs_full', float('nan')):5.2f} full  "
+              f"x{r.get('time_vs_nograd', float('nan')):5.2f} nograd  "
+              f"x{r.get('time_vs_full', float('nan')):5.2f} full  "
               f"mem {r['peak_mb_above_baseline']:7.1f}MB graph {r['graph_saved_mb']:7.1f}MB "
               f"cos {r.get('cosine_vs_full', float('nan')):.3f}")
 

@@ -78,7 +78,8 @@ class DenoiserClock:
     def __init__(self, model):
         self.inside, self.started = 0.0, 0.0
         model.register_forward_pre_hook(lambda *_: setattr(self, "started", time.perf_counter()))
-        model.register_forward_hook(lambda *_: setattr(self, "inside", self.inside + time.perf_counter() - self.started))
+        model.register_forward_hook(
+            lambda *_: setattr(self, "inside", self.inside + time.perf_counter() - self.started))
 
 
 def round_robin(named: dict, rounds: int, clock: DenoiserClock) -> tuple[dict, dict]:

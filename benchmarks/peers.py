@@ -21,7 +21,8 @@ Variants:
   applied by our hooks, reusing by copy and by our bounded first- and second-order forecasts: the same table as
   the hook, so a difference is the forecast's, not the table's;
 - ``taylorseer``: ``diffusers.hooks.TaylorSeerCacheConfig`` on the denoiser's blocks (the DiT's
-  ``transformer_blocks.*``; the UNet's resnets, samplers and attention transformer blocks: ``BLOCK_PATTERNS``), first order, the documented warm-up (``disable_cache_before_step=3``), Taylor factors
+  ``transformer_blocks.*``; the UNet's resnets, samplers and attention transformer blocks: ``BLOCK_PATTERNS``),
+  first order, the documented warm-up (``disable_cache_before_step=3``), Taylor factors
   in float32 (the docs: higher precision improves accuracy), ``cache_interval`` swept from 2 to 10 (and second
   order, ``max_order=2``, at 5, 7 and 10);
 - ``magcache``: ``diffusers.hooks.MagCacheConfig`` calibrated on this model and sampler as its docs say (one run
@@ -188,7 +189,8 @@ def frontier(rows: list[dict], slack: float = 0.005) -> list[dict]:
                         "macs_ratio": row["macs_ratio"], "ssim": row["ssim"], "fid": row["fid"],
                         "speedup": row["speedup"], "peer": peer_name, "peer_macs_ratio": best["macs_ratio"],
                         "peer_ssim": best["ssim"], "peer_fid": best["fid"], "peer_speedup": best["speedup"],
-                        "peer_setting": best.get("cache_interval", best.get("threshold")), "peer_method": best["method"],
+                        "peer_setting": best.get("cache_interval", best.get("threshold")),
+                        "peer_method": best["method"],
                         "ssim_at_least_peer": row["ssim"] >= best["ssim"]})
     return out
 
@@ -198,7 +200,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["digits-dit", "digits-unet"])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--searched", nargs="*", default=[], metavar="LABEL=RUN_DIR",
-                        help="more searches to compare (prune output folders); each is run on the model it was made for")
+                        help="more searches to compare (prune output folders); each is run on the model it was "
+                             "made for")
     parser.add_argument("--own-ratio", action="store_true",
                         help="judge each --searched search at the ratio it was searched for only")
     args = parser.parse_args()
@@ -209,7 +212,8 @@ def main() -> None:
     comparison = frontier(rows)
     for c in comparison:
         print(f"{c['model']} {c['ours']} r={c['ratio']}: MACs {c['macs_ratio']:.3f} SSIM {c['ssim']:.4f} | best "
-              f"{c['peer_method']} at MACs <= : {c['peer_macs_ratio']:.3f} SSIM {c['peer_ssim']:.4f} ({c['peer_setting']})"
+              f"{c['peer_method']} at MACs <= : {c['peer_macs_ratio']:.3f} SSIM {c['peer_ssim']:.4f} "
+              f"({c['peer_setting']})"
               f" -> {'at least' if c['ssim_at_least_peer'] else 'below'}")
     write_results(RESULTS / "peers.json", "peers", {"samples": args.samples, "rows": rows, "comparison": comparison})
 

@@ -153,9 +153,10 @@ def table(results: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for r in sorted(result["rows"], key=lambda r: (r["method"] != "full", r["method"] == "first_block_cache",
                                                         r["ratio"], r["method"])):
-            label = {"dipgo": "DiP-GO", "uniform": f"uniform (n={r.get('interval')})", "ddim": f"DDIM {r.get('steps')} steps",
-                     "dpm": f"DPM-Solver++ {r.get('steps')} steps",
-                     "first_block_cache": f"FirstBlockCache (threshold {r.get('threshold')})"}.get(r["method"], r["method"])
+            label = {"dipgo": "DiP-GO", "uniform": f"uniform (n={r.get('interval')})",
+                     "ddim": f"DDIM {r.get('steps')} steps", "dpm": f"DPM-Solver++ {r.get('steps')} steps",
+                     "first_block_cache": f"FirstBlockCache (threshold {r.get('threshold')})"
+                     }.get(r["method"], r["method"])
             ratio = "-" if r["method"] in ("full", "first_block_cache") else f"{r['ratio']:g}"
             lines.append(f"| {ratio} | {label} | {r['macs_ratio']:.3f} | {r['speedup']:.2f}x | {r['fid']:.1f} | "
                          f"{r['accuracy']:.3f} | {r['ssim']:.3f} | {r['psnr']:.1f} |")

@@ -118,7 +118,8 @@ def compare_with_dipgo(figures: dict) -> dict:
     for key, published in DIPGO_SD15.items():
         ours = figures["paper"][key] / 1e9
         rows[key] = {"dipgo_gmacs": published, "ours_gmacs": round(ours, 3),
-                     "relative_error": round(ours / published - 1, 5), "full_gmacs": round(figures["full"][key] / 1e9, 3)}
+                     "relative_error": round(ours / published - 1, 5),
+                     "full_gmacs": round(figures["full"][key] / 1e9, 3)}
     worst = max(abs(r["relative_error"]) for r in rows.values())
     return {"rows": rows, "worst_relative_error": worst, "within_1_percent": worst <= 0.01}
 

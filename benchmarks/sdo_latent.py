@@ -147,7 +147,8 @@ def main() -> None:
                                             str(args.iterations), "--batch", str(args.batch), "--lr", str(args.lr),
                                             "--steps", str(args.steps)]))
         r = results[-1]
-        print(f"{model} {task} {policy}: {r['seconds_per_iteration']:.2f}s/it (rollout {r['seconds_nograd_rollout']:.2f}s) "
+        print(f"{model} {task} {policy}: {r['seconds_per_iteration']:.2f}s/it "
+              f"(rollout {r['seconds_nograd_rollout']:.2f}s) "
               f"reward {r['reward_mean'][0]:.3f}->{r['final_reward']:.3f} success {r['success']:.2f} "
               f"fid {r['fid_vs_heldout']:.1f} to-threshold {r['seconds_to_threshold']}", flush=True)
     summary = []

@@ -63,7 +63,8 @@ def main() -> None:
     result = {"prune_command": "diffusion-shortcuts " + " ".join(COMMAND), "search_seconds": metrics["search_seconds"],
               "command_wall_seconds": wall, "macs_ratio": metrics["macs_ratio"], "ssim_1000": metrics["ssim"],
               "fid_full": metrics["fid_full"], "fid_pruned": metrics["fid_pruned"], "speedup": metrics["speedup"],
-              "shipped_search_seconds_recorded": sum(shipped["seconds"]), "same_seeds_256": same_seeds(out / "schedule.json")}
+              "shipped_search_seconds_recorded": sum(shipped["seconds"]),
+              "same_seeds_256": same_seeds(out / "schedule.json")}
     print(json.dumps(result, indent=1))
     write_results(RESULTS / "search_cost.json", "search_cost", result)
 

@@ -143,7 +143,8 @@ def run_finetune(models, iterations: int, batch: int, lr: float) -> dict:
             first, last = row["eval"][0], row["eval"][-1]
             row["time_vs_full"] = row["seconds_per_iteration"] / full_time
             row["at_equal_seconds"] = at_equal_seconds(row, fastest)
-            print(f"{name:12s} {variant:36s} {row['seconds_per_iteration']:.3f} s/it ({row['time_vs_full']:.2f}x full)  "
+            print(f"{name:12s} {variant:36s} {row['seconds_per_iteration']:.3f} s/it "
+                  f"({row['time_vs_full']:.2f}x full)  "
                   f"held-out reward {first['reward']:.3f} -> {last['reward']:.3f}, accuracy {first['accuracy']:.2f} -> "
                   f"{last['accuracy']:.2f}; at {fastest:.0f} s: {row['at_equal_seconds']['reward']:.3f} / "
                   f"{row['at_equal_seconds']['accuracy']:.2f}", flush=True)

@@ -1,5 +1,6 @@
 """Wall-clock of the zoo's digits-unet DiP-GO search at 0.8 (``m.dipgo().schedule(0.8)``) with and without
-skipping the denoiser call at steps that reuse every block, against the full model and DDIM with as many steps as the schedule's MACs
+skipping the denoiser call at steps that reuse every block, against the full model and DDIM with as many steps as
+the schedule's MACs
 (issue: a schedule should turn its MACs saving into time as a fewer-step sampler does).
 
 All variants are timed round-robin in one process, batch 16, guidance 3, DDIM 50; medians of the rounds.
@@ -142,7 +143,8 @@ if __name__ == "__main__":
     for name, row in out["rows"].items():
         print(f"{name:32s} {row['seconds']:.3f} s  {row['speedup']:.2f}x  "
               f"({out['fraction_of_macs_speedup'][name]:.2f} of the MACs speedup {out['macs_speedup']:.2f}x, "
-              f"{out['fraction_of_time_weighted_speedup'][name]:.2f} of the time-weighted {out['time_weighted_speedup']:.2f}x)")
+              f"{out['fraction_of_time_weighted_speedup'][name]:.2f} of the time-weighted "
+              f"{out['time_weighted_speedup']:.2f}x)")
     if "--sd15" in sys.argv:
         out["sd15"] = sd15()
         (RESULTS / "whole_steps.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -74,7 +74,8 @@ CASES = [
      "finetune_checkpoint.pt: not a readable checkpoint"),
     # rewards
     (["optimize", "--model", "digits-dit", "--reward", "digit:12"], "--reward 'digit:12'"),
-    (["optimize", "--model", "digits-dit", "--reward", "reference:{tmp}/small.png"], "is 8x8 but the model makes 16x16"),
+    (["optimize", "--model", "digits-dit", "--reward", "reference:{tmp}/small.png"],
+     "is 8x8 but the model makes 16x16"),
     # sizes
     (["sample", "--model", "digits-dit", "--n", "200000000"], "--n: must be <= 100000"),
     (["sample", "--model", "digits-dit", "--labels", "0-20000000"], "--labels '0-20000000': a range of"),
@@ -170,7 +171,8 @@ def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, mon
      "1 * 1 * 8 * 8 non-finite".replace("1 * 1 * 8 * 8", "64")),
     (lambda: unet_sampler()(torch.zeros(1, 1, 8, 8), torch.zeros(1, 3, 5)), ValueError,
      "embeddings of width 5, but the model's cross-attention takes 8"),
-    (lambda: unet_sampler()(torch.zeros(1, 1, 8, 8), None), ValueError, "cond: UNet2DConditionModel needs conditioning"),
+    (lambda: unet_sampler()(torch.zeros(1, 1, 8, 8), None), ValueError,
+     "cond: UNet2DConditionModel needs conditioning"),
     (lambda: ds.Sampler(tiny_dit(), DDIMScheduler(num_train_timesteps=1000), 3)(torch.zeros(1, 2, 8, 8),
                                                                                torch.tensor([11])),
      ValueError, "class labels [11] out of range 0-10"),

@@ -38,7 +38,8 @@ def metrics_of(folder):
 
 
 def test_sample_and_steer_a_stable_diffusion_folder_with_prompts(folders, tmp_path, capsys):
-    code, err = run(["sample", "--model", folders / "sd", *PROMPTS, *SMALL, "--n", "4", "--out", tmp_path / "s"], capsys)
+    code, err = run(["sample", "--model", folders / "sd", *PROMPTS, *SMALL, "--n", "4", "--out", tmp_path / "s"],
+                    capsys)
     assert code == 0, err
     assert metrics_of(tmp_path / "s")["prompts"] == ["a red car", "a blue house"]
     assert (tmp_path / "s" / "grid.png").stat().st_size > 100
@@ -210,7 +211,8 @@ def test_a_dit_pipeline_folder_samples_by_class_name_or_label_and_prunes(dit_fol
     assert code == 0, err
     pruned = metrics_of(out)
     assert "accuracy_judge" not in pruned and (out / "heatmap.png").exists()
-    assert pruned["search_settings"]["start"].startswith("every(interval=") and pruned["search_validation"]["samples"] == 8
+    assert pruned["search_settings"]["start"].startswith("every(interval=")
+    assert pruned["search_validation"]["samples"] == 8
     code, err = run(["sample", "--model", dit_folder, "--labels", "1", "--steps", "4", "--n", "2",
                      "--schedule", out / "schedule.json", "--out", tmp_path / "fast"], capsys)
     assert code == 0, err

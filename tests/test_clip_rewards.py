@@ -36,7 +36,8 @@ def test_aesthetic_head_from_safetensors_and_errors(clip_folder, tmp_path):
     reward = Aesthetic(clip_folder, tmp_path / "head.safetensors")
     images = torch.rand(3, 3, 20, 24)
     emb = reward.clip.embed(images)
-    expected = (emb @ head["layers.0.weight"].T + head["layers.0.bias"]) @ head["layers.2.weight"].T + head["layers.2.bias"]
+    hidden = emb @ head["layers.0.weight"].T + head["layers.0.bias"]
+    expected = hidden @ head["layers.2.weight"].T + head["layers.2.bias"]
     assert torch.allclose(reward(images), expected.squeeze(-1), atol=1e-5)
     (tmp_path / "corrupt.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(ValueError, match="cannot read"):

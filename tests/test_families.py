@@ -157,7 +157,9 @@ def reward(x, weights):
 
 def float64_sampler(case: Case, steps: int = 3):
     model = case.sampler.model.double()
-    to64 = (lambda c: C.tree_map(lambda t: t.double() if t.is_floating_point() else t, c))
+    def to64(c):
+        return C.tree_map(lambda t: t.double() if t.is_floating_point() else t, c)
+
     sampler = ds.Sampler(model, case.sampler.scheduler, steps, case.sampler.guidance_scale,
                          uncond=to64(case.sampler.uncond), sample_shape=case.sampler.sample_shape)
     return sampler, to64(case.cond), case.noise.double()
@@ -210,7 +212,8 @@ def test_shortcut_gradient_equals_its_closed_form(name):
         probe = sampler.fresh_scheduler(latent_shape=shape)
         if hasattr(probe, "set_begin_index"):
             probe.set_begin_index(int((probe.timesteps == t).nonzero()[0]))
-        tail *= float(probe.step(torch.zeros(1, dtype=torch.float64), t, torch.ones(1, dtype=torch.float64)).prev_sample)
+        one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        tail *= float(probe.step(zero, t, one).prev_sample)
     first = sampler.fresh_scheduler(latent_shape=shape)
     if hasattr(first, "set_begin_index"):
         first.set_begin_index(0)
@@ -352,7 +355,8 @@ def test_the_three_jobs_take_prompts_through_encode_prompt(name, dtype, tmp_path
     sampler = case.sampler
     before = brightness(sampler(case.noise, case.cond), None).mean()
     result = ds.optimize_latents(sampler, brightness, case.noise, case.cond, iterations=3, lr=0.1, progress=False)
-    assert result.history["reward"][-1] > result.history["reward"][0] and abs(result.history["reward"][0] - before) < 1e-5
+    rewards = result.history["reward"]
+    assert rewards[-1] > rewards[0] and abs(rewards[0] - before) < 1e-5
 
     schedule = ds.prune.search(sampler, case.cond, ratio=0.5, iterations=2, batch_size=1, target_batch=2,
                                pruner_kwargs={"dim": 8, "heads": 2}, progress=False)

@@ -97,7 +97,8 @@ def test_the_schedule_flag_is_never_taken_for_the_scheduler(tmp_path, capsys):
 def test_out_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "f").write_text("mine")
     code, line, _ = run(["sample", "--model", "digits-dit", "--n", "2", "--out", tmp_path / "f"], capsys)
-    assert code == 2 and line.endswith(f"--out {tmp_path / 'f'} is a file; name a folder (new or one of an earlier run)")
+    assert code == 2
+    assert line.endswith(f"--out {tmp_path / 'f'} is a file; name a folder (new or one of an earlier run)")
     assert (tmp_path / "f").read_text() == "mine"
 
 

@@ -35,8 +35,8 @@ def test_finetune_raises_the_reward_and_touches_only_the_adapter(policy):
     add_lora(sampler.model, rank=2)
     frozen = {n: p.detach().clone() for n, p in sampler.model.named_parameters() if "lora_" not in n}
     conditions = torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(0))
-    result = finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8), gradient=policy, iterations=12, batch_size=2,
-                      lr=0.05, progress=False)
+    result = finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8), gradient=policy, iterations=12,
+                      batch_size=2, lr=0.05, progress=False)
     rewards = result.history["reward"]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3
     for n, p in sampler.model.named_parameters():
@@ -77,8 +77,8 @@ def test_finetune_resumes_to_the_same_weights_and_stops_on_non_finite(tmp_path):
     sampler = unet_sampler()
     add_lora(sampler.model, rank=2)
     with pytest.raises(FinetuneError, match="iteration 2: non-finite reward"):
-        finetune(sampler, nan_after_two, torch.randn(1, 3, 8), noise_shape=(1, 8, 8), iterations=4, batch_size=1, progress=False,
-                 checkpoint_dir=tmp_path / "nan", checkpoint_every=1)
+        finetune(sampler, nan_after_two, torch.randn(1, 3, 8), noise_shape=(1, 8, 8), iterations=4, batch_size=1,
+                 progress=False, checkpoint_dir=tmp_path / "nan", checkpoint_every=1)
     assert torch.load(tmp_path / "nan" / "finetune_checkpoint.pt", weights_only=False)["iteration"] == 2
 
 
@@ -215,8 +215,9 @@ def test_heldout_evaluation_measures_the_final_model_on_fixed_noise_and_stops_on
         seen.append(cond)
         return images.mean(dim=(1, 2, 3)) * (1 + cond.float())
 
-    result = finetune(sampler, label_brightness, labels, noise_shape=(1, 8, 8), encode=encode, iterations=20, batch_size=2,
-                      lr=0.05, heldout=heldout, progress=False, callback=lambda info: info["iteration"] == 4)
+    result = finetune(sampler, label_brightness, labels, noise_shape=(1, 8, 8), encode=encode, iterations=20,
+                      batch_size=2, lr=0.05, heldout=heldout, progress=False,
+                      callback=lambda info: info["iteration"] == 4)
     evals = result.history["eval"]
     assert len(result.history["reward"]) == 5 and [e["iteration"] for e in evals] == [0, 2, 4, 5]
     assert all(c.dtype == torch.long for c in seen)
@@ -240,8 +241,8 @@ def test_ema_weights_follow_the_closed_form_average_of_the_trajectory():
         trajectory.append({n: params[n].detach().clone() for n in names})
 
     decay = 0.7
-    result = finetune(sampler, brightness, torch.randn(2, 3, 8), iterations=5, batch_size=1, lr=0.05,  # shape from config
-                      ema=decay, progress=False, callback=record)
+    result = finetune(sampler, brightness, torch.randn(2, 3, 8), iterations=5, batch_size=1,  # shape from config
+                      lr=0.05, ema=decay, progress=False, callback=record)
     # diffusers' EMAModel: decay 0 at the first update, then min(decay, (1 + k) / (10 + k)) at update k + 1
     average = trajectory[0]
     for k, weights in enumerate(trajectory[1:]):
@@ -261,8 +262,8 @@ def test_base_regulariser_pulls_toward_the_base_models_samples_from_the_same_noi
     def trained(base_weight):
         sampler = unet_sampler()
         add_lora(sampler.model, rank=2)
-        finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8), gradient="full", iterations=2, batch_size=2, lr=lr,
-                 optimizer="sgd", grad_clip=None, base_weight=base_weight, progress=False)
+        finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8), gradient="full", iterations=2, batch_size=2,
+                 lr=lr, optimizer="sgd", grad_clip=None, base_weight=base_weight, progress=False)
         return {n: p.detach() for n, p in sampler.model.named_parameters() if "lora_" in n}
 
     sampler, base_sampler = unet_sampler(), unet_sampler()
@@ -346,8 +347,8 @@ def test_an_iteration_whose_graph_step_a_schedule_reuses_counts_without_an_updat
     schedule = CacheSchedule.from_table(reuse, sampler.timesteps, prof)
     before = {n: p.detach().clone() for n, p in sampler.model.named_parameters() if n in names}
     with apply(sampler.model, schedule, sampler):
-        pruned = finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8), gradient=ds.gradients.Shortcut(step=2),
-                          iterations=3, batch_size=2, lr=0.05, progress=False)
+        pruned = finetune(sampler, brightness, conditions, noise_shape=(1, 8, 8),
+                          gradient=ds.gradients.Shortcut(step=2), iterations=3, batch_size=2, lr=0.05, progress=False)
         assert pruned.history["no_gradient_iterations"] == [0, 1, 2] and len(pruned.history["reward"]) == 3
         for n, p in sampler.model.named_parameters():
             if n in names:

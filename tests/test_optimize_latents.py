@@ -124,7 +124,8 @@ def test_weighted_and_reference_rewards():
 def test_editing_an_inverted_image_from_an_intermediate_step(setup):
     sampler, _, cond, target = setup
     image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    sampler = ds.Sampler(sampler.model, sampler.scheduler, 6, decode=lambda x: x / 2 + 0.5, encode=lambda im: im * 2 - 1)
+    sampler = ds.Sampler(sampler.model, sampler.scheduler, 6, decode=lambda x: x / 2 + 0.5,
+                         encode=lambda im: im * 2 - 1)
     latent = sampler.invert(image, cond, to_step=3)
     res = ds.optimize_latents(sampler, ds.rewards.Reference(target), latent, cond, iterations=10, lr=0.05,
                               start_step=3, progress=False)

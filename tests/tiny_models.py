@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 import diffusion_shortcuts as ds
+from diffusion_shortcuts.prune import CacheSchedule, profile
 
 
 def tiny_cond_unet(in_channels: int = 1, sample_size: int = 8, cross_dim: int = 8, seed: int = 0):
@@ -79,3 +80,19 @@ def dit_case(dtype=torch.float32, guidance: float = 2.0, steps: int = 6):
     sampler = ds.Sampler(model, ddim(), steps, guidance_scale=guidance, uncond=torch.tensor([10]))
     noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(4), dtype=dtype)
     return sampler, noise, torch.tensor([1, 7])
+
+
+STEPS = 6  # the prune tests' step count
+CASES = {"unet": unet_case, "dit": dit_case}
+
+
+def schedule_for(sampler, noise, cond, reuse=None):
+    prof = profile(sampler.model, noise, cond)
+    if reuse is None:
+        return CacheSchedule.keep_all(sampler.timesteps, prof)
+    return CacheSchedule.from_table(reuse, sampler.timesteps, prof)
+
+
+def record_outputs(module, store):
+    """A plain forward hook: sees what the block returns, computed or reused."""
+    return module.register_forward_hook(lambda mod, args, out: store.append(out))

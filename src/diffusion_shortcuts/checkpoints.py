@@ -150,7 +150,8 @@ def load_checkpoint(path: str | Path, map_location=None) -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)  # never unpickles code
     except pickle.UnpicklingError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if ln.startswith(("Unsupported", "Trying to load"))), lines[0] if lines else "")
+        reason = next((ln for ln in lines if ln.startswith(("Unsupported", "Trying to load"))),
+                      lines[0] if lines else "")
         if "GLOBAL" in reason:  # a pickled object that would be called: refused before anything runs
             refused = reason.split("GLOBAL ")[1].split()[0]
             raise CheckpointError(f"{path}: holds Python objects besides tensors and plain data ({refused}), and is "

@@ -118,8 +118,8 @@ FLAGS = {
     "dtype": dict(choices=["float32", "bfloat16", "float16"], default="float32",
                   help="precision of the denoiser, text encoders and VAE; trained tensors stay float32"),
     "vae_checkpointing": dict(action="store_true", help="decode with VAE gradient checkpointing (less memory)"),
-    "compile": dict(action="store_true", help="compile each gated block of the denoiser (torch.compile, fullgraph=True; "
-                    "a cache schedule decides outside the compiled regions)"),
+    "compile": dict(action="store_true", help="compile each gated block of the denoiser (torch.compile, "
+                    "fullgraph=True; a cache schedule decides outside the compiled regions)"),
 }
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, scheduler=None, height=None, width=None,
              device=None, dtype=None)
@@ -137,8 +137,8 @@ VERBS = {
                       compile=None, out=None)),
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
-                   steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None, start_every=None,
-                   resume=None, compile=None, out=None)),
+                   steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
+                   start_every=None, resume=None, compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
                       iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,

@@ -27,7 +27,8 @@ def grid(images: torch.Tensor, nrow: int | None = None, scale: int = 3, pad: int
     for i in range(b):
         r, col = divmod(i, nrow)
         tile = arr[i].repeat(scale, 0).repeat(scale, 1)
-        canvas[pad + r * cell_h: pad + r * cell_h + h * scale, pad + col * cell_w: pad + col * cell_w + w * scale] = tile
+        top, left = pad + r * cell_h, pad + col * cell_w
+        canvas[top: top + h * scale, left: left + w * scale] = tile
     mode = "L" if c == 1 else "RGB"
     return Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode)
 
@@ -67,8 +68,8 @@ def read_image(path: str | Path, shape: tuple[int, int, int]) -> torch.Tensor:
         img = Image.open(path)
         img.load()
     except (OSError, UnidentifiedImageError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
-                         ) from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ValueError(f"cannot read image {path}: {reason}") from None
     if (img.height, img.width) != tuple(shape[1:]):
         raise ValueError(f"image {path} is {img.width}x{img.height} but the model makes {shape[2]}x{shape[1]} images")
     arr = torch.from_numpy(np.asarray(img.convert("L" if shape[0] == 1 else "RGB"), dtype=np.float32) / 255.0)

@@ -31,7 +31,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017, the FID formula):
     ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``."""
     if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
-        raise ValueError(f"feature sets must be (N, D) with equal D, got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
+        raise ValueError(f"feature sets must be (N, D) with equal D, got {tuple(feats_a.shape)} and "
+                         f"{tuple(feats_b.shape)}")
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
@@ -47,7 +48,8 @@ def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> t
     return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5,
+         data_range: float = 1.0) -> torch.Tensor:
     """Mean SSIM per image (Wang et al. 2004) with a Gaussian window; differentiable. Shape (B,)."""
     if a.shape != b.shape or a.ndim != 4:
         raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")

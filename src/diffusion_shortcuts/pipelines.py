@@ -96,7 +96,8 @@ class PipelineModel:
         height, width = self.sample_size
         multiple = factor * self.family.spatial_multiple(self.model)
         if height % multiple or width % multiple:
-            raise ValueError(f"--height/--width {height}x{width}: must be multiples of {multiple} for {self.family.name}")
+            raise ValueError(f"--height/--width {height}x{width}: must be multiples of {multiple} for "
+                             f"{self.family.name}")
         return channels, height // factor, width // factor
 
     @property

@@ -337,8 +337,8 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
         add_lora(subject.model, rank=rank, seed=seed)
     try:
         result = finetune(sampler, reward_fn, subject.distinct_conditions(), noise_shape=subject.sample_shape,
-                          params=params, gradient=policy, iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
-                          encode=encode, ema=ema, base_weight=base_weight, warmup=warmup, heldout=heldout,
+                          params=params, gradient=policy, iterations=iterations, batch_size=batch_size, lr=lr,
+                          seed=seed, encode=encode, ema=ema, base_weight=base_weight, warmup=warmup, heldout=heldout,
                           checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume)
     except (FinetuneError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'finetune_checkpoint.pt'})") from None
@@ -420,8 +420,10 @@ def _demo_markdown(report: dict, digit: int, iterations: int) -> str:
     lines = ["# diffusion-shortcuts demo", "", "![samples](demo.png)", "",
              f"| model | accuracy ({JUDGE}) | seconds | steps |", "|---|---|---|---|"]
     for name, m in report["models"].items():
-        lines.append(f"| {name} | {m.get('accuracy', float('nan')):.3f} | {m['seconds']:.1f} | {m['num_inference_steps']} |")
-    lines += ["", "## The compute shortcut: the zoo's cache schedules at ratio 0.8 (searched from a rule, forecasting)", "",
+        lines.append(f"| {name} | {m.get('accuracy', float('nan')):.3f} | {m['seconds']:.1f} | "
+                     f"{m['num_inference_steps']} |")
+    lines += ["", "## The compute shortcut: the zoo's cache schedules at ratio 0.8 (searched from a rule, "
+              "forecasting)", "",
               "![full and pruned](demo_pruned.png)", "",
               "| model | MACs of full | speedup (same seeds, this run) | accuracy full | accuracy pruned |",
               "|---|---|---|---|---|"]
@@ -447,5 +449,6 @@ def _demo_markdown(report: dict, digit: int, iterations: int) -> str:
               f"{sdo['mean_seconds_per_iteration'] / full:.2f}x | {sdo['success_after']:.0%} |",
               f"| SDO | schedule 0.8 (MACs {both['macs_ratio']:.3f}) | {both['mean_seconds_per_iteration']:.2f} | "
               f"{both['mean_seconds_per_iteration'] / full:.2f}x | {both['success_after']:.0%} |", "",
-              "Full backpropagation's time per iteration is the median of a few iterations of it, measured in this run."]
+              "Full backpropagation's time per iteration is the median of a few iterations of it, measured in this "
+              "run."]
     return "\n".join(lines) + "\n"

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from . import conditions as C
 from . import gradients as G
 from .conditions import Cond
-from .families import CFG, CLASS_NAMES, EMBEDDED, TEXT, denoiser_of, family_of, model_id, sample_shape, unwrap, vae_scale
+from .families import (CFG, CLASS_NAMES, EMBEDDED, TEXT, denoiser_of, family_of, model_id, sample_shape, unwrap,
+                       vae_scale)
 
 __all__ = ["PrecisionError", "Sampler", "SamplingStep", "call_denoiser", "current_step", "sample_shape", "unwrap"]
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)

@@ -60,7 +60,8 @@ class ZooSubject:
     def __init__(self, model: zoo.ZooModel, labels: str = "0-9"):
         self.m, self.labels_text = model, labels
         self.name, self.model, self.sample_shape = model.name, model.model, model.sample_shape
-        self.default_guidance, self.conditional, self.device = model.guidance_scale, model.conditional, model.model.device
+        self.default_guidance, self.conditional = model.guidance_scale, model.conditional
+        self.device = model.model.device
         self.text = False
         self.accuracy_judge = JUDGE if model.conditional and model.num_classes == 10 else None  # what judge() uses
 
@@ -120,7 +121,8 @@ class PipelineSubject:
 
     def __init__(self, model: PipelineModel, prompts: list[str]):
         if model.text and not prompts:
-            raise SubjectError(f"--prompt: {model.name} is a text-to-image pipeline; give --prompt TEXT or --prompts FILE")
+            raise SubjectError(f"--prompt: {model.name} is a text-to-image pipeline; give --prompt TEXT or "
+                               "--prompts FILE")
         self.m, self.prompts = model, list(prompts)
         self.name, self.model, self.sample_shape = model.name, model.model, model.sample_shape
         self.default_guidance, self.conditional, self.device = model.family.default_guidance, True, model.device

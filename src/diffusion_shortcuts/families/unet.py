@@ -50,6 +50,9 @@ class StableDiffusionUNet(UNetFamily):
     conditioning = TEXT
     default_guidance = 7.5
 
+    def matches(self, model) -> bool:
+        return unwrap(model).config.get("addition_embed_type") != "text_time"  # SDXL's (sdxl.py)
+
     def forward(self, model, x, timestep, cond, guidance):
         kwargs = nest(as_kwargs(cond, "encoder_hidden_states"), ("text_embeds", "time_ids"), "added_cond_kwargs")
         return output_of(model(x, timestep, **kwargs))

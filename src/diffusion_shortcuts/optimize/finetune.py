@@ -290,7 +290,8 @@ class _Run(LoopState):
         if self.heldout is None or not self.accelerator.is_main_process:
             return
         averaged = self.averaged
-        swap = swapped_in(self.trainable, dict(zip(self.trainable, averaged.shadow_params))) if averaged else nullcontext()
+        swap = swapped_in(self.trainable, dict(zip(self.trainable, averaged.shadow_params))) if averaged else \
+            nullcontext()
         with swap:
             figures = self.heldout.evaluate(self.sampler, self.reward, self.encode)
         self.history["eval"].append({"iteration": done, "seconds": sum(self.history["seconds"]), **figures})

@@ -11,5 +11,6 @@ from .schedule import CacheSchedule, ScheduleError
 from .supernet import SuperNet
 from .train import SearchError, SearchResult, search, train_pruner
 
-__all__ = ["apply", "enable", "disable", "enable_cache", "summary", "supported", "BlockProfile", "deepcache_blocks", "default_block_names", "profile", "Pruner",
-           "CacheSchedule", "ScheduleError", "SuperNet", "SearchError", "SearchResult", "search", "train_pruner"]
+__all__ = ["apply", "enable", "disable", "enable_cache", "summary", "supported", "BlockProfile", "deepcache_blocks",
+           "default_block_names", "profile", "Pruner", "CacheSchedule", "ScheduleError", "SuperNet", "SearchError",
+           "SearchResult", "search", "train_pruner"]

@@ -55,8 +55,8 @@ def timed_speedup(sampler, schedule, noise: torch.Tensor, cond, repeats: int = 5
             "compiled": compile}
 
 
-def compare_schedule(sampler, schedule, encode: Callable, conditions, noise: torch.Tensor, judge: Callable | None = None,
-                     batch_size: int = 100, speed_batch: int = 16, progress: bool = True,
+def compare_schedule(sampler, schedule, encode: Callable, conditions, noise: torch.Tensor,
+                     judge: Callable | None = None, batch_size: int = 100, speed_batch: int = 16, progress: bool = True,
                      full_images: torch.Tensor | None = None,
                      compile: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """(metrics, full images, scheduled images) from the same ``noise`` and ``conditions``; pass

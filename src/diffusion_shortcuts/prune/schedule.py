@@ -56,7 +56,8 @@ class CacheSchedule:
         self.block_macs = [int(m) for m in self.block_macs]
         t, n = len(self.timesteps), len(self.blocks)
         if self.reuse.shape != (t, n):
-            raise ScheduleError(f"schedule table is {tuple(self.reuse.shape)} but there are {t} timesteps and {n} blocks")
+            raise ScheduleError(f"schedule table is {tuple(self.reuse.shape)} but there are {t} timesteps and {n} "
+                                "blocks")
         if len(self.kinds) != n or len(self.block_macs) != n:
             raise ScheduleError(f"schedule has {n} blocks but {len(self.kinds)} kinds and {len(self.block_macs)} MACs")
         if bad := [k for k in self.kinds if k not in (OUTPUT, RESIDUAL)]:
@@ -148,7 +149,8 @@ class CacheSchedule:
             raise ValueError(f"ratio must be in [0, 1), got {ratio}")
         scores = torch.as_tensor(keep_scores, dtype=torch.float64).detach().cpu()
         if scores.shape != (len(timesteps), len(profile.blocks)):
-            raise ValueError(f"keep scores are {tuple(scores.shape)}, expected ({len(timesteps)}, {len(profile.blocks)})")
+            raise ValueError(f"keep scores are {tuple(scores.shape)}, expected "
+                             f"({len(timesteps)}, {len(profile.blocks)})")
         if not torch.isfinite(scores).all():
             raise ValueError("keep scores contain non-finite values")
 

@@ -283,7 +283,8 @@ class _Search(LoopState):
             noise, cond = self.batch(it)
             gates = self.pruner.gates()
             self.net.use_gates(gates)
-            images = self.sampler(noise, cond, gradient=self.policy, generator=torch.Generator().manual_seed(cfg.seed + it))
+            images = self.sampler(noise, cond, gradient=self.policy,
+                                  generator=torch.Generator().manual_seed(cfg.seed + it))
             similarity = ssim(images, target).mean()
             keep_macs = (gates[..., KEEP].double() @ self.gamma).mean()  # mean_t sum_b gamma_b g_keep[t, b]
             # the kept MACs fraction of the current hard gates, summed in whole MACs (exactly 1 when all keep)

@@ -55,7 +55,8 @@ class ZooModel:
         bad = labels[(labels < 0) | (labels > highest)]
         if len(bad):
             null = f" (and {self.null_label} for no condition)" if self.null_label is not None else ""
-            raise ValueError(f"labels out of range: {bad.tolist()[:5]}; {self.name} takes 0-{self.num_classes - 1}{null}")
+            raise ValueError(f"labels out of range: {bad.tolist()[:5]}; {self.name} takes "
+                             f"0-{self.num_classes - 1}{null}")
         return labels
 
     def encode(self, labels) -> torch.Tensor | None:

@@ -103,7 +103,8 @@ def write_card(name: str, folder: Path, figures: dict) -> None:
         lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
     if "fid" in figures:
         lines += ["", "FID is on `digits-classifier` features (not Inception), so it is comparable only with other "
-                      "figures on the same features; the floor is the FID of the held-out set against the training set."]
+                      "figures on the same features; the floor is the FID of the held-out set against the training "
+                      "set."]
     if (folder / "dipgo" / "README.md").exists():
         lines += ["", shipped_schedules_line(folder)]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
@@ -113,7 +114,8 @@ def shipped_schedules_line(folder: Path) -> str:
     """The card's sentence about the DiP-GO schedules shipped in ``folder/dipgo``."""
     ratios = shipped_schedule_ratios(folder / "dipgo")
     return (f"DiP-GO cache schedules searched at ratios {', '.join(f'{r:g}' for r in ratios)} ship beside it: "
-            "[dipgo/README.md](dipgo/README.md) (`m.cache_schedule(0.8)`, `diffusion-shortcuts sample --schedule zoo`).")
+            "[dipgo/README.md](dipgo/README.md) (`m.cache_schedule(0.8)`, "
+            "`diffusion-shortcuts sample --schedule zoo`).")
 
 
 def main(argv: list[str] | None = None) -> None:

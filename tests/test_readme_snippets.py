@@ -1,0 +1,67 @@
+"""README's Python snippets run as a user would paste them, in the order the README gives them, shrunk in size only
+(steps and iterations) so that the suite stays quick: a README that drifts from the API fails here.
+
+The zoo snippets continue one session (the first one's ``m``, ``sampler``, ``noise`` and ``cond``); the pipeline
+snippets run in a folder that holds what they name (``./sd15``, a tiny Stable Diffusion pipeline; ``tuned/lora`` and
+``pruned/schedule.json``, as ``finetune`` and ``prune`` would have left them).
+"""
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_pipelines import sd_pipeline
+
+import diffusion_shortcuts as ds
+from diffusion_shortcuts.pipelines import save_lora
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SHRINK = [("num_inference_steps=50", "num_inference_steps=4"), ("m.sampler(50,", "m.sampler(4,"),
+          ("ratio=0.8)", "ratio=0.8, iterations=2, batch_size=1, target_batch=2)"), ("iterations=100", "iterations=2")]
+# which session each snippet continues, in README order; the last one (a new family) is shown, not run
+SESSIONS = ["zoo", "pipeline", "zoo", "zoo", "pipeline", "illustration"]
+
+
+def snippets() -> list[str]:
+    return [textwrap.dedent(block) for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)]
+
+
+def shrunk(code: str) -> str:
+    for old, new in SHRINK:
+        code = code.replace(old, new)
+    return code
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    pipe, _ = sd_pipeline()
+    pipe.save_pretrained(tmp_path / "sd15")
+    ds.add_lora(pipe.unet, rank=2)
+    save_lora(pipe, tmp_path / "tuned" / "lora")
+    prof = ds.prune.profile(pipe.unet, torch.zeros(1, 4, 8, 8), torch.zeros(1, 12, 32))
+    timesteps = ds.Sampler(pipe.unet, pipe.scheduler, 4).timesteps
+    ds.prune.CacheSchedule.every(timesteps, prof, 2, warmup=1).save(tmp_path / "pruned" / "schedule.json")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_readme_snippets_run(folder):
+    blocks = snippets()
+    assert len(blocks) == len(SESSIONS), "a snippet was added or removed: say which session it continues"
+    sessions = {"zoo": {}, "pipeline": {}}
+    for code, session in zip(blocks, SESSIONS):
+        if session == "illustration":
+            compile(code, "README.md", "exec")  # a sketch of a family that diffusers may not have: syntax only
+            continue
+        namespace = sessions[session]
+        if session == "pipeline" and not namespace:
+            namespace.update(sessions["zoo"])  # the pipeline snippets use the first snippet's imports
+        exec(compile(shrunk(code), "README.md", "exec"), namespace)
+    zoo, pipeline = sessions["zoo"], sessions["pipeline"]
+    assert zoo["noise"].grad is not None and torch.isfinite(zoo["noise"].grad).all()
+    assert 0 < zoo["sched"].macs_ratio < 1 and (folder / "schedule.json").exists()
+    assert len(zoo["result"].history["reward"]) == 2 and (folder / "adapter.safetensors").exists()
+    assert pipeline["images"].shape == (2, 3, 16, 16) and pipeline["image"].size == (16, 16)
+    assert ds.prune.summary(ds.prune.SuperNet.of(pipeline["pipe"].unet))["block_calls_reused"] > 0
