@@ -28,7 +28,7 @@ from ..families import EMBEDDED, FAMILIES, OUTPUT, RESIDUAL, family_of, model_id
 from ..metrics import count_macs
 from ..sampling import call_denoiser
 
-__all__ = ["OUTPUT", "RESIDUAL", "default_block_names", "deepcache_blocks", "reuse_kind", "resolve_blocks", "model_id",
+__all__ = ["OUTPUT", "RESIDUAL", "default_block_names", "deepcache_blocks", "block_kind", "resolve_blocks", "model_id",
            "BlockProfile", "profile", "supported"]
 
 
@@ -43,7 +43,7 @@ def default_block_names(model: torch.nn.Module) -> list[str]:
     return family_of(model).blocks(unwrap(model))
 
 
-def reuse_kind(model: torch.nn.Module, name: str) -> str:
+def block_kind(model: torch.nn.Module, name: str) -> str:
     """How block ``name`` reuses its work: the family's kind for its default blocks, ``"output"`` for any
     other module a user names (it is not known to sit on a residual stream)."""
     family = family_of(model)
@@ -170,6 +170,6 @@ def profile(model: torch.nn.Module, sample: torch.Tensor, cond=None, blocks: lis
         block_macs = tuple(int(per_module.get(f"{root}.{n}", 0)) for n in names)
         whole = family.whole_step_reuse(model) and \
             names == default_block_names(model)
-        _PROFILES[key] = BlockProfile(tuple(names), tuple(reuse_kind(model, n) for n in names), block_macs,
+        _PROFILES[key] = BlockProfile(tuple(names), tuple(block_kind(model, n) for n in names), block_macs,
                                       int(total), key[0], tuple(sample.shape[1:]), bool(whole), branch)
     return _PROFILES[key]

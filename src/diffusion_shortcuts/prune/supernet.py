@@ -29,7 +29,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..families import OUTPUT, family_of, unwrap
-from .blocks import resolve_blocks, reuse_kind
+from .blocks import resolve_blocks, block_kind
 from .clock import StepClock, in_backward
 from .decision import Decision, GateDecision, TableDecision
 from .forecast import FORECASTERS, REUSE_MODES
@@ -223,7 +223,7 @@ class SuperNet:
         self.compile_options = compile_options(compile, self.compiled_whole, _device_of(self.model))
         self.family = family_of(self.model)
         resolved = resolve_blocks(self.model, blocks)
-        kinds = list(kinds) if kinds is not None else [reuse_kind(self.model, n) for n, _ in resolved]
+        kinds = list(kinds) if kinds is not None else [block_kind(self.model, n) for n, _ in resolved]
         self.blocks = [GatedBlock(i, name, module, kind, _positions(_forward_signature(module), self.family.streams))
                        for i, ((name, module), kind) in enumerate(zip(resolved, kinds))]
         self.clock = StepClock(timesteps, self.family, self.model)
