@@ -19,7 +19,10 @@ from .state import map_streams
 
 class Decision:
     """The interface: ``skips(step, b)``: block b is not computed at ``step``; ``skips_all(step)``: no block is;
-    ``mix(step, b, forecast, work)``: what a computed block's work becomes (and whether it counts as a forecast)."""
+    ``mix(step, b, forecast, work)``: what a computed block's work becomes (and whether it counts as a forecast),
+    asked only of decisions that ``mixes``."""
+
+    mixes = False  # a computed block's work is mixed with its forecast (the search's gates)
 
     def skips(self, step: int, block: int) -> bool:
         raise NotImplementedError
@@ -53,6 +56,8 @@ class TableDecision(Decision):
 
 class GateDecision(Decision):
     """The search's gates ``[t, b] = (g_reuse, g_keep)``: hard one-hot values carrying gradients."""
+
+    mixes = True
 
     def __init__(self, gates: torch.Tensor, num_steps: int, num_blocks: int):
         if gates.shape != (num_steps, num_blocks, 2):

@@ -365,7 +365,7 @@ class SuperNet:
         what the block passes on."""
         self.accounting.computed[block.index] += 1
         work = block.work_of(out, streams)
-        if isinstance(self.decision, GateDecision) and block.state.latest(step) is not None:
+        if self.decision.mixes and block.state.latest(step) is not None:
             forecast = self.forecaster.predict(block.state, step)
             work, reused = self.decision.mix(step, block.index, forecast, work, dtype)
             if reused and self.forecaster.order > 0:
