@@ -136,14 +136,14 @@ def test_a_model_compiled_with_fullgraph_is_refused_naming_what_to_do():
 
 def test_compile_on_the_command_line_and_where_torch_cannot_compile(tmp_path, capsys, monkeypatch):
     from diffusion_shortcuts import cli
-    from diffusion_shortcuts.prune import supernet
+    from diffusion_shortcuts.prune import compiling
 
     argv = ["sample", "--model", "digits-dit", "--n", "2", "--steps", "3", "--schedule", "zoo:0.8", "--compile"]
     assert cli.main([*argv, "--out", str(tmp_path / "s")]) == 0
     metrics = capsys.readouterr().out
     assert '"compiled": true' in metrics and sum(counters["graph_break"].values()) == 0 and graphs() >= 1
 
-    monkeypatch.setattr(supernet.shutil, "which", lambda name: None)  # a machine without a C++ compiler
+    monkeypatch.setattr(compiling.shutil, "which", lambda name: None)  # a machine without a C++ compiler
     monkeypatch.delenv("CXX", raising=False)
     for verb in (argv, ["prune", "--model", "digits-dit", "--iterations", "1", "--compile"]):
         assert cli.main([*verb, "--out", str(tmp_path / verb[0])]) == 2

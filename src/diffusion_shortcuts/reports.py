@@ -125,24 +125,13 @@ def captioned_grid(images: torch.Tensor, captions: list[str] | None, path: Path)
 
 # ---- the verbs ------------------------------------------------------------------------------------------
 
-def compiled_table(cache, compile: bool, sampler, subject, conditions, noise):
-    """The table a verb samples with: its schedule, or with ``--compile`` and none, the keep-everything table (the
-    blocks compiled the same way either side); None without either."""
-    from .prune.compare import keep_everything
-
-    if cache is not None or not compile:
-        return cache
-    first = subject.encode(C.take(conditions, torch.arange(1))) if conditions is not None else None
-    return keep_everything(sampler, noise, first)
-
-
 def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance: float | None,
                   schedule: str | None = None, strict_schedule: bool = False, tag: str = "",
                   progress: bool = True, compile: bool = False) -> dict:
     """Sample n images cycling through the conditions, judge them, write a captioned grid; with a schedule,
     what it computed and reused; with ``compile``, the gated blocks compiled (the first batch pays for it)."""
     from .prune import apply, summary
-    from .prune.compare import generate
+    from .prune.compare import generate, sampling_table
 
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
@@ -150,7 +139,7 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
     sampler = subject.sampler(steps, guidance)
     cache = load_schedule(schedule, subject, sampler, strict_schedule) if schedule else None
     noise = subject.noise(n, torch.Generator().manual_seed(seed))
-    table = compiled_table(cache, compile, sampler, subject, conditions, noise)
+    table = sampling_table(sampler, cache, compile, subject.encode, conditions, noise)
     with Timer() as timer, apply(subject.model, table, sampler, compile=compile) if table else nullcontext() as net:
         images = generate(sampler, subject.encode, conditions, noise, batch_size=min(n, 100),
                           progress=progress, desc=f"sampling {subject.name}")
@@ -182,7 +171,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     from .plots import schedule_heatmap
     from .prune import CacheSchedule, SearchError, profile, train_pruner
     from .prune.compare import compare_schedule
-    from .prune.supernet import compile_options
+    from .prune.compiling import compile_options
 
     if compile:  # before an hour of search, not after it
         compile_options(True, False, torch.device(subject.device))
@@ -247,6 +236,7 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
     from .optimize import OptimizationError, optimize_latents
     from .plots import reward_curves
     from .prune import apply
+    from .prune.compare import sampling_table
     from .rewards import given_conditions
 
     reward_fn, policy = parse_reward(reward, subject), parse_gradient(gradient)
@@ -258,7 +248,7 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
     cache = load_schedule(schedule, subject, sampler, strict_schedule) if schedule else None
     noise = subject.noise(n, torch.Generator().manual_seed(seed))
     error = None
-    table = compiled_table(cache, compile, sampler, subject, conditions, noise)
+    table = sampling_table(sampler, cache, compile, subject.encode, conditions, noise)
     with apply(subject.model, table, sampler, compile=compile) if table else nullcontext():
         with torch.no_grad():
             before = sampler(noise, cond).clamp(0, 1)

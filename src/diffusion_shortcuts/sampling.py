@@ -72,8 +72,6 @@ def current_step() -> SamplingStep | None:
     return _CURRENT_STEP.get()
 
 
-
-
 def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None = None,
                   dtype: torch.dtype | None = None, *, family=None) -> torch.Tensor:
     """One call of a registered denoiser at scheduler timestep ``t``, as its model family calls it

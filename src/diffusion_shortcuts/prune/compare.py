@@ -25,15 +25,22 @@ def generate(sampler, encode: Callable, conditions, noise: torch.Tensor, batch_s
     """Images in [0, 1] for ``noise`` and ``conditions`` (None, labels or prompts), ``batch_size`` at a time;
     ``compile``: the gated blocks compiled (:func:`~diffusion_shortcuts.prune.apply`), with or without a schedule."""
     out = []
-    if schedule is None and compile:
-        schedule = keep_everything(sampler, noise, encode(C.take(conditions, torch.arange(1))) if conditions
-                                   is not None else None)
+    schedule = sampling_table(sampler, schedule, compile, encode, conditions, noise)
     with apply(sampler.model, schedule, sampler, compile=compile) if schedule is not None else nullcontext():
         for i in tqdm(range(0, len(noise), batch_size), desc=desc, disable=not progress, leave=False):
             rows = torch.arange(i, min(i + batch_size, len(noise)))
             cond = encode(C.take(conditions, rows)) if conditions is not None else None
             out.append(sampler(noise[i:i + batch_size], cond).clamp(0, 1))
     return torch.cat(out)
+
+
+def sampling_table(sampler, schedule, compile: bool, encode: Callable, conditions, noise: torch.Tensor):
+    """The table to sample with: ``schedule``, or with ``compile`` and none, the keep-everything table (so that the
+    blocks are compiled the same way with and without a schedule); None without either."""
+    if schedule is not None or not compile:
+        return schedule
+    first = encode(C.take(conditions, torch.arange(1))) if conditions is not None else None
+    return keep_everything(sampler, noise, first)
 
 
 def keep_everything(sampler, noise: torch.Tensor, cond) -> CacheSchedule:

@@ -18,10 +18,7 @@ and overwrites nothing; under ``torch.no_grad()`` only what the forecast needs i
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
-import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,8 +26,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..families import OUTPUT, family_of, unwrap
-from .blocks import resolve_blocks, block_kind
+from .blocks import block_kind, resolve_blocks
 from .clock import StepClock, in_backward
+from .compiling import compile_options, compiled_whole
 from .decision import Decision, GateDecision, TableDecision
 from .forecast import FORECASTERS, REUSE_MODES
 from .schedule import ScheduleError
@@ -65,49 +63,6 @@ def _positions(signature: inspect.Signature, names: tuple[str, ...]) -> list[tup
 def _arguments(positions, args, kwargs) -> tuple:
     return tuple(kwargs[name] if name in kwargs else args[position] if position is not None and
                  position < len(args) else None for name, position in positions)
-
-
-def compiled_whole(model) -> bool:
-    """True for a model compiled whole (``torch.compile(model)``: an ``OptimizedModule``); a schedule's decision runs
-    between its graphs, which ``fullgraph=True`` forbids: refused with what to do instead."""
-    context = getattr(model, "dynamo_ctx", None)
-    if context is None:
-        return False
-    if getattr(context, "fullgraph", False):
-        raise ScheduleError(f"{type(unwrap(model)).__name__} is compiled with fullgraph=True, and a cache schedule "
-                            "decides between its blocks, outside any graph: compile it with fullgraph=False, or "
-                            "leave it uncompiled and pass compile=True to compile each block with fullgraph=True")
-    return True
-
-
-class CompileUnavailable(ValueError):
-    """torch cannot compile here: no C++ compiler for inductor on the CPU, no Triton on a GPU."""
-
-
-def why_not_compilable(device: torch.device, backend: str = "inductor") -> str | None:
-    """What keeps ``torch.compile`` (inductor) from compiling on ``device`` (None when nothing does)."""
-    if backend != "inductor":
-        return None
-    if device.type == "cpu":
-        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
-        return None if any(c and shutil.which(c) for c in compilers) else \
-            "no C++ compiler (inductor needs one on the CPU: install g++, or set CXX)"
-    if device.type == "cuda":
-        return None if importlib.util.find_spec("triton") is not None else "no Triton (inductor needs it on a GPU)"
-    return f"inductor does not compile for {device.type} here"
-
-
-def compile_options(compile: bool | dict, compiled_model: bool, device: torch.device) -> dict | None:
-    """``torch.compile``'s keyword arguments for the blocks (None: run them as they are); a
-    :class:`CompileUnavailable` where torch cannot compile on ``device``."""
-    if not (compile or compiled_model):
-        return None
-    options = {"fullgraph": True, **(compile if isinstance(compile, dict) else {})}
-    reason = why_not_compilable(device, options.get("backend", "inductor"))
-    if reason is not None:
-        raise CompileUnavailable(f"compile: torch cannot compile on {device.type} here: {reason}; run without "
-                                 "compiling (no --compile)")
-    return options
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
