@@ -37,9 +37,8 @@ class OutputFolder:
         self.lock = self.path / LOCK
 
     def __enter__(self) -> Path:
-        if os.environ.get("RANK", "0") != "0":  # a helper process of `accelerate launch`: the main one holds it
-            self.path.mkdir(parents=True, exist_ok=True)
-            return self.path
+        if os.environ.get("RANK", "0") != "0":  # a helper process of `accelerate launch`: the main one makes the
+            return self.path                     # folder, holds it and alone writes into it
         if self.path.exists() and not self.path.is_dir():
             raise OutputFolderError(f"--out {self.path} is a file; name a folder (new or one of an earlier run)")
         self.created = not self.path.exists()

@@ -27,14 +27,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA where there is one, else CPU), ``cpu`` or ``cuda``."""
+    """``auto`` (CUDA where there is one, else CPU), ``cpu`` or ``cuda``; under a multi-GPU ``accelerate launch``
+    each process's own GPU, and under ``accelerate launch --cpu`` the CPU for ``auto``."""
+    from .distributed import cpu_only, local_device
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device("cpu" if cpu_only() else "cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
     if name not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
+    return local_device(name)
 
 
 def check_precision(device: torch.device, dtype: str) -> None:

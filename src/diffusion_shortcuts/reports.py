@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import conditions as C
-from . import gradients, rewards, zoo
+from . import distributed, gradients, rewards, zoo
 from .images import grid, labelled, save_grid, side_by_side
 from .metrics import Timer, accuracy, peak_memory_mb
 from .subjects import JUDGE
@@ -78,11 +78,22 @@ def load_schedule(path: str, subject, sampler, strict: bool = False):
     return schedule
 
 
-def is_main_process() -> bool:
-    """False on the other processes of an ``accelerate launch`` run (they train, the main one writes)."""
-    from accelerate import PartialState
+def my_share(subject, noise: torch.Tensor, flag: str) -> tuple[list[int], object, torch.Tensor]:
+    """This process's samples of ``len(noise)`` (all of them in one process): their indices, conditions and noise.
+    Every sample's noise and condition follow its index, so its result does not depend on the process count."""
+    n = len(noise)
+    try:
+        distributed.check_shardable(n, f"{flag} {n} samples")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    mine = distributed.shard(n)
+    rows = torch.tensor(mine)
+    return mine, C.take(subject.conditions(n), rows), noise[rows.to(noise.device)]
 
-    return PartialState().is_main_process
+
+def shards_of(parts: list[dict]) -> dict:
+    """What ``metrics.json`` says of the processes: how many ran, and which samples each took (``[first, end)``)."""
+    return {"num_processes": len(parts), "shards": [[p["indices"][0], p["indices"][-1] + 1] for p in parts]}
 
 
 def check_resume(resume: bool, out: Path, checkpoint: str) -> None:
@@ -129,27 +140,34 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
                   schedule: str | None = None, strict_schedule: bool = False, tag: str = "",
                   progress: bool = True, compile: bool = False) -> dict:
     """Sample n images cycling through the conditions, judge them, write a captioned grid; with a schedule,
-    what it computed and reused; with ``compile``, the gated blocks compiled (the first batch pays for it)."""
+    what it computed and reused; with ``compile``, the gated blocks compiled (the first batch pays for it). Under
+    ``accelerate launch`` the samples are sharded (every sample's noise indexed from the seed) and the main process
+    gathers, judges and writes."""
     from .prune import apply, summary
     from .prune.compare import generate, sampling_table
 
     if n < 1:
         raise UsageError(f"--n must be at least 1, got {n}")
-    conditions = subject.conditions(n)
+    mine, conditions, noise = my_share(subject, subject.noise(n, torch.Generator().manual_seed(seed)), "--n")
     sampler = subject.sampler(steps, guidance)
     cache = load_schedule(schedule, subject, sampler, strict_schedule) if schedule else None
-    noise = subject.noise(n, torch.Generator().manual_seed(seed))
     table = sampling_table(sampler, cache, compile, subject.encode, conditions, noise)
     with Timer() as timer, apply(subject.model, table, sampler, compile=compile) if table else nullcontext() as net:
-        images = generate(sampler, subject.encode, conditions, noise, batch_size=min(n, 100),
-                          progress=progress, desc=f"sampling {subject.name}")
+        images = generate(sampler, subject.encode, conditions, noise, batch_size=min(len(mine), 100),
+                          progress=progress and distributed.is_main_process(), desc=f"sampling {subject.name}")
     check_finite(images, "sample")
+    parts = distributed.gather({"indices": mine, "images": images.float(), "seconds": timer.seconds,
+                                "cache_summary": summary(net) if cache else None})
+    if not distributed.is_main_process():  # the main process writes what every process made
+        return {}
+    images, conditions = torch.cat([p["images"] for p in parts]), subject.conditions(n)
     metrics = {"model": subject.name, "n": n, "seed": seed, "num_inference_steps": steps,
                "guidance_scale": sampler.guidance_scale, "scheduler": type(sampler.scheduler).__name__,
-               "seconds": timer.seconds, "schedule": schedule, "macs_ratio": cache.macs_ratio if cache else 1.0,
+               "seconds": max(p["seconds"] for p in parts), "schedule": schedule,
+               "macs_ratio": cache.macs_ratio if cache else 1.0,
                "schedule_resampled_from": cache.info.get("resampled_from") if cache else None,
-               "cache_summary": summary(net) if cache else None, "compiled": compile,
-               "prompts": subject.distinct_conditions() if subject.text else None}
+               "cache_summary": summed([p["cache_summary"] for p in parts]) if cache else None, "compiled": compile,
+               "prompts": subject.distinct_conditions() if subject.text else None, **shards_of(parts)}
     judged = subject.judge(images, conditions)
     if judged:
         metrics.update(judged, accuracy_judge=subject.accuracy_judge)
@@ -160,6 +178,12 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
     return metrics
 
 
+def summed(parts: list[dict]) -> dict:
+    """Dicts of counts (one cache summary per process) added up, key by key, nested dicts too."""
+    return {key: summed([p[key] for p in parts]) if isinstance(value, dict) else sum(p[key] for p in parts)
+            for key, value in parts[0].items()}
+
+
 def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_size: int, lr: float, gradient: str,
                  steps: int, samples: int, seed: int, resume: bool, checkpoint_every: int = 25,
                  guidance: float | None = None, reuse_mode: str = "copy", start_every: int | str | None = None,
@@ -167,7 +191,8 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
     ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
     the N whose table prunes nearest ``ratio``); ``compile``: the comparison (quality and speed) through compiled
-    blocks on both sides."""
+    blocks on both sides. Under ``accelerate launch`` the search is data parallel (``--batch-size`` per process)
+    and the main process alone writes and makes the comparison."""
     from .plots import schedule_heatmap
     from .prune import CacheSchedule, SearchError, profile, train_pruner
     from .prune.compare import compare_schedule
@@ -196,6 +221,8 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
                               reuse_mode=reuse_mode, start=start, resume=resume)
     except (SearchError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
+    if not distributed.is_main_process():  # under `accelerate launch` every process holds the same gates
+        return {}
     schedule = result.schedule(ratio)
     schedule.save(out / "schedule.json")
     result.pruner.save_pretrained(out / "pruner")
@@ -221,7 +248,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
             "search_iterations": len(history["loss"]), "search_settings": history["settings"],
             "within_tolerance": schedule.info["within_tolerance"], "search_ssim": history["ssim"],
             "search_macs_ratio": history["macs_ratio"], "search_validation": history.get("validation"),
-            "seed": seed + 1, **metrics}
+            "num_processes": history["settings"]["num_processes"], "seed": seed + 1, **metrics}
 
 
 def optimize_report(out: Path, subject, *, reward: str, gradient: str, iterations: int, n: int, lr: float,
@@ -230,10 +257,12 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
                     compile: bool = False) -> dict:
     """Optimize the initial noise of n samples against a reward; write curve, before/after and latents. With a
     cache schedule, every rollout (the graph step's call included) runs pruned: both shortcuts at once; with
-    ``compile``, through compiled blocks."""
+    ``compile``, through compiled blocks. Under ``accelerate launch`` the samples are sharded (each process
+    optimizes its own, every sample's noise indexed from the seed) and the main process gathers and writes."""
     from safetensors.torch import save_file
 
     from .optimize import OptimizationError, optimize_latents
+    from .optimize.latents import merged_history
     from .plots import reward_curves
     from .prune import apply
     from .prune.compare import sampling_table
@@ -242,11 +271,11 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
     reward_fn, policy = parse_reward(reward, subject), parse_gradient(gradient)
     if iterations < 1 or n < 1:
         raise UsageError(f"--iterations and --n must be at least 1, got {iterations} and {n}")
-    conditions = subject.conditions(n)
+    every_noise = subject.noise(n, torch.Generator().manual_seed(seed))
+    mine, conditions, noise = my_share(subject, every_noise, "--n")
     cond = subject.encode(conditions)
     sampler = subject.sampler(steps, guidance)
     cache = load_schedule(schedule, subject, sampler, strict_schedule) if schedule else None
-    noise = subject.noise(n, torch.Generator().manual_seed(seed))
     error = None
     table = sampling_table(sampler, cache, compile, subject.encode, conditions, noise)
     with apply(subject.model, table, sampler, compile=compile) if table else nullcontext():
@@ -255,30 +284,38 @@ def optimize_report(out: Path, subject, *, reward: str, gradient: str, iteration
         try:  # the reward sees the labels or prompts, the sampler their encoding
             result = optimize_latents(sampler, given_conditions(reward_fn, conditions), noise, cond,
                                       iterations=iterations, lr=lr, gradient=policy,
-                                      noise_prior=None if noise_prior == "none" else noise_prior, seed=seed)
+                                      noise_prior=None if noise_prior == "none" else noise_prior, seed=seed,
+                                      progress=distributed.is_main_process())
         except OptimizationError as exc:
             result, error = exc.result, str(exc)
-    save_file({"latents": result.latents.float().contiguous().cpu(), "initial_noise": noise.contiguous().cpu()},
+    after = result.images.clamp(0, 1) if result.images is not None else before
+    parts = distributed.gather({"indices": mine, "latents": result.latents.float(), "before": before.float(),
+                                "after": after.float(), "history": result.history, "error": error,
+                                "peak_memory_mb": peak_memory_mb(subject.device)})
+    if not distributed.is_main_process():  # the main process writes what every process made
+        return {}
+    latents, before, after = (torch.cat([p[key] for p in parts]) for key in ("latents", "before", "after"))
+    error = next((p["error"] for p in parts if p["error"]), None)
+    save_file({"latents": latents.contiguous(), "initial_noise": every_noise.contiguous().cpu()},
               str(out / f"latents{tag}.safetensors"))
-    history = result.history
+    history = merged_history([p["history"] for p in parts], latents)
     metrics = {"model": subject.name, "reward_spec": reward, "gradient": policy.spec, "n": n, "lr": lr,
                "num_inference_steps": steps, "seed": seed, "noise_prior": noise_prior,
-               "conditions": subject.captions(conditions), "reward": history["reward"],
+               "conditions": subject.captions(subject.conditions(n)), "reward": history["reward"],
                "seconds_per_iteration": history["seconds"],
                "mean_seconds_per_iteration": sum(history["seconds"]) / max(1, len(history["seconds"])),
-               "peak_memory_mb": peak_memory_mb(subject.device), "graph_mb": history["graph_mb"],
+               "peak_memory_mb": max(p["peak_memory_mb"] for p in parts), "graph_mb": history["graph_mb"],
                "final_reward": history.get("final_reward"), "shell_drift": history.get("final_shell_drift"),
                "latents": f"latents{tag}.safetensors", "error": error, "schedule": schedule,
-               "macs_ratio": cache.macs_ratio if cache else 1.0, "compiled": compile}
-    after = result.images.clamp(0, 1) if result.images is not None else before
+               "macs_ratio": cache.macs_ratio if cache else 1.0, "compiled": compile, **shards_of(parts)}
     if reward.startswith("digit:"):
         target = torch.full((n,), int(reward.split(":")[1]))
         metrics.update(success_before=judged_accuracy(before, target), success_after=judged_accuracy(after, target),
                        success_judge=JUDGE)
     if history["reward"]:
         reward_curves({gradient: history}, out / f"curve{tag}.png", title=f"{subject.name}, {reward}")
-    side_by_side([labelled(grid(before.float().cpu(), nrow=n), "before"),
-                  labelled(grid(after.float().cpu(), nrow=n), "after")]).save(out / f"before_after{tag}.png")
+    side_by_side([labelled(grid(before, nrow=n), "before"),
+                  labelled(grid(after, nrow=n), "after")]).save(out / f"before_after{tag}.png")
     if error:
         raise UsageError(f"{error}; the last good latents are in {out / f'latents{tag}.safetensors'}")
     return metrics
@@ -332,7 +369,7 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
                           checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume)
     except (FinetuneError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'finetune_checkpoint.pt'})") from None
-    if not is_main_process():  # under `accelerate launch` every process holds the same weights: one writes
+    if not distributed.is_main_process():  # under `accelerate launch` every process holds the same weights
         return {}
     if params == "lora":
         weights = subject.save_adapter(out)

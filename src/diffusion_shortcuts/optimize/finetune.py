@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from .. import conditions as C
+from .. import distributed
 from .. import gradients as G
 from ..checkpoints import Checkpoint, configured, make_optimizer, settings_of
 from ..loop import LoopState, iteration_generator, run_loop
@@ -166,6 +167,8 @@ class FinetuneConfig:
     sampler: dict = field(default_factory=dict, metadata={"derived": True})
     reward: str = field(default="", metadata={"derived": True})
     trainable_parameters: int = field(default=0, metadata={"derived": True})
+    # processes sharing each iteration's batch (accelerate launch): a resume with another count is refused
+    num_processes: int = field(default=1, metadata={"derived": True})
 
 
 class _Params:
@@ -235,7 +238,7 @@ def finetune(sampler, reward: Callable, conditions, config: FinetuneConfig | Non
     config = dataclasses.replace(
         config, params=config.params if isinstance(config.params, str) else "callable", gradient=policy.spec,
         sampler=sampler.describe(), reward=reward_name(reward),
-        trainable_parameters=sum(p.numel() for p in trainable.values()))
+        trainable_parameters=sum(p.numel() for p in trainable.values()), num_processes=accelerator.num_processes)
     opt = make_optimizer(config.optimizer, trainable.values(), config.lr)
     run = _Run(sampler, reward, conditions, encode, policy, config, trainable, heldout, accelerator,
                opt=opt, lr_schedule=get_scheduler("constant_with_warmup", opt, num_warmup_steps=config.warmup),
@@ -298,15 +301,15 @@ class _Run(LoopState):
 
     def batch(self, it: int):
         """Noise and conditions of iteration ``it``: this process's slice of the global batch."""
-        cfg, world, rank = self.config, self.accelerator.num_processes, self.accelerator.process_index
+        cfg = self.config
+        size, mine = cfg.batch_size * cfg.num_processes, distributed.my_slice(cfg.batch_size)
         gen = iteration_generator(cfg.seed, it)
-        mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-        noise = torch.randn((cfg.batch_size * world, *cfg.noise_shape), generator=gen)[mine].to(self.device)
-        rows = ((it * cfg.batch_size * world + torch.arange(cfg.batch_size * world)) % self.n_cond)[mine]
+        noise = torch.randn((size, *cfg.noise_shape), generator=gen)[mine].to(self.device)
+        rows = ((it * size + torch.arange(size)) % self.n_cond)[mine]
         return noise, C.take(self.conditions, rows), gen
 
     def step(self, it: int) -> dict:
-        cfg, accelerator = self.config, self.accelerator
+        cfg = self.config
         noise, cond, gen = self.batch(it)
         model_cond = self.encode(cond) if self.encode is not None and cond is not None else cond
         with Timer() as timer:
@@ -322,10 +325,7 @@ class _Run(LoopState):
             self.lr_schedule.step()
             if self.averaged is not None:
                 self.averaged.step(self.trainable.values())
-        mean_reward = rewards.detach().mean()
-        world = accelerator.num_processes
-        self.history["reward"].append(float(accelerator.reduce(mean_reward, reduction="mean") if world > 1
-                                            else mean_reward))
+        self.history["reward"].append(float(distributed.mean(rewards.detach().mean())))
         self.history["seconds"].append(timer.seconds)
         return {"reward": self.history["reward"][-1], "seconds": timer.seconds}
 
@@ -351,10 +351,7 @@ class _Run(LoopState):
         self.opt.step()
 
     def _reduce_and_check(self, it: int) -> None:
-        if self.accelerator.num_processes > 1:  # the mean over processes: the gradient of the global batch's loss
-            for p in self.trainable.values():
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        distributed.average_gradients(self.trainable.values())  # the gradient of the global batch's mean loss
         grads = [p.grad for p in self.trainable.values() if p.grad is not None]
         if any(not torch.isfinite(g).all() for g in grads):
             raise FinetuneError(f"iteration {it}: non-finite gradient; the last checkpoint is left as it was")

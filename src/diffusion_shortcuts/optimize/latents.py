@@ -281,3 +281,23 @@ class _LatentRun(LoopState):
             final = check_reward_output(self.reward(result.images, result.cond), self.x.shape[0],
                                         reward_name(self.reward))
         self._final(final, final.mean().item())
+
+
+def merged_history(histories: list[dict], latents: torch.Tensor) -> dict:
+    """One history for the samples of several runs over disjoint samples (the shards of ``optimize`` under
+    ``accelerate launch``, in sample order), as one run over all of them would have recorded it: the per-sample
+    rewards side by side and their mean per iteration, the slowest run's seconds and graph, the final figures of
+    the ``latents`` (all samples', in the same order). Iterations that not every run reached (one stopped on an
+    error) are left out."""
+    done = min(len(h["reward_per_sample"]) for h in histories)
+    per_sample = [[r for h in histories for r in h["reward_per_sample"][it]] for it in range(done)]
+    merged = {"reward": [sum(rows) / len(rows) for rows in per_sample], "reward_per_sample": per_sample}
+    for key in ("seconds", "peak_rss_mb", "graph_mb"):
+        merged[key] = [max(h[key][it] for h in histories) for it in range(done)]
+    merged["shell_drift"] = [sum(h["shell_drift"][it] * len(h["reward_per_sample"][it]) for h in histories) /
+                             len(per_sample[it]) for it in range(done)]
+    if all("final_reward_per_sample" in h for h in histories):
+        final = [r for h in histories for r in h["final_reward_per_sample"]]
+        merged.update(final_reward=sum(final) / len(final), final_reward_per_sample=final,
+                      final_shell_drift=shell_drift(latents))
+    return merged

@@ -13,6 +13,11 @@ is mostly overhead.
 
 Every iteration's noise and conditions derive from ``(seed, iteration)``, so a search killed after a
 checkpoint resumes to the same pruner as an uninterrupted one.
+
+Under ``accelerate launch --num_processes P`` the search is data parallel (:mod:`diffusion_shortcuts.distributed`):
+every process draws the iteration's global batch of ``batch_size * P`` samples, rolls out its slice (the full
+model's targets sharded the same way), and the gate network's gradients are averaged, so every process holds the
+same gates: those one process reaches with ``batch_size * P``. Only the main process writes checkpoints.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 
 from .. import conditions as C
+from .. import distributed
 from .. import gradients as G
 from ..checkpoints import Checkpoint, configured, make_optimizer, settings_of
 from ..loop import LoopState, iteration_generator, run_loop
@@ -103,7 +109,9 @@ class SearchConfig:
     Attributes:
         ratio: the MACs fraction to prune; ``tau`` (default ``1 - ratio``) is the kept fraction below which the
             sparsity term is dropped; ``alpha`` its weight (DiP-GO eq. 8).
-        iterations, batch_size, lr, optimizer, momentum: the gate network's training (momentum for ``"sgd"``).
+        iterations, batch_size, lr, optimizer, momentum: the gate network's training (momentum for ``"sgd"``);
+            ``batch_size`` is per process: under ``accelerate launch`` an iteration's batch is ``batch_size`` times
+            the processes.
         gradient: the policy for the gated rollout, or its spec; ``"checkpointed"`` is exact with the memory of one
             step.
         blocks: the gated blocks (default: the family's); ``sample_shape``: one latent's (C, H, W) (default: the
@@ -141,6 +149,8 @@ class SearchConfig:
     conditions: str = field(default="", metadata={"derived": True})
     # the table the gates start from ("": keep everything), as its method and a digest of its table
     start: str = field(default="", metadata={"derived": True})
+    # processes sharing each iteration's batch (accelerate launch): a resume with another count is refused
+    num_processes: int = field(default=1, metadata={"derived": True})
 
 
 def _check_search_args(config: SearchConfig, conditions, shape) -> None:
@@ -190,12 +200,13 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
     config = dataclasses.replace(
         config, tau=1.0 - config.ratio if config.tau is None else config.tau, gradient=policy.spec,
         blocks=tuple(config.blocks) if config.blocks is not None else None, sample_shape=tuple(shape),
-        start=_describe_start(start), sampler=sampler.describe(), conditions=C.fingerprint(conditions))
+        start=_describe_start(start), sampler=sampler.describe(), conditions=C.fingerprint(conditions),
+        num_processes=distributed.num_processes())
     search = _Search(sampler, conditions, policy, config, start)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
     with search.attached():
         run_loop(search, config.iterations, checkpoint, desc="pruner search", progress=progress, callback=callback,
-                 map_location=search.device)
+                 map_location=search.device, main_process=distributed.is_main_process())
         result = SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history,
                               config.reuse_mode)
         if search.start is not None:
@@ -256,10 +267,12 @@ class _Search(LoopState):
                 p.requires_grad_(True)
 
     def batch(self, iteration: int):
+        """Noise and conditions of iteration ``iteration``: this process's slice of the global batch."""
         cfg = self.config
+        size, mine = cfg.batch_size * cfg.num_processes, distributed.my_slice(cfg.batch_size)
         gen = iteration_generator(cfg.seed, iteration)
-        noise = torch.randn((cfg.batch_size, *cfg.sample_shape), generator=gen)
-        rows = self.perm[(iteration * cfg.batch_size + torch.arange(cfg.batch_size)) % self.n_cond]
+        noise = torch.randn((size, *cfg.sample_shape), generator=gen)[mine]
+        rows = self.perm[(iteration * size + torch.arange(size)) % self.n_cond][mine]
         return noise.to(self.device), C.take(self.conditions, rows)
 
     def target(self, it: int) -> torch.Tensor:
@@ -292,15 +305,18 @@ class _Search(LoopState):
                     ) / self.profile.total_macs
             sparsity = keep_macs if kept > cfg.tau else torch.zeros((), dtype=keep_macs.dtype, device=self.device)
             loss = (1 - similarity) + cfg.alpha * sparsity
-            if not torch.isfinite(loss):
-                raise SearchError(f"iteration {it}: non-finite loss (SSIM {float(similarity.detach())}); "
+            # the global batch's figures, the same on every process: all of them stop here together or none
+            figures = distributed.mean(torch.stack([loss.detach().double(), similarity.detach().double()]))
+            if not torch.isfinite(figures).all():
+                raise SearchError(f"iteration {it}: non-finite loss (SSIM {float(figures[1])}); "
                                   "the last checkpoint is left as it was")
             self.optimizer.zero_grad(set_to_none=True)
             if loss.requires_grad:  # a one-step graph at step 0 (where no gate acts) gives nothing
                 loss.backward()
+                distributed.average_gradients(self.pruner.parameters())
                 self.optimizer.step()
             self.lr_schedule.step()
-        record = {"loss": float(loss.detach()), "ssim": float(similarity.detach()), "macs_ratio": kept,
+        record = {"loss": float(figures[0]), "ssim": float(figures[1]), "macs_ratio": kept,
                   "seconds": timer.seconds}
         for key, value in record.items():
             self.history[key].append(value)
