@@ -111,6 +111,7 @@ def test_sample_optimize_and_prune_on_two_processes(tmp_path, capsys):
     sharded = metrics_of(two / "prune")
     assert sharded["num_processes"] == 2 and sharded["search_settings"]["num_processes"] == 2
     assert (two / "prune" / "schedule.json").exists() and not list((two / "prune").glob(".*.tmp"))
+    capsys.readouterr()
     code = cli.main([*COMMANDS["prune"], "--resume", "--out", str(two / "prune")])
     err = capsys.readouterr().err
     assert code == 2 and "num_processes: checkpoint 2, this run 1" in err and len(err.strip().splitlines()) == 1
