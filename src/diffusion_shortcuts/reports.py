@@ -221,6 +221,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
                               reuse_mode=reuse_mode, start=start, resume=resume)
     except (SearchError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
+    search_memory = peak_memory_mb(subject.device)
     if not distributed.is_main_process():  # under `accelerate launch` every process holds the same gates
         return {}
     schedule = result.schedule(ratio)
@@ -248,7 +249,8 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
             "search_iterations": len(history["loss"]), "search_settings": history["settings"],
             "within_tolerance": schedule.info["within_tolerance"], "search_ssim": history["ssim"],
             "search_macs_ratio": history["macs_ratio"], "search_validation": history.get("validation"),
-            "num_processes": history["settings"]["num_processes"], "seed": seed + 1, **metrics}
+            "num_processes": history["settings"]["num_processes"], "search_peak_memory_mb": search_memory,
+            "seed": seed + 1, **metrics}
 
 
 def optimize_report(out: Path, subject, *, reward: str, gradient: str, iterations: int, n: int, lr: float,

@@ -195,6 +195,9 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
     policy = G.resolve(config.gradient)
     if policy is None:
         raise ValueError("gradient: the search needs a gradient policy, e.g. Checkpointed(), got None")
+    if isinstance(policy, G.Shortcut) and policy.step in ("first", 0):
+        raise ValueError(f"gradient {policy.spec}: its one graph is step 0's call, where no gate acts (step 0 always "
+                         "computes every block), so the gates would get no gradient; use shortcut:random")
     shape = config.sample_shape if config.sample_shape is not None else sampler.sample_shape
     _check_search_args(config, conditions, shape)
     config = dataclasses.replace(
