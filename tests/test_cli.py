@@ -212,3 +212,19 @@ def test_sample_with_a_shipped_schedule_by_ratio(tmp_path, capsys):
     assert macs["zoo"] == pytest.approx(ds.zoo.load("digits-dit").cache_schedule(0.8).macs_ratio)
     assert macs["zoo:0.5"] == pytest.approx(ds.zoo.load("digits-dit").cache_schedule(0.5).macs_ratio)
     assert macs["zoo:0.5"] > macs["zoo"] + 0.2
+
+
+def test_prune_against_a_reward_reports_it_and_refuses_a_resume_with_another_objective(tmp_path, capsys):
+    out = tmp_path / "p"
+    search = ["prune", "--model", "digits-dit", "--ratio", "0.5", "--steps", "4", "--iterations", "2", "--samples",
+              "4", "--gradient", "full", "--checkpoint-every", "1", "--out", str(out)]
+    code, _, err = run([*search, "--objective", "ssim+reward:digit:3:0.5"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["objective"] == "ssim+reward:digit:3:0.5" and len(metrics["search_reward"]) == 2
+    assert metrics["reward_full"] <= 0 and metrics["reward_pruned"] <= 0  # the reward classifier's log P(3)
+    code, _, err = run([*search, "--resume", "--objective", "reward:digit:3"], capsys)
+    assert code == 2 and "objective: checkpoint 'ssim+reward:digit:3:0.5', this run 'reward:digit:3'" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run([*search[:-1], str(tmp_path / "q"), "--objective", "reward:bold:3"], capsys)
+    assert code == 2 and "--objective reward:bold:3" in err and len(err.strip().splitlines()) == 1

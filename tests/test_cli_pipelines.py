@@ -288,3 +288,53 @@ def test_a_precision_the_device_cannot_run_is_one_line_naming_the_flag(monkeypat
                      "--out", tmp_path / "s"], capsys)
     assert code == 2 and "--dtype float16: cpu cannot compute in float16" in err and len(err.strip().splitlines()) == 1
     pipelines.check_precision(torch.device("cpu"), "bfloat16")  # runs here: no error
+
+
+def test_finetune_refits_a_schedule_ships_it_beside_the_lora_and_prune_refits_on_a_lora(folders, tmp_path, capsys):
+    from diffusion_shortcuts.prune import CacheSchedule, ScheduleError, enable_cache, profile, summary
+
+    tuned = load_pipeline(folders / "sd", "cpu", height=16, width=16)
+    sampler = tuned.sampler(3)
+    example = profile(tuned.model, tuned.noise(1), sampler.encode_prompt(["a red car"]))
+    CacheSchedule.every(sampler.timesteps, example, 2, warmup=1).save(tmp_path / "rule.json")
+    train = ["finetune", "--model", folders / "sd", *PROMPTS, "--height", "16", "--width", "16", "--iterations", "2",
+             "--batch-size", "1", "--lr", "0.05", "--eval-every", "2", "--eval-samples", "2",
+             "--reward", f"clip:{folders / 'clip'}", "--schedule", tmp_path / "rule.json"]
+    # made for 3 steps: refused before any training, naming the difference
+    code, err = run([*train, "--steps", "4", "--out", tmp_path / "wrong"], capsys)
+    assert code == 2 and "--schedule: schedule has 3 steps, the sampler 4" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "wrong").exists()
+
+    out = tmp_path / "tuned"
+    code, err = run([*train, "--steps", "3", "--refit-iterations", "2", "--out", out], capsys)
+    assert code == 0, err
+    metrics = metrics_of(out)
+    refit = metrics["schedule_refit"]
+    assert metrics["schedule"] == "lora/schedule.json" and refit["iterations"] == 2 and refit["kept"] in ("start",
+                                                                                                        "searched")
+    assert 0 < refit["ssim_start"] <= 1 and 0 < refit["ssim_searched"] <= 1  # the rule on the tuned model, the refit
+    assert refit["loss_" + refit["kept"]] <= min(refit["loss_start"], refit["loss_searched"])
+
+    # the stock pipeline with the LoRA finds the schedule in the LoRA's folder; another base model is refused
+    stock = load_pipeline(folders / "sd", "cpu").pipe
+    stock.load_lora_weights(out / "lora")
+    net = enable_cache(stock, out / "lora")
+    try:
+        stock("a red car", num_inference_steps=3, height=16, width=16, output_type="latent")
+        shipped = CacheSchedule.load(out / "lora")
+        assert summary(net)["block_calls_reused"] == int(shipped.reuse.sum())  # one batched call a step
+    finally:
+        net.detach()
+    with pytest.raises(ScheduleError, match="made for model UNet2DConditionModel:"):
+        enable_cache(load_pipeline(folders / "sdxl", "cpu").pipe, out / "lora")
+
+    # prune on the pipeline with that LoRA loaded, started from its schedule: a refit from the command line
+    code, err = run(["prune", "--model", folders / "sd", *PROMPTS, "--height", "16", "--width", "16", "--steps", "3",
+                     "--lora", out, "--start-from", out / "lora", "--ratio", "0.5", "--iterations", "2",
+                     "--samples", "2", "--gradient", "full", "--out", tmp_path / "p"], capsys)
+    assert code == 0, err
+    assert metrics_of(tmp_path / "p")["search_settings"]["start"].endswith(
+        ds.conditions.fingerprint(CacheSchedule.load(out / "lora").reuse))
+    code, err = run(["prune", "--model", folders / "sd", *PROMPTS, "--lora", tmp_path, "--out", tmp_path / "q"],
+                    capsys)
+    assert code == 2 and "--lora" in err and "no adapter there" in err and len(err.strip().splitlines()) == 1

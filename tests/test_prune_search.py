@@ -199,3 +199,11 @@ def test_a_search_from_a_rule_keeps_the_rule_where_it_validates_better():
     unchanged = ds.prune.train_pruner(sampler, conditions, ratio, lr=0.0, **kwargs)
     assert unchanged.history["validation"]["kept"] == "searched"
     assert torch.equal(unchanged.schedule(ratio).reuse, rule.reuse)
+
+
+def test_a_search_whose_one_graph_is_step_0_is_refused_naming_the_policy_that_works():
+    sampler, noise, cond = unet_case(steps=3)
+    for gradient in (ds.gradients.Shortcut(), ds.gradients.Shortcut(step=0), "shortcut"):
+        with pytest.raises(ValueError, match="no gate acts.*use shortcut:random"):
+            ds.prune.train_pruner(sampler, torch.randn(2, 3, 8), ratio=0.5, iterations=1, gradient=gradient,
+                                  sample_shape=(1, 8, 8), progress=False)

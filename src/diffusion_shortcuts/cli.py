@@ -82,9 +82,19 @@ FLAGS = {
     "resume": dict(action="store_true", help="continue a run killed in the same --out"),
     "batch_size": dict(type=number(int, 1, 4096), default=4),
     "checkpoint_every": dict(type=number(int, 1), default=10, help="iterations between checkpoints"),
-    "schedule": dict(default=None, help="a cache schedule JSON (from `prune`), or `zoo` / `zoo:RATIO` for the model's "
-                     "shipped one (0.8 / 0.5, 0.7, 0.8 or 0.85); "
-                     "resampled to --steps when made for another step count"),
+    "schedule": dict(default=None, help="a cache schedule JSON (from `prune`) or a folder holding one, or `zoo` / "
+                     "`zoo:RATIO` for the model's shipped one (0.8 / 0.5, 0.7, 0.8 or 0.85); sample and optimize run "
+                     "with it (resampled to --steps when made for another step count), finetune refits it to the "
+                     "tuned model and ships it beside the adapter"),
+    "refit_iterations": dict(type=number(int, 1), default=50,
+                             help="iterations of the search that refits --schedule to the tuned model"),
+    "start_from": dict(default=None, help="start the search from this schedule (a file, a folder holding one, or zoo / "
+                       "zoo:RATIO): a refit, e.g. of the base model's schedule on a --lora"),
+    "objective": dict(default="ssim", help="what the gates keep: ssim (the full model's images, DiP-GO's), "
+                      "reward:SPEC (the reward of the full model's sample from the same noise, as a hinge on its "
+                      "drop) or ssim+reward:SPEC:W (both, the reward's term weighted W)"),
+    "lora": dict(default=None, help="a LoRA adapter loaded onto the denoiser first: `finetune`'s output folder (its "
+                 "lora/ or adapter.safetensors)"),
     "strict_schedule": dict(action="store_true", help="refuse a schedule made for other timesteps"),
     "start_every": dict(type=_interval_or_auto, default=None,
                         help="start the search from the rule table that computes every block at the first 3 steps and "
@@ -130,7 +140,7 @@ VERBS = {
              dict(out="diffusion-shortcuts-demo", n=100, seed=0, steps=50, digit=3, iterations=15)),
     "sample": ("sample a model and judge the samples",
                dict(**MODEL, labels=None, n=64, seed=0, steps=50, guidance=None, schedule=None, strict_schedule=None,
-                    compile=None, out=None)),
+                    compile=None, lora=None, out=None)),
     "optimize": ("optimize initial noise against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, reward=None, gradient=None, iterations=None, n=None, lr=None, steps=None,
                       seed=None, guidance=None, noise_prior=None, labels="null", schedule=None, strict_schedule=None,
@@ -138,12 +148,12 @@ VERBS = {
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
-                   start_every=None, resume=None, compile=None, out=None)),
+                   start_every=None, start_from=None, objective=None, lora=None, resume=None, compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
                       iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,
                       base_weight=None, warmup=None, eval_every=None, eval_samples=None, checkpoint_every=None,
-                      resume=None, out=None)),
+                      schedule=None, refit_iterations=None, resume=None, out=None)),
 }
 
 

@@ -31,7 +31,7 @@ def subject_from(flags: dict):
     from .subjects import load_subject
 
     names = ("labels", "prompt", "prompts", "negative_prompt", "scheduler", "height", "width", "device", "dtype",
-             "vae_checkpointing")
+             "vae_checkpointing", "lora")
     options = {k: flags.pop(k) for k in names if k in flags}
     options = {k: v for k, v in options.items() if v is not None}
     try:
@@ -52,6 +52,28 @@ def parse_reward(text: str, subject):
         return rewards.from_spec(text, subject.reward_context())
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
+
+
+def parse_search_objective(text: str, subject):
+    """``--objective``: ``ssim``, ``reward:SPEC`` or ``ssim+reward:SPEC:W``, its reward loaded for ``subject``."""
+    from .prune import Objective, parse_objective
+
+    try:
+        kind, spec, weight = parse_objective(text)
+        reward = rewards.from_spec(spec, subject.reward_context()) if spec is not None else None
+    except ValueError as exc:
+        raise UsageError(f"--objective {text}: {exc}") from None
+    return Objective(kind, reward, weight)
+
+
+def mean_reward(reward, images: torch.Tensor, conditions, device, batch_size: int = 100) -> float:
+    """The mean of ``reward`` over ``images`` (``conditions`` as the reward sees them), ``batch_size`` at a time."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            rows = torch.arange(i, min(i + batch_size, len(images)))
+            total += float(reward(images[rows].to(device), C.take(conditions, rows)).sum())
+    return total / len(images)
 
 
 def load_schedule(path: str, subject, sampler, strict: bool = False):
@@ -187,12 +209,14 @@ def summed(parts: list[dict]) -> dict:
 def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_size: int, lr: float, gradient: str,
                  steps: int, samples: int, seed: int, resume: bool, checkpoint_every: int = 25,
                  guidance: float | None = None, reuse_mode: str = "copy", start_every: int | str | None = None,
-                 compile: bool = False) -> dict:
+                 start_from: str | None = None, objective: str = "ssim", compile: bool = False) -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
     ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
     the N whose table prunes nearest ``ratio``); ``compile``: the comparison (quality and speed) through compiled
-    blocks on both sides. Under ``accelerate launch`` the search is data parallel (``--batch-size`` per process)
-    and the main process alone writes and makes the comparison."""
+    blocks on both sides. ``start_from``: a schedule the search starts from (a refit); ``objective``: what the gates
+    keep (``ssim``, ``reward:SPEC``, ``ssim+reward:SPEC:W``; with a reward the comparison reports it for both sides).
+    Under ``accelerate launch`` the search is data parallel (``--batch-size`` per process) and the main process
+    alone writes and makes the comparison."""
     from .plots import schedule_heatmap
     from .prune import CacheSchedule, SearchError, profile, train_pruner
     from .prune.compare import compare_schedule
@@ -205,11 +229,14 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     if iterations < 1 or samples < 1:
         raise UsageError("--iterations and --samples must be at least 1")
     policy = parse_gradient(gradient)
+    goal = parse_search_objective(objective, subject)
+    if start_every is not None and start_from is not None:
+        raise UsageError("--start-every and --start-from both say where the search starts; give one")
     check_resume(resume, out, "search_checkpoint.pt")
     sampler = subject.sampler(steps, guidance)
     distinct = subject.distinct_conditions()
     conditions = subject.encode(distinct) if distinct is not None else None
-    start = None
+    start = load_schedule(start_from, subject, sampler, strict=True) if start_from is not None else None
     if start_every is not None:
         example = torch.zeros(1, *sampler.sample_shape, device=subject.device)
         prof = profile(sampler.model, example, C.first(conditions))
@@ -218,7 +245,8 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     try:
         result = train_pruner(sampler, conditions, ratio, iterations=iterations, batch_size=batch_size, lr=lr,
                               gradient=policy, seed=seed, checkpoint_dir=out, checkpoint_every=checkpoint_every,
-                              reuse_mode=reuse_mode, start=start, resume=resume)
+                              reuse_mode=reuse_mode, start=start, resume=resume, objective=goal,
+                              reward_conditions=distinct)
     except (SearchError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
     search_memory = peak_memory_mb(subject.device)
@@ -236,6 +264,9 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     if subject.accuracy_judge:
         metrics.update(accuracy_judge=subject.accuracy_judge,
                        fid_features="digits-classifier" if "fid_full" in metrics else None)
+    if goal.reward is not None:  # the reward the gates were trained on, for both sides of the comparison
+        metrics.update(reward_full=mean_reward(goal.reward, full, conditions, subject.device),
+                       reward_pruned=mean_reward(goal.reward, pruned, conditions, subject.device))
     show = slice(0, min(20, samples))
     side_by_side([labelled(grid(full[show], nrow=10), "full model"),
                   labelled(grid(pruned[show], nrow=10), f"schedule: {metrics['speedup']:.1f}x faster")]).save(
@@ -250,6 +281,8 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
             "within_tolerance": schedule.info["within_tolerance"], "search_ssim": history["ssim"],
             "search_macs_ratio": history["macs_ratio"], "search_validation": history.get("validation"),
             "num_processes": history["settings"]["num_processes"], "search_peak_memory_mb": search_memory,
+            "objective": goal.name, "search_reward": history.get("reward"),
+            "search_reward_full": history.get("reward_full"),
             "seed": seed + 1, **metrics}
 
 
@@ -342,9 +375,11 @@ def _heldout_set(subject, samples: int, every: int, seed: int):
 def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, gradient: str, iterations: int,
                     batch_size: int, lr: float, steps: int, guidance: float | None, seed: int, ema: float | None,
                     base_weight: float, warmup: int, eval_every: int, eval_samples: int, checkpoint_every: int,
-                    resume: bool) -> dict:
+                    resume: bool, schedule: str | None = None, refit_iterations: int = 50) -> dict:
     """Fine-tune a LoRA adapter (or all weights) against a reward; resumable; judged on a held-out set (the
-    zoo's by the eval classifier), with the diversity of each condition's samples."""
+    zoo's by the eval classifier), with the diversity of each condition's samples. With ``schedule`` (checked against
+    the model and the step count before training), the schedule is refit to the tuned model afterwards and written
+    beside the adapter, with what it and the refit keep of the tuned model in the metrics."""
     from .optimize import FinetuneError, add_lora, finetune
     from .plots import heldout_curves, reward_curves
 
@@ -354,6 +389,7 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
                          "--eval-samples at least 2")
     check_resume(resume, out, "finetune_checkpoint.pt")
     sampler = subject.sampler(steps, guidance)
+    cache = load_schedule(schedule, subject, sampler, strict=True) if schedule is not None else None
     heldout, (show_noise, show_conditions) = _heldout_set(subject, eval_samples, eval_every, seed)
     encode = subject.encode if subject.conditional else None
 
@@ -371,13 +407,21 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
                           checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume)
     except (FinetuneError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'finetune_checkpoint.pt'})") from None
-    if not distributed.is_main_process():  # under `accelerate launch` every process holds the same weights
-        return {}
-    if params == "lora":
+    main = distributed.is_main_process()  # under `accelerate launch` every process holds the same weights: one writes
+    if main and params == "lora":
         weights = subject.save_adapter(out)
-    else:
+    elif main:
         subject.model.save_pretrained(out / "model")
         weights = "model"
+    refitted = refit_schedule(subject, sampler, cache, refit_iterations, seed, out) if cache is not None else None
+    if not main:
+        return {}
+    refit_figures = {}
+    if refitted is not None:  # beside the adapter: `enable_cache(pipe, "OUT/lora")` finds it
+        where = (out / weights).parent if params == "lora" else out / weights
+        refitted.save(where / "schedule.json")
+        refit_figures = {"schedule": (where / "schedule.json").relative_to(out).as_posix(),
+                         "schedule_refit": refitted.info["refit"], "schedule_macs_ratio": refitted.macs_ratio}
     side_by_side([labelled(grid(before, nrow=10), "base model"), labelled(grid(samples(), nrow=10), "fine-tuned")]
                  ).save(out / "before_after.png")
     reward_curves({gradient: result.history}, out / "curve.png", title=f"{subject.name}, {reward}")
@@ -387,7 +431,21 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
             "reward": result.history["reward"], "seconds_per_iteration": result.history["seconds"],
             "heldout": result.history["eval"], "accuracy_judge": subject.accuracy_judge,
             "weights": weights, "trainable_dtype": str(next(iter(result.trainable.values())).dtype),
-            "peak_memory_mb": peak_memory_mb(subject.device)}
+            "peak_memory_mb": peak_memory_mb(subject.device), **refit_figures}
+
+
+def refit_schedule(subject, sampler, schedule, iterations: int, seed: int, out: Path):
+    """``schedule`` refit to the tuned model (:func:`~diffusion_shortcuts.prune.refit`, over the subject's
+    conditions; every process of an ``accelerate launch`` takes part, data parallel)."""
+    from .prune import SearchError, refit
+
+    distinct = subject.distinct_conditions()
+    conditions = subject.encode(distinct) if distinct is not None else None
+    try:
+        return refit(sampler, schedule, conditions, iterations=iterations, seed=seed, batch_size=2,
+                     reward_conditions=distinct, progress=distributed.is_main_process())
+    except (SearchError, ValueError) as exc:
+        raise UsageError(f"--schedule: the refit failed: {exc}; the fine-tuned weights are saved in {out}") from None
 
 
 def demo_report(out: Path, *, n: int, seed: int, steps: int, digit: int, iterations: int) -> dict:

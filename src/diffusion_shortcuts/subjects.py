@@ -52,6 +52,7 @@ class Subject(Protocol):
     def reward_context(self) -> SpecContext: ...
     def shipped_schedule(self, ratio: float): ...
     def save_adapter(self, out: Path) -> str: ...
+    def load_adapter(self, path: Path) -> None: ...
 
 
 class ZooSubject:
@@ -115,6 +116,10 @@ class ZooSubject:
         save_lora(self.model, out / "adapter.safetensors")
         return "adapter.safetensors"
 
+    def load_adapter(self, path: Path) -> None:
+        """``finetune``'s adapter (its output folder or the ``adapter.safetensors`` in it) onto the model."""
+        load_adapter_file(self.model, path, "adapter.safetensors")
+
 
 class PipelineSubject:
     """A local text-to-image pipeline folder: prompts through its own encoders; no judge of its own."""
@@ -168,6 +173,21 @@ class PipelineSubject:
         except ValueError:  # a pipeline without LoRA loading of its own (PixArt): the adapter file alone
             save_adapter_file(self.model, out / "adapter.safetensors")
             return "adapter.safetensors"
+
+    def load_adapter(self, path: Path) -> None:
+        """A LoRA folder in the pipeline's own format (``pipe.load_lora_weights``; ``finetune``'s output folder,
+        whose ``lora/`` holds it, will do), or the adapter file that a pipeline without LoRA loading of its own was
+        fine-tuned into."""
+        path = Path(path)
+        folder = next((f for f in (path, path / "lora") if (f / "pytorch_lora_weights.safetensors").is_file()), None)
+        if folder is not None and hasattr(self.m.pipe, "load_lora_weights"):  # finetune's output or its lora/
+            try:
+                self.m.pipe.load_lora_weights(str(folder))
+            except (ValueError, OSError, KeyError) as exc:
+                raise SubjectError(f"--lora {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                                   ) from None
+            return
+        load_adapter_file(self.model, path, "adapter.safetensors")
 
 
 class ClassPipelineSubject(PipelineSubject):
@@ -228,9 +248,36 @@ def read_prompts(prompt: list[str] | None, prompts_file: str | None) -> list[str
     return prompts
 
 
+def load_adapter_file(model, path: Path, name: str) -> None:
+    """The adapter file ``path`` (or ``path/name``) onto ``model``; one line naming ``--lora`` where there is none."""
+    from .optimize.finetune import load_lora_file
+
+    path = Path(path)
+    file = path / name if path.is_dir() else path
+    if not file.is_file():
+        raise SubjectError(f"--lora {path}: no adapter there (a `finetune` output: {name}, or a LoRA folder with "
+                           "pytorch_lora_weights.safetensors)")
+    try:
+        load_lora_file(model, file)
+    except ValueError as exc:
+        raise SubjectError(f"--lora: {exc}") from None
+
+
 def load_subject(model: str, *, labels: str = "0-9", prompt=None, prompts=None, negative_prompt=None,
-                 scheduler=None, height=None, width=None, device="auto", dtype="float32", vae_checkpointing=False):
-    """A zoo name or a folder: a pipeline folder of a text family becomes a :class:`PipelineSubject`."""
+                 scheduler=None, height=None, width=None, device="auto", dtype="float32", vae_checkpointing=False,
+                 lora=None):
+    """A zoo name or a folder: a pipeline folder of a text family becomes a :class:`PipelineSubject`; ``lora``: an
+    adapter loaded onto its denoiser (``finetune``'s output)."""
+    subject = _load_subject(model, labels=labels, prompt=prompt, prompts=prompts, negative_prompt=negative_prompt,
+                            scheduler=scheduler, height=height, width=width, device=device, dtype=dtype,
+                            vae_checkpointing=vae_checkpointing)
+    if lora is not None:
+        subject.load_adapter(Path(lora))
+    return subject
+
+
+def _load_subject(model: str, *, labels, prompt, prompts, negative_prompt, scheduler, height, width, device, dtype,
+                  vae_checkpointing):
     texts = read_prompts(prompt, prompts)
     if is_pipeline_folder(model):
         pipeline = load_pipeline(model, device, dtype, scheduler, negative_prompt, height, width, vae_checkpointing)

@@ -97,6 +97,22 @@ def load_lora(model: torch.nn.Module, path: str | Path, rank: int, alpha: float 
     return model
 
 
+def load_lora_file(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Put an adapter saved by :func:`save_lora` (or ``finetune``'s ``adapter.safetensors``) onto a base model, its
+    rank read from the file (alpha = rank, as :func:`add_lora` made it). A file that is no adapter is a ValueError
+    naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            ranks = [f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k]
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable adapter file ({exc})") from None
+    if not ranks:
+        raise ValueError(f"{path}: holds no LoRA weights (no lora_A tensors)")
+    return load_lora(model, path, rank=ranks[0])
+
+
 def _select(model, params) -> dict[str, torch.nn.Parameter]:
     named = dict(model.named_parameters())
     if params == "all":

@@ -9,8 +9,9 @@ from .blocks import BlockProfile, deepcache_blocks, default_block_names, profile
 from .pruner import Pruner
 from .schedule import CacheSchedule, ScheduleError
 from .supernet import SuperNet
-from .train import SearchError, SearchResult, search, train_pruner
+from .objective import Objective, parse_objective
+from .train import SearchError, SearchResult, refit, search, train_pruner
 
 __all__ = ["apply", "enable", "disable", "enable_cache", "summary", "supported", "BlockProfile", "deepcache_blocks",
            "default_block_names", "profile", "Pruner", "CacheSchedule", "ScheduleError", "SuperNet", "SearchError",
-           "SearchResult", "search", "train_pruner"]
+           "SearchResult", "search", "train_pruner", "refit", "Objective", "parse_objective"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -62,15 +63,22 @@ def apply(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full
         net.detach()
 
 
-def enable_cache(pipe, schedule: CacheSchedule, num_inference_steps: int | None = None, height: int | None = None,
-                 width: int | None = None, compile: bool | dict = False) -> SuperNet:
+def enable_cache(pipe, schedule: CacheSchedule | str | Path, num_inference_steps: int | None = None,
+                 height: int | None = None, width: int | None = None, compile: bool | dict = False) -> SuperNet:
     """``enable`` on a diffusers pipeline: finds its denoiser (``unet`` or ``transformer``); with
     ``num_inference_steps`` the schedule is resampled to the timesteps the pipeline's scheduler will use for
     that many steps (at ``height`` x ``width`` pixels, for schedulers that shift with the resolution), so that a
-    stock ``pipe(..., num_inference_steps=M)`` call runs with it. ``compile``: as in :func:`enable`."""
+    stock ``pipe(..., num_inference_steps=M)`` call runs with it. ``compile``: as in :func:`enable`.
+
+    ``schedule`` may be a schedule file or a folder holding ``schedule.json``: the LoRA folder ``finetune
+    --schedule`` writes ships the schedule refit to that adapter beside it (``enable_cache(pipe, "tuned/lora")``
+    after ``pipe.load_lora_weights("tuned/lora")``); a schedule made for another base model is refused, naming
+    both."""
     from ..families import denoiser_of, family_of, vae_scale
     from ..sampling import Sampler
 
+    if isinstance(schedule, (str, Path)):
+        schedule = CacheSchedule.load(schedule)
     _, model = denoiser_of(pipe)
     if num_inference_steps is not None:  # the timesteps our Sampler would run, which are the stock call's
         channels, h, w = family_of(model).latent_shape(model)

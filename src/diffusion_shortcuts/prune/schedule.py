@@ -213,11 +213,12 @@ class CacheSchedule:
 
     # ---- checks -------------------------------------------------------------------------------
     def check_model(self, model_id: str, blocks: list[str]) -> None:
-        if list(blocks) != self.blocks:
-            raise ScheduleError(f"schedule is for blocks {self.blocks}, the model's are {list(blocks)}")
+        """Refuse another model (named by both identities) or other blocks."""
         if model_id != self.model_id:
             raise ScheduleError(f"schedule was made for model {self.model_id}, this model is {model_id} "
                                 "(a different architecture or configuration)")
+        if list(blocks) != self.blocks:
+            raise ScheduleError(f"schedule is for blocks {self.blocks}, the model's are {list(blocks)}")
 
     def check_timesteps(self, timesteps) -> None:
         theirs = [float(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
@@ -273,9 +274,13 @@ class CacheSchedule:
 
     @classmethod
     def load(cls, path: str | Path) -> "CacheSchedule":
+        """A schedule file, or the ``schedule.json`` in a folder (``prune``'s output, or the LoRA folder that
+        ``finetune --schedule`` ships its refit schedule in)."""
         path = Path(path)
         if path.is_dir():
-            raise ScheduleError(f"{path}: a folder, not a schedule file (its schedule.json?)")
+            if not (path / "schedule.json").is_file():
+                raise ScheduleError(f"{path}: a folder, not a schedule file, and no schedule.json in it")
+            path = path / "schedule.json"
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:

@@ -38,8 +38,9 @@ from .. import gradients as G
 from ..checkpoints import Checkpoint, configured, make_optimizer, settings_of
 from ..loop import LoopState, iteration_generator, run_loop
 from ..families import unwrap
-from ..metrics import Timer, ssim
+from ..metrics import Timer
 from .blocks import BlockProfile, profile
+from .objective import Objective
 from .pruner import KEEP, Pruner
 from .schedule import TOLERANCE, CacheSchedule
 from .supernet import SuperNet
@@ -124,7 +125,8 @@ class SearchConfig:
             search trains with it.
         validation: with a ``start`` table, the searched schedule and the start (if it prunes as much, within the
             tolerance) are compared at the end on this many fresh samples (SSIM to the full model's images, as the
-            loss); where the start is better the result is the pruner as it began (it gives the start table back),
+            loss); where the start is better, or the searched table prunes less than asked (its keep scores allowed
+            no closer threshold), the result is the pruner as it began (it gives the start table back),
             and ``history["validation"]`` says which was kept and why. A search from a good rule thus never returns
             a worse table than the rule on its own measure.
     """
@@ -151,6 +153,8 @@ class SearchConfig:
     start: str = field(default="", metadata={"derived": True})
     # processes sharing each iteration's batch (accelerate launch): a resume with another count is refused
     num_processes: int = field(default=1, metadata={"derived": True})
+    # what the search keeps (:class:`~.objective.Objective`'s name): "ssim", "reward:NAME", "ssim+reward:NAME:W"
+    objective: str = field(default="ssim", metadata={"derived": True})
 
 
 def _check_search_args(config: SearchConfig, conditions, shape) -> None:
@@ -167,7 +171,7 @@ def _check_search_args(config: SearchConfig, conditions, shape) -> None:
 def train_pruner(sampler, conditions, ratio: float | None = None, config: SearchConfig | None = None, *,
                  start: CacheSchedule | None = None, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int = 25, resume: bool = False, progress: bool = True, callback=None,
-                 **settings) -> SearchResult:
+                 objective: Objective | None = None, reward_conditions=None, **settings) -> SearchResult:
     """Train a :class:`Pruner` for ``sampler`` (its model, scheduler, steps and guidance).
 
     Args:
@@ -189,9 +193,18 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
             ``resume`` the search continues from it, refusing one made with other settings
             (:class:`SearchConfig`) and naming the first difference.
         callback: ``callback(event)`` after each iteration (the loop kit's contract, :mod:`diffusion_shortcuts.loop`:
-            ``iteration``, ``elapsed``, ``loss``, ``ssim``, ``macs_ratio``, ``seconds``); returning True stops there.
+            ``iteration``, ``elapsed``, ``loss``, ``ssim``, ``macs_ratio``, ``seconds``, and with a reward objective
+            ``reward``, ``reward_full``, ``reward_drop``); returning True stops there.
+        objective: what the gates keep (:class:`~.objective.Objective`): the full model's images (``"ssim"``,
+            DiP-GO's, the default), a reward (a hinge on its drop from the full model's sample from the same noise)
+            or both; the start validation compares by it too. ``reward_conditions``: the rows of ``conditions`` as
+            the reward sees them (labels, prompts), default ``conditions`` themselves.
     """
     config = configured(SearchConfig, config, {**settings, **({"ratio": ratio} if ratio is not None else {})})
+    objective = objective if objective is not None else Objective()
+    if reward_conditions is not None and C.count(reward_conditions) != C.count(conditions):
+        raise ValueError(f"reward_conditions has {C.count(reward_conditions)} rows, conditions "
+                         f"{C.count(conditions)}: one row of each per condition")
     policy = G.resolve(config.gradient)
     if policy is None:
         raise ValueError("gradient: the search needs a gradient policy, e.g. Checkpointed(), got None")
@@ -204,8 +217,9 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
         config, tau=1.0 - config.ratio if config.tau is None else config.tau, gradient=policy.spec,
         blocks=tuple(config.blocks) if config.blocks is not None else None, sample_shape=tuple(shape),
         start=_describe_start(start), sampler=sampler.describe(), conditions=C.fingerprint(conditions),
-        num_processes=distributed.num_processes())
-    search = _Search(sampler, conditions, policy, config, start)
+        num_processes=distributed.num_processes(), objective=objective.name)
+    search = _Search(sampler, conditions, policy, config, start, objective,
+                     conditions if reward_conditions is None else reward_conditions)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
     with search.attached():
         run_loop(search, config.iterations, checkpoint, desc="pruner search", progress=progress, callback=callback,
@@ -220,8 +234,11 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
 class _Search(LoopState):
     """The state of one pruner search and its iteration (see :func:`train_pruner`)."""
 
-    def __init__(self, sampler, conditions, policy, config: SearchConfig, start: CacheSchedule | None = None):
+    def __init__(self, sampler, conditions, policy, config: SearchConfig, start: CacheSchedule | None = None,
+                 objective: Objective | None = None, reward_conditions=None):
         self.sampler, self.conditions, self.policy, self.config = sampler, conditions, policy, config
+        self.objective = objective if objective is not None else Objective()
+        self.reward_conditions = reward_conditions
         model = sampler.model
         self.device = next(unwrap(model).parameters()).device
         self.timesteps = [float(t) for t in sampler.timesteps]
@@ -244,6 +261,8 @@ class _Search(LoopState):
                                         momentum=config.momentum if config.optimizer == "sgd" else 0.0)
         self.lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.iterations)
         self.history = {"settings": settings_of(config), "loss": [], "ssim": [], "macs_ratio": [], "seconds": []}
+        if self.objective.reward is not None:
+            self.history.update(reward=[], reward_full=[], reward_drop=[])
         self.n_cond = C.count(conditions)
         self.perm = torch.randperm(self.n_cond, generator=torch.Generator().manual_seed(config.seed))
         self.net = SuperNet(model, self.timesteps, list(prof.blocks), mode=config.reuse_mode)
@@ -270,13 +289,14 @@ class _Search(LoopState):
                 p.requires_grad_(True)
 
     def batch(self, iteration: int):
-        """Noise and conditions of iteration ``iteration``: this process's slice of the global batch."""
+        """Noise, conditions and the reward's conditions of iteration ``iteration``: this process's slice of the
+        global batch."""
         cfg = self.config
         size, mine = cfg.batch_size * cfg.num_processes, distributed.my_slice(cfg.batch_size)
         gen = iteration_generator(cfg.seed, iteration)
         noise = torch.randn((size, *cfg.sample_shape), generator=gen)[mine]
         rows = self.perm[(iteration * size + torch.arange(size)) % self.n_cond][mine]
-        return noise.to(self.device), C.take(self.conditions, rows)
+        return noise.to(self.device), C.take(self.conditions, rows), C.take(self.reward_conditions, rows)
 
     def target(self, it: int) -> torch.Tensor:
         """The full model's images, made ``target_batch`` iterations at a time in one rollout; pools start
@@ -284,9 +304,9 @@ class _Search(LoopState):
         if it not in self.targets:
             first = it - it % self.config.target_batch
             its = list(range(first, min(first + self.config.target_batch, self.config.iterations)))
-            pairs = [self.batch(j) for j in its]
-            noise = torch.cat([p[0] for p in pairs])
-            cond = None if self.conditions is None else C.concat(*[p[1] for p in pairs])
+            batches = [self.batch(j) for j in its]
+            noise = torch.cat([b[0] for b in batches])
+            cond = None if self.conditions is None else C.concat(*[b[1] for b in batches])
             self.net.use_table(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
             full = self.sampler(noise, cond).detach()
             self.targets = dict(zip(its, full.split(self.config.batch_size)))
@@ -296,22 +316,23 @@ class _Search(LoopState):
         cfg = self.config
         target = self.target(it)
         with Timer() as timer:
-            noise, cond = self.batch(it)
+            noise, cond, seen = self.batch(it)
             gates = self.pruner.gates()
             self.net.use_gates(gates)
             images = self.sampler(noise, cond, gradient=self.policy,
                                   generator=torch.Generator().manual_seed(cfg.seed + it))
-            similarity = ssim(images, target).mean()
+            quality, figures = self.objective.loss(images, target, seen)
             keep_macs = (gates[..., KEEP].double() @ self.gamma).mean()  # mean_t sum_b gamma_b g_keep[t, b]
             # the kept MACs fraction of the current hard gates, summed in whole MACs (exactly 1 when all keep)
             kept = (self.profile.other_macs + float((gates[..., KEEP].detach().double() @ self.block_macs).mean())
                     ) / self.profile.total_macs
             sparsity = keep_macs if kept > cfg.tau else torch.zeros((), dtype=keep_macs.dtype, device=self.device)
-            loss = (1 - similarity) + cfg.alpha * sparsity
+            loss = quality + cfg.alpha * sparsity
             # the global batch's figures, the same on every process: all of them stop here together or none
-            figures = distributed.mean(torch.stack([loss.detach().double(), similarity.detach().double()]))
-            if not torch.isfinite(figures).all():
-                raise SearchError(f"iteration {it}: non-finite loss (SSIM {float(figures[1])}); "
+            names = ["loss", *figures]
+            values = distributed.mean(torch.stack([loss.detach().double(), *(v.double() for v in figures.values())]))
+            if not torch.isfinite(values).all():
+                raise SearchError(f"iteration {it}: non-finite loss (SSIM {float(values[1])}); "
                                   "the last checkpoint is left as it was")
             self.optimizer.zero_grad(set_to_none=True)
             if loss.requires_grad:  # a one-step graph at step 0 (where no gate acts) gives nothing
@@ -319,36 +340,43 @@ class _Search(LoopState):
                 distributed.average_gradients(self.pruner.parameters())
                 self.optimizer.step()
             self.lr_schedule.step()
-        record = {"loss": float(figures[0]), "ssim": float(figures[1]), "macs_ratio": kept,
-                  "seconds": timer.seconds}
+        record = {**{name: float(v) for name, v in zip(names, values)}, "macs_ratio": kept, "seconds": timer.seconds}
         for key, value in record.items():
             self.history[key].append(value)
         return record
 
     @torch.no_grad()
     def keep_the_better(self, result: SearchResult) -> None:
-        """Compare ``result``'s schedule with the start table on fresh samples; return the pruner to its start
-        where the start is better and prunes as much (see ``validation`` in :func:`train_pruner`)."""
+        """Compare ``result``'s schedule with the start table on fresh samples by the search's objective (for SSIM:
+        the SSIM to the full model's images); return the pruner to its start where the start is better and prunes as
+        much (see ``validation`` in :func:`train_pruner`)."""
         cfg = self.config
         gen = torch.Generator().manual_seed(2**31 + cfg.seed)  # apart from every training batch's seed
         noise = torch.randn((cfg.validation, *cfg.sample_shape), generator=gen).to(self.device)
-        cond = None if self.conditions is None else C.take(self.conditions, torch.arange(cfg.validation) % self.n_cond)
+        rows = torch.arange(cfg.validation) % self.n_cond
+        cond, seen = C.take(self.conditions, rows), C.take(self.reward_conditions, rows)
 
-        def images(reuse: torch.Tensor) -> torch.Tensor:
+        def measured(reuse: torch.Tensor) -> tuple[torch.Tensor, dict]:
             self.net.use_table(reuse)
-            return self.sampler(noise, cond)
+            return self.objective.loss(self.sampler(noise, cond), full, seen)
 
-        full = images(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
+        self.net.use_table(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
+        full = self.sampler(noise, cond)
         searched = result.schedule(cfg.ratio)
-        scores = {"searched": float(ssim(images(searched.reuse), full).mean()),
-                  "start": float(ssim(images(self.start.reuse), full).mean())}
+        (loss_searched, searched_figures), (loss_start, start_figures) = measured(searched.reuse), \
+            measured(self.start.reuse)
         start_prunes_enough = self.start.pruned_fraction >= cfg.ratio - TOLERANCE
-        kept = "start" if start_prunes_enough and scores["start"] > scores["searched"] else "searched"
+        searched_prunes_enough = searched.pruned_fraction >= cfg.ratio - TOLERANCE  # else no like-for-like contest
+        kept = "start" if start_prunes_enough and (loss_start < loss_searched or not searched_prunes_enough) else \
+            "searched"
         if kept == "start":
             self.pruner.load_state_dict(self.initial_state)
         self.history["validation"] = {
-            "samples": cfg.validation, "kept": kept, "ssim_searched": scores["searched"],
-            "ssim_start": scores["start"], "macs_searched": searched.macs_ratio, "macs_start": self.start.macs_ratio}
+            "samples": cfg.validation, "kept": kept, "objective": self.objective.name,
+            "loss_searched": float(loss_searched), "loss_start": float(loss_start),
+            **{f"{name}_searched": float(v) for name, v in searched_figures.items()},
+            **{f"{name}_start": float(v) for name, v in start_figures.items()},
+            "macs_searched": searched.macs_ratio, "macs_start": self.start.macs_ratio}
 
 
 def _describe_start(start: CacheSchedule | None) -> str:
@@ -358,3 +386,24 @@ def _describe_start(start: CacheSchedule | None) -> str:
 def search(sampler, conditions, ratio: float = 0.8, **kwargs) -> CacheSchedule:
     """Train a pruner (:func:`train_pruner`) and return the static schedule at ``ratio``."""
     return train_pruner(sampler, conditions, ratio, **kwargs).schedule(ratio)
+
+
+def refit(sampler, schedule: CacheSchedule, conditions, iterations: int = 50, **kwargs) -> CacheSchedule:
+    """``schedule`` refit to the model ``sampler`` drives now (a LoRA loaded, weights fine-tuned): a short search
+    started from it at its own pruned fraction and reuse mode (:func:`train_pruner` with ``start=schedule``), ended by
+    the start validation, so the result is never worse than ``schedule`` on the model by the search's objective.
+
+    A schedule searched on the base model was trained to copy the base model's images; after fine-tuning the blocks'
+    outputs move and the reuse that was harmless may not be. ``info["refit"]`` of the result holds the validation's
+    figures: the given schedule on this model (``ssim_start``, ``loss_start``), the refit one (``*_searched``), which
+    was kept, and the search's seconds. ``kwargs``: any :func:`train_pruner` keyword (``batch_size``, ``lr``,
+    ``objective``, ``validation``, ``checkpoint_dir``, ...).
+    """
+    schedule.check_timesteps(sampler.timesteps)
+    ratio = schedule.pruned_fraction
+    kwargs.setdefault("reuse_mode", schedule.mode)
+    result = train_pruner(sampler, conditions, ratio, start=schedule, iterations=iterations, **kwargs)
+    refitted = result.schedule(ratio)
+    refitted.info["refit"] = {**result.history["validation"], "iterations": len(result.history["loss"]),
+                              "seconds": sum(result.history["seconds"]), "from": schedule.info.get("method", "table")}
+    return refitted
