@@ -1,6 +1,6 @@
 """Across processes, and the gradient of the search, on this machine's two cores.
 
-    python benchmarks/distributed.py [--parts scaling,gradients] [--iterations 40] [--tiny]
+    python benchmarks/distributed.py [--parts scaling,gradients,equal_seconds] [--iterations 40] [--tiny]
 
 ``scaling``: the three jobs under ``accelerate launch --cpu --num_processes 2`` (one thread each) against one process
 (two threads): the same two cores either way, so this measures what the processes cost and share, not what more
@@ -12,6 +12,8 @@ command's wall-clock (imports and loading included).
 ``gradients``: ``prune --gradient shortcut:random``, ``checkpointed`` and ``full`` at equal iterations on both zoo
 models (50 steps, batch 2, ratio 0.8, the comparison on 256 samples): seconds per iteration, peak memory (this
 process's resident memory on the CPU), and the schedule's SSIM to the full model and evaluation-classifier accuracy.
+``equal_seconds``: the Shortcut search again, for as many iterations as fit in the seconds the Checkpointed search
+took in the ``gradients`` part (read from the results file, whose other parts are kept).
 
 Every configuration is a fresh command (its own process); results: benchmarks/results/distributed.json.
 """
@@ -105,19 +107,43 @@ def gradients(work: Path, iterations: int, tiny: bool) -> dict:
     return rows
 
 
+def equal_seconds(work: Path, gradients_rows: dict, tiny: bool) -> dict:
+    """The Shortcut search given the seconds the Checkpointed one took (its measured seconds per iteration against
+    the Shortcut's, from the ``gradients`` part): as many iterations as fit, everything else as there."""
+    rows = {}
+    for model in ("digits-dit",) if tiny else ("digits-unet", "digits-dit"):
+        checkpointed, shortcut = gradients_rows[f"{model}: checkpointed"], gradients_rows[f"{model}: shortcut:random"]
+        iterations = round(checkpointed["search_seconds"] / shortcut["seconds_per_iteration"])
+        out = work / f"equal-seconds-{model}"
+        argv = ["prune", "--model", model, "--ratio", "0.8", "--steps", "4" if tiny else "50", "--iterations",
+                str(iterations), "--batch-size", "2", "--gradient", "shortcut:random", "--samples",
+                "4" if tiny else "256"]
+        metrics, wall = command(argv, out, 1, 2)
+        seconds = json.loads((out / "search.json").read_text())["seconds"]
+        rows[f"{model}: shortcut:random for checkpointed's seconds"] = {
+            "iterations": iterations, "search_seconds": sum(seconds), "seconds_of_checkpointed":
+            checkpointed["search_seconds"], "macs_ratio": metrics["macs_ratio"], "ssim": metrics["ssim"],
+            "accuracy_pruned": metrics.get("accuracy_pruned"), "final_search_ssim": metrics["search_ssim"][-1]}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="scaling,gradients")
+    parser.add_argument("--parts", default="scaling,gradients,equal_seconds")
     parser.add_argument("--iterations", type=int, default=40, help="search iterations of the gradients part")
     parser.add_argument("--tiny", action="store_true", help="a few seconds a configuration: checks the script runs")
     parser.add_argument("--results", default=str(RESULTS / "distributed.json"))
     args = parser.parse_args()
-    payload = {}
+    results = Path(args.results)
+    payload = {k: v for k, v in json.loads(results.read_text()).items() if k in ("scaling", "gradients")} \
+        if results.exists() else {}  # the parts not run this time are kept
     with tempfile.TemporaryDirectory() as work:
         if "scaling" in args.parts:
             payload["scaling"] = scaling(Path(work), args.tiny)
         if "gradients" in args.parts:
             payload["gradients"] = gradients(Path(work), 2 if args.tiny else args.iterations, args.tiny)
+        if "equal_seconds" in args.parts:
+            payload["equal_seconds"] = equal_seconds(Path(work), payload["gradients"], args.tiny)
     write_results(Path(args.results), "distributed", payload)
     for part, rows in payload.items():
         print(f"\n{part}")

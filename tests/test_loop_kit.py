@@ -3,6 +3,8 @@ them changed is refused naming it, and an interrupted run resumes to the uninter
 
 import dataclasses
 import inspect
+from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from conftest import Killed
 import tiny_models
 
 import diffusion_shortcuts as ds
+from diffusion_shortcuts import distributed
 from diffusion_shortcuts.checkpoints import (CheckpointError, load_checkpoint, make_optimizer, save_atomically,
                                              write_json)
 from diffusion_shortcuts.optimize.finetune import FinetuneConfig
@@ -18,7 +21,7 @@ from diffusion_shortcuts.prune.train import SearchConfig
 
 # keyword arguments of each loop that do not change what it computes
 RUNTIME = {"encode", "heldout", "checkpoint_dir", "checkpoint_every", "resume", "progress", "callback", "accelerator"}
-DESCRIBED = {"start"}  # objects a config records through a derived field (their description), checked on resume
+DESCRIBED = {"start", "objective"}  # objects a config records through a derived field (their description)
 LOOPS = [(ds.finetune, FinetuneConfig), (ds.prune.train_pruner, SearchConfig), (ds.optimize_latents, LatentConfig)]
 
 
@@ -34,8 +37,8 @@ def test_a_loop_takes_its_config_with_each_setting_declared_once(loop, config):
     assert "config" in params and list(params.values())[-1].kind is inspect.Parameter.VAR_KEYWORD
     settings = {f.name for f in settings_fields(config)}
     assert not (settings - {"ratio"}) & set(params), "a setting is declared again in the loop's signature"
-    assert set(params) - {"config", "settings", "ratio"} - RUNTIME - DESCRIBED <= {"sampler", "reward", "latents",
-                                                                                   "cond", "conditions"}
+    assert set(params) - {"config", "settings", "ratio"} - RUNTIME - DESCRIBED <= {
+        "sampler", "reward", "latents", "cond", "conditions", "reward_conditions"}
     positional = [n for n, p in params.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
                   and p.default is inspect.Parameter.empty]
     with pytest.raises(TypeError, match=f"{config.__name__} has no setting not_a_setting; its settings: "):
@@ -106,6 +109,8 @@ def test_finetune_refuses_a_resume_with_any_setting_changed(tmp_path):
     changes["sampler"] = lambda folder: run(folder, True, sampler=other_steps)
     changes["reward"] = lambda folder: run(folder, True, reward=Darkness())
     changes["trainable_parameters"] = lambda folder: run(folder, True, sampler=other_rank)
+    two_processes = SimpleNamespace(num_processes=2, is_main_process=True)  # as a 2-process launch's Accelerator says
+    changes["num_processes"] = lambda folder: run(folder, True, accelerator=two_processes)
     assert_each_change_is_refused(run, changes, FinetuneConfig, tmp_path)
 
 
@@ -129,7 +134,16 @@ def test_search_refuses_a_resume_with_any_setting_changed(tmp_path):
     prof = ds.prune.profile(sampler.model, torch.zeros(1, 1, 8, 8), conditions()[:1])
     start = ds.prune.CacheSchedule.every(sampler.timesteps, prof, 2, warmup=1)
     changes["start"] = lambda folder: run(folder, True, start=start)
+    changes["objective"] = lambda folder: run(folder, True, objective=ds.prune.Objective("reward", brightness))
+
+    def two_processes(folder):
+        with patch.object(distributed, "num_processes", lambda: 2):
+            run(folder, True)
+
+    changes["num_processes"] = two_processes
     assert_each_change_is_refused(run, changes, SearchConfig, tmp_path)
+    with pytest.raises(CheckpointError, match="other settings \\(conditions: checkpoint"):  # the reward's rows too
+        run(tmp_path, True, reward_conditions=torch.arange(2))
 
 
 def test_latent_optimization_refuses_a_resume_with_any_setting_changed(tmp_path):

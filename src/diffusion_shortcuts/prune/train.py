@@ -216,7 +216,9 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
     config = dataclasses.replace(
         config, tau=1.0 - config.ratio if config.tau is None else config.tau, gradient=policy.spec,
         blocks=tuple(config.blocks) if config.blocks is not None else None, sample_shape=tuple(shape),
-        start=_describe_start(start), sampler=sampler.describe(), conditions=C.fingerprint(conditions),
+        start=_describe_start(start), sampler=sampler.describe(),
+        conditions=C.fingerprint(conditions) + ("" if reward_conditions is None else
+                                                 ":" + C.fingerprint(reward_conditions)),
         num_processes=distributed.num_processes(), objective=objective.name)
     search = _Search(sampler, conditions, policy, config, start, objective,
                      conditions if reward_conditions is None else reward_conditions)
