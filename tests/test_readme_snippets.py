@@ -19,9 +19,10 @@ from diffusion_shortcuts.pipelines import save_lora
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SHRINK = [("num_inference_steps=50", "num_inference_steps=4"), ("m.sampler(50,", "m.sampler(4,"),
-          ("ratio=0.8)", "ratio=0.8, iterations=2, batch_size=1, target_batch=2)"), ("iterations=100", "iterations=2")]
+          ("ratio=0.8)", "ratio=0.8, iterations=2, batch_size=1, target_batch=2)"), ("iterations=100", "iterations=2"),
+          ("iterations=50)", "iterations=2, batch_size=1, validation=2)")]
 # which session each snippet continues, in README order; the last one (a new family) is shown, not run
-SESSIONS = ["zoo", "pipeline", "zoo", "zoo", "pipeline", "illustration"]
+SESSIONS = ["zoo", "pipeline", "zoo", "zoo", "zoo", "pipeline", "illustration"]
 
 
 def snippets() -> list[str]:
@@ -62,6 +63,8 @@ def test_the_readme_snippets_run(folder):
     zoo, pipeline = sessions["zoo"], sessions["pipeline"]
     assert zoo["noise"].grad is not None and torch.isfinite(zoo["noise"].grad).all()
     assert 0 < zoo["sched"].macs_ratio < 1 and (folder / "schedule.json").exists()
+    assert zoo["refitted"].info["refit"]["kept"] in ("start", "searched")
+    assert zoo["refitted"].mode == zoo["shipped"].mode
     assert len(zoo["result"].history["reward"]) == 2 and (folder / "adapter.safetensors").exists()
     assert pipeline["images"].shape == (2, 3, 16, 16) and pipeline["image"].size == (16, 16)
     assert ds.prune.summary(ds.prune.SuperNet.of(pipeline["pipe"].unet))["block_calls_reused"] > 0
