@@ -304,6 +304,13 @@ def test_finetune_refits_a_schedule_ships_it_beside_the_lora_and_prune_refits_on
     code, err = run([*train, "--steps", "4", "--out", tmp_path / "wrong"], capsys)
     assert code == 2 and "--schedule: schedule has 3 steps, the sampler 4" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "wrong").exists()
+    other = load_pipeline(folders / "sdxl", "cpu", height=16, width=16)  # made for another base model: refused too
+    other_sampler = other.sampler(3)
+    other_profile = profile(other.model, other.noise(1), other_sampler.encode_prompt(["a red car"]))
+    CacheSchedule.every(other_sampler.timesteps, other_profile, 2, warmup=1).save(tmp_path / "other.json")
+    code, err = run([*train[:-1], tmp_path / "other.json", "--steps", "3", "--out", tmp_path / "wrong"], capsys)
+    assert code == 2 and "--schedule: schedule was made for model UNet2DConditionModel:" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "wrong").exists()
 
     out = tmp_path / "tuned"
     code, err = run([*train, "--steps", "3", "--refit-iterations", "2", "--out", out], capsys)

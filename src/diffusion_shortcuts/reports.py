@@ -92,9 +92,9 @@ def load_schedule(path: str, subject, sampler, strict: bool = False):
             schedule = subject.shipped_schedule(value)
         else:
             schedule = CacheSchedule.load(path)
-        schedule = schedule.fitted(sampler.timesteps, strict=strict)
-        with apply(subject.model, schedule, sampler):
+        with apply(subject.model, schedule, sampler, strict=strict):  # the model first, then the timesteps
             pass
+        schedule = schedule.fitted(sampler.timesteps, strict=strict)
     except (ScheduleError, ValueError, FileNotFoundError) as exc:
         raise UsageError(f"--schedule: {exc}") from None
     return schedule

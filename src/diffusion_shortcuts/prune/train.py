@@ -236,11 +236,10 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
 class _Search(LoopState):
     """The state of one pruner search and its iteration (see :func:`train_pruner`)."""
 
-    def __init__(self, sampler, conditions, policy, config: SearchConfig, start: CacheSchedule | None = None,
-                 objective: Objective | None = None, reward_conditions=None):
+    def __init__(self, sampler, conditions, policy, config: SearchConfig, start: CacheSchedule | None,
+                 objective: Objective, reward_conditions):
         self.sampler, self.conditions, self.policy, self.config = sampler, conditions, policy, config
-        self.objective = objective if objective is not None else Objective()
-        self.reward_conditions = reward_conditions
+        self.objective, self.reward_conditions = objective, reward_conditions
         model = sampler.model
         self.device = next(unwrap(model).parameters()).device
         self.timesteps = [float(t) for t in sampler.timesteps]
@@ -350,23 +349,22 @@ class _Search(LoopState):
     @torch.no_grad()
     def keep_the_better(self, result: SearchResult) -> None:
         """Compare ``result``'s schedule with the start table on fresh samples by the search's objective (for SSIM:
-        the SSIM to the full model's images); return the pruner to its start where the start is better and prunes as
-        much (see ``validation`` in :func:`train_pruner`)."""
+        the SSIM to the full model's images); return the pruner to its start where the start prunes as much and is
+        better, or the searched table prunes less than asked (see ``validation`` in :func:`train_pruner`)."""
         cfg = self.config
         gen = torch.Generator().manual_seed(2**31 + cfg.seed)  # apart from every training batch's seed
         noise = torch.randn((cfg.validation, *cfg.sample_shape), generator=gen).to(self.device)
         rows = torch.arange(cfg.validation) % self.n_cond
         cond, seen = C.take(self.conditions, rows), C.take(self.reward_conditions, rows)
 
-        def measured(reuse: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        def images(reuse: torch.Tensor) -> torch.Tensor:
             self.net.use_table(reuse)
-            return self.objective.loss(self.sampler(noise, cond), full, seen)
+            return self.sampler(noise, cond)
 
-        self.net.use_table(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
-        full = self.sampler(noise, cond)
+        full = images(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
         searched = result.schedule(cfg.ratio)
-        (loss_searched, searched_figures), (loss_start, start_figures) = measured(searched.reuse), \
-            measured(self.start.reuse)
+        loss_searched, searched_figures = self.objective.loss(images(searched.reuse), full, seen)
+        loss_start, start_figures = self.objective.loss(images(self.start.reuse), full, seen)
         start_prunes_enough = self.start.pruned_fraction >= cfg.ratio - TOLERANCE
         searched_prunes_enough = searched.pruned_fraction >= cfg.ratio - TOLERANCE  # else no like-for-like contest
         kept = "start" if start_prunes_enough and (loss_start < loss_searched or not searched_prunes_enough) else \
