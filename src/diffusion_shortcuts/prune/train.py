@@ -155,6 +155,8 @@ class SearchConfig:
     num_processes: int = field(default=1, metadata={"derived": True})
     # what the search keeps (:class:`~.objective.Objective`'s name): "ssim", "reward:NAME", "ssim+reward:NAME:W"
     objective: str = field(default="ssim", metadata={"derived": True})
+    # the rows the reward sees (labels, prompts) when they are not ``conditions`` themselves: a digest, "" if none
+    reward_conditions: str = field(default="", metadata={"derived": True})
 
 
 def _check_search_args(config: SearchConfig, conditions, shape) -> None:
@@ -217,9 +219,8 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
         config, tau=1.0 - config.ratio if config.tau is None else config.tau, gradient=policy.spec,
         blocks=tuple(config.blocks) if config.blocks is not None else None, sample_shape=tuple(shape),
         start=_describe_start(start), sampler=sampler.describe(),
-        conditions=C.fingerprint(conditions) + ("" if reward_conditions is None else
-                                                 ":" + C.fingerprint(reward_conditions)),
-        num_processes=distributed.num_processes(), objective=objective.name)
+        conditions=C.fingerprint(conditions), num_processes=distributed.num_processes(), objective=objective.name,
+        reward_conditions="" if reward_conditions is None else C.fingerprint(reward_conditions))
     search = _Search(sampler, conditions, policy, config, start, objective,
                      conditions if reward_conditions is None else reward_conditions)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
