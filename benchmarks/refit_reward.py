@@ -1,12 +1,13 @@
 """Schedules that follow the model users run: a schedule refit after a LoRA, and gates trained against a reward.
 
-    python benchmarks/refit_reward.py [--parts refit,objective] [--samples 256] [--tiny]
+    python benchmarks/refit_reward.py [--parts refit,objective,refit_strong] [--samples 256] [--tiny]
 
 ``refit`` (per zoo model): a LoRA fine-tuned with the README's command (``finetune --reward label --guidance 1
 --params lora --iterations 50``); on the tuned model, the shipped 0.8 schedule as it is, refit to it (``refit``: 50
 iterations from the schedule), and a full search on it made as the shipped one was (from the rule at 0.8, 200
 iterations, the same reuse mode, gradient full): SSIM to the tuned model's own images and evaluation-classifier
-accuracy on the same ``--samples`` seeds, and the seconds of each search.
+accuracy on the same ``--samples`` seeds, and the seconds of each search. ``refit_strong``: the same with a LoRA
+that moves the model further (``--lr 1e-2 --iterations 100``: ten times the default learning rate, twice the steps).
 
 ``objective`` (per zoo model, ratios 0.7, 0.8 and 0.85): from the same rule table and with the same budget (60
 iterations, gradient full, the shipped schedules' reuse mode), a search trained on SSIM (DiP-GO's objective) and one
@@ -15,12 +16,13 @@ its drop from the full model's sample), against the rule table itself and the sh
 schedule: by the reward, by the evaluation classifier's accuracy (never a reward) and by SSIM to the full model, all
 at the MACs each table has.
 
-Results: benchmarks/results/refit_reward.json.
+Results: benchmarks/results/refit_reward.json (the parts not run this time are kept from it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -78,23 +80,23 @@ class Bench:
         return result.schedule(ratio), time.perf_counter() - with_seconds
 
 
-def finetuned_lora(model: str, work: Path, iterations: int, steps: int) -> Path:
+def finetuned_lora(model: str, work: Path, iterations: int, steps: int, lr: float) -> Path:
     """The README's LoRA fine-tuning command, in its own process; its output folder."""
-    out = work / f"lora-{model}"
+    out = work / f"lora-{model}-{iterations}-{lr:g}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-m", "diffusion_shortcuts.cli", "finetune", "--model", model, "--reward", "label",
             "--guidance", "1", "--params", "lora", "--iterations", str(iterations), "--steps", str(steps),
-            "--out", str(out)]
+            "--lr", str(lr), "--out", str(out)]
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"finetune {model} failed:\n{done.stderr[-3000:]}")
     return out
 
 
-def refit_part(work: Path, samples: int, tiny: bool) -> dict:
+def refit_part(work: Path, samples: int, tiny: bool, lora_iterations: int = 50, lora_lr: float = 1e-3) -> dict:
     rows = {}
     for model in MODELS[:1] if tiny else MODELS:
-        lora = finetuned_lora(model, work, 2 if tiny else 50, 4 if tiny else 50)
+        lora = finetuned_lora(model, work, 2 if tiny else lora_iterations, 4 if tiny else 50, lora_lr)
         bench = Bench(load_subject(model, labels="0-9", lora=str(lora)), 4 if tiny else 50, samples)
         base = bench.m.cache_schedule(0.8).fitted(bench.sampler.timesteps) if not tiny else \
             CacheSchedule.every(bench.sampler.timesteps, bench.profile, 2, warmup=1).with_mode("taylor1")
@@ -135,16 +137,21 @@ def objective_part(samples: int, tiny: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="refit,objective")
+    parser.add_argument("--parts", default="refit,objective,refit_strong")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--tiny", action="store_true", help="a few seconds a configuration: checks the script runs")
     parser.add_argument("--results", default=str(RESULTS / "refit_reward.json"))
     args = parser.parse_args()
-    payload = {}
+    parts = args.parts.split(",")
+    results = Path(args.results)
+    payload = {k: v for k, v in json.loads(results.read_text()).items() if k in ("refit", "objective", "refit_strong")
+               and k not in parts} if results.exists() and not args.tiny else {}
     with tempfile.TemporaryDirectory() as work:
-        if "refit" in args.parts:
+        if "refit" in parts:
             payload["refit"] = refit_part(Path(work), args.samples, args.tiny)
-        if "objective" in args.parts:
+        if "refit_strong" in parts:
+            payload["refit_strong"] = refit_part(Path(work), args.samples, args.tiny, 100, 1e-2)
+        if "objective" in parts:
             payload["objective"] = objective_part(args.samples, args.tiny)
     write_results(Path(args.results), "refit_reward", payload)
     for part, models in payload.items():

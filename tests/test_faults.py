@@ -215,6 +215,28 @@ def test_ctrl_c_while_the_command_starts_is_one_line_without_a_traceback(tmp_pat
     assert len(err.strip().split("\n")) == 1 and "interrupted" in err
 
 
+def test_ctrl_c_swallowed_by_a_library_while_loading_still_stops_the_command(tmp_path, capsys, monkeypatch):
+    """A library's bare ``except:`` around an import catches the KeyboardInterrupt; the command still stops."""
+    from diffusion_shortcuts import reports
+
+    loaded = reports.subject_from
+
+    def loading_that_swallows_ctrl_c(flags):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # the handler runs here
+        except BaseException:  # noqa: BLE001 - the library's, not ours
+            pass
+        return loaded(flags)
+
+    monkeypatch.setattr(reports, "subject_from", loading_that_swallows_ctrl_c)
+    code, line, err = run(["sample", "--model", "digits-dit", "--n", "2", "--steps", "2", "--out", tmp_path / "o"],
+                          capsys)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "grid.png").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command put Python's handler back
+
+
 # ---- smaller bad inputs -----------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -20,7 +20,9 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -204,7 +206,23 @@ def run_verb(verb: str, flags: dict, out: Path) -> dict:
     if verb == "demo":
         return reports.demo_report(out, **flags)
     subject = reports.subject_from(flags)
+    _raise_if_interrupted()
     return getattr(reports, f"{verb}_report")(out, subject, **flags)
+
+
+_interrupted = threading.Event()
+
+
+def _on_ctrl_c(signum, frame):
+    """Python's own Ctrl-C (a KeyboardInterrupt), remembered: a library that swallows it while it imports or loads
+    (a bare ``except:`` around an optional import) would otherwise let the verb run as if nothing was pressed."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def _raise_if_interrupted() -> None:
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 def _fail(verb: str, message: str, code: int) -> int:
@@ -247,11 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run a verb; bad input is one line and status 2, an interruption one line and 130, anything else one
     line and 1 (``--debug`` shows its traceback). A Ctrl-C while torch loads is one line too."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    watch = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not where Ctrl-C is ignored or handled
+    if watch:
+        _interrupted.clear()
+        signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         return _main(argv)
     except KeyboardInterrupt:  # before a verb began: while the parser and its imports load
         print("diffusion-shortcuts: interrupted while starting; nothing was run", file=sys.stderr)
         return 130
+    finally:
+        if watch:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _main(argv: list[str] | None) -> int:
