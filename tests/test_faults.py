@@ -201,7 +201,16 @@ def test_a_full_disk_during_a_checkpoint_write_names_the_folder_and_keeps_the_la
     assert not list(out.glob(".*.tmp"))
 
 
-def test_ctrl_c_while_the_command_starts_is_one_line_without_a_traceback(tmp_path):
+@pytest.fixture
+def ctrl_c_delivered():
+    """Python's own Ctrl-C handler for the test, in this process and its children: a suite started in the background
+    of a non-interactive shell inherits SIGINT ignored, and a command that runs there rightly ignores it too."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_without_a_traceback(tmp_path, ctrl_c_delivered):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     script = Path(sys.executable).with_name("diffusion-shortcuts")  # the installed command, as a user runs it
     command = [str(script)] if script.exists() else \
@@ -215,7 +224,8 @@ def test_ctrl_c_while_the_command_starts_is_one_line_without_a_traceback(tmp_pat
     assert len(err.strip().split("\n")) == 1 and "interrupted" in err
 
 
-def test_ctrl_c_swallowed_by_a_library_while_loading_still_stops_the_command(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_swallowed_by_a_library_while_loading_still_stops_the_command(tmp_path, capsys, monkeypatch,
+                                                                           ctrl_c_delivered):
     """A library's bare ``except:`` around an import catches the KeyboardInterrupt; the command still stops."""
     from diffusion_shortcuts import reports
 
