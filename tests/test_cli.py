@@ -228,3 +228,10 @@ def test_prune_against_a_reward_reports_it_and_refuses_a_resume_with_another_obj
     assert len(err.strip().splitlines()) == 1
     code, _, err = run([*search[:-1], str(tmp_path / "q"), "--objective", "reward:bold:3"], capsys)
     assert code == 2 and "--objective reward:bold:3" in err and len(err.strip().splitlines()) == 1
+    # from the rule, validated against it on as many fresh samples as asked, by the reward
+    code, _, err = run([*search[:-1], str(tmp_path / "v"), "--objective", "reward:digit:3", "--start-every", "2",
+                        "--validation", "3"], capsys)
+    assert code == 0, err
+    validation = json.loads((tmp_path / "v" / "metrics.json").read_text())["search_validation"]
+    assert validation["samples"] == 3 and validation["objective"] == "reward:digit:3"
+    assert validation["kept"] in ("start", "searched")

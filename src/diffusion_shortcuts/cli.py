@@ -95,6 +95,9 @@ FLAGS = {
     "objective": dict(default="ssim", help="what the gates keep: ssim (the full model's images, DiP-GO's), "
                       "reward:SPEC (the reward of the full model's sample from the same noise, as a hinge on its "
                       "drop) or ssim+reward:SPEC:W (both, the reward's term weighted W)"),
+    "validation": dict(type=number(int, 1, 100_000), default=8,
+                       help="fresh samples on which a search with a start (--start-every, --start-from) compares its "
+                            "table with the start and keeps the better; more for a reward's small differences"),
     "lora": dict(default=None, help="a LoRA adapter loaded onto the denoiser first: `finetune`'s output folder (its "
                  "lora/ or adapter.safetensors)"),
     "strict_schedule": dict(action="store_true", help="refuse a schedule made for other timesteps"),
@@ -150,7 +153,8 @@ VERBS = {
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
-                   start_every=None, start_from=None, objective=None, lora=None, resume=None, compile=None, out=None)),
+                   start_every=None, start_from=None, objective=None, validation=None, lora=None, resume=None,
+                   compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
                       iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,

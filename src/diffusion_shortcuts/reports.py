@@ -209,12 +209,14 @@ def summed(parts: list[dict]) -> dict:
 def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_size: int, lr: float, gradient: str,
                  steps: int, samples: int, seed: int, resume: bool, checkpoint_every: int = 25,
                  guidance: float | None = None, reuse_mode: str = "copy", start_every: int | str | None = None,
-                 start_from: str | None = None, objective: str = "ssim", compile: bool = False) -> dict:
+                 start_from: str | None = None, objective: str = "ssim", validation: int = 8,
+                 compile: bool = False) -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
     ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
     the N whose table prunes nearest ``ratio``); ``compile``: the comparison (quality and speed) through compiled
     blocks on both sides. ``start_from``: a schedule the search starts from (a refit); ``objective``: what the gates
-    keep (``ssim``, ``reward:SPEC``, ``ssim+reward:SPEC:W``; with a reward the comparison reports it for both sides).
+    keep (``ssim``, ``reward:SPEC``, ``ssim+reward:SPEC:W``; with a reward the comparison reports it for both sides);
+    ``validation``: the fresh samples on which the searched table is compared with the start.
     Under ``accelerate launch`` the search is data parallel (``--batch-size`` per process) and the main process
     alone writes and makes the comparison."""
     from .plots import schedule_heatmap
@@ -246,7 +248,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
         result = train_pruner(sampler, conditions, ratio, iterations=iterations, batch_size=batch_size, lr=lr,
                               gradient=policy, seed=seed, checkpoint_dir=out, checkpoint_every=checkpoint_every,
                               reuse_mode=reuse_mode, start=start, resume=resume, objective=goal,
-                              reward_conditions=distinct)
+                              reward_conditions=distinct, validation=validation)
     except (SearchError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
     search_memory = peak_memory_mb(subject.device)
