@@ -1,6 +1,6 @@
 """Schedules that follow the model users run: a schedule refit after a LoRA, and gates trained against a reward.
 
-    python benchmarks/refit_reward.py [--parts refit,objective,refit_strong] [--samples 256] [--tiny]
+    python benchmarks/refit_reward.py [--parts refit,objective,refit_strong,refit_validation] [--samples 256] [--tiny]
 
 ``refit`` (per zoo model): a LoRA fine-tuned with the README's command (``finetune --reward label --guidance 1
 --params lora --iterations 50``); on the tuned model, the shipped 0.8 schedule as it is, refit to it (``refit``: 50
@@ -8,6 +8,7 @@ iterations from the schedule), and a full search on it made as the shipped one w
 iterations, the same reuse mode, gradient full): SSIM to the tuned model's own images and evaluation-classifier
 accuracy on the same ``--samples`` seeds, and the seconds of each search. ``refit_strong``: the same with a LoRA
 that moves the model further (``--lr 1e-2 --iterations 100``: ten times the default learning rate, twice the steps).
+``refit_validation``: that LoRA's digits-unet refit with the start validation on 8 and on 64 samples.
 
 ``objective`` (per zoo model, ratios 0.7, 0.8 and 0.85): from the same rule table and with the same budget (60
 iterations, gradient full, the shipped schedules' reuse mode), a search trained on SSIM (DiP-GO's objective) and one
@@ -43,6 +44,7 @@ from diffusion_shortcuts.rewards import SpecContext, from_spec  # noqa: E402
 from diffusion_shortcuts.subjects import JUDGE, load_subject  # noqa: E402
 
 MODELS = ("digits-unet", "digits-dit")
+PARTS = ("refit", "objective", "refit_strong", "refit_validation")
 
 
 class Bench:
@@ -116,6 +118,25 @@ def refit_part(work: Path, samples: int, tiny: bool, lora_iterations: int = 50, 
     return rows
 
 
+def refit_validation_part(work: Path, samples: int, tiny: bool) -> dict:
+    """The strong LoRA's digits-unet refit again, validated on 8 (the default) and on 64 fresh samples: whether the
+    start validation's sample count decides which table a refit returns."""
+    model = MODELS[0]
+    lora = finetuned_lora(model, work, 2 if tiny else 100, 4 if tiny else 50, 1e-2)
+    bench = Bench(load_subject(model, labels="0-9", lora=str(lora)), 4 if tiny else 50, samples)
+    base = bench.m.cache_schedule(0.8).fitted(bench.sampler.timesteps) if not tiny else \
+        CacheSchedule.every(bench.sampler.timesteps, bench.profile, 2, warmup=1).with_mode("taylor1")
+    rows = {"shipped schedule on the tuned model": bench.measure(base)}
+    for validation in (8, 64):
+        start = time.perf_counter()
+        refitted = ds.prune.refit(bench.sampler, base, bench.conditions, iterations=2 if tiny else 50, batch_size=2,
+                                  gradient="full", reward_conditions=bench.distinct, validation=validation,
+                                  progress=False)
+        rows[f"refit, validation {validation}"] = {**bench.measure(refitted), "seconds": time.perf_counter() - start,
+                                                   "validation": refitted.info["refit"]}
+    return {model: rows}
+
+
 def objective_part(samples: int, tiny: bool) -> dict:
     rows = {}
     for model in MODELS[:1] if tiny else MODELS:
@@ -137,20 +158,22 @@ def objective_part(samples: int, tiny: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="refit,objective,refit_strong")
+    parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--tiny", action="store_true", help="a few seconds a configuration: checks the script runs")
     parser.add_argument("--results", default=str(RESULTS / "refit_reward.json"))
     args = parser.parse_args()
     parts = args.parts.split(",")
     results = Path(args.results)
-    payload = {k: v for k, v in json.loads(results.read_text()).items() if k in ("refit", "objective", "refit_strong")
+    payload = {k: v for k, v in json.loads(results.read_text()).items() if k in PARTS
                and k not in parts} if results.exists() and not args.tiny else {}
     with tempfile.TemporaryDirectory() as work:
         if "refit" in parts:
             payload["refit"] = refit_part(Path(work), args.samples, args.tiny)
         if "refit_strong" in parts:
             payload["refit_strong"] = refit_part(Path(work), args.samples, args.tiny, 100, 1e-2)
+        if "refit_validation" in parts:
+            payload["refit_validation"] = refit_validation_part(Path(work), args.samples, args.tiny)
         if "objective" in parts:
             payload["objective"] = objective_part(args.samples, args.tiny)
     write_results(Path(args.results), "refit_reward", payload)
