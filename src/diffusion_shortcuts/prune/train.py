@@ -351,7 +351,11 @@ class _Search(LoopState):
     def keep_the_better(self, result: SearchResult) -> None:
         """Compare ``result``'s schedule with the start table on fresh samples by the search's objective (for SSIM:
         the SSIM to the full model's images); return the pruner to its start where the start prunes as much and is
-        better, or the searched table prunes less than asked (see ``validation`` in :func:`train_pruner`)."""
+        better, or the searched table prunes less than asked (see ``validation`` in :func:`train_pruner`).
+
+        The images are clamped to [0, 1] as every comparison and report judges samples (the training loss keeps
+        them unclamped, for the gradient): unclamped, a model that overshoots the range is judged on pixels no one
+        sees, and the validation picked a table worse than its start by the judged SSIM."""
         cfg = self.config
         gen = torch.Generator().manual_seed(2**31 + cfg.seed)  # apart from every training batch's seed
         noise = torch.randn((cfg.validation, *cfg.sample_shape), generator=gen).to(self.device)
@@ -360,7 +364,7 @@ class _Search(LoopState):
 
         def images(reuse: torch.Tensor) -> torch.Tensor:
             self.net.use_table(reuse)
-            return self.sampler(noise, cond)
+            return self.sampler(noise, cond).clamp(0, 1)
 
         full = images(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
         searched = result.schedule(cfg.ratio)
