@@ -126,22 +126,3 @@ def test_a_refit_starts_from_the_given_table_and_never_returns_a_worse_one():
     with pytest.raises(ds.prune.ScheduleError, match="schedule has 6 steps, the sampler 4"):
         ds.prune.refit(ds.Sampler(sampler.model, ddim(), 4), rule, conditions, iterations=1, **SMALL)
 
-
-def test_the_start_validation_judges_a_table_as_the_comparison_does():
-    """The validation that decides between the searched table and the start measures what the reports measure: the
-    SSIM of the samples (clamped to [0, 1]) that the deployed schedule makes from the same noise and conditions."""
-    from diffusion_shortcuts.metrics import ssim
-    from diffusion_shortcuts.prune.compare import generate
-
-    sampler, noise, cond = unet_case(steps=6)
-    conditions = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(9))
-    rule = CacheSchedule.every(sampler.timesteps, profile(sampler.model, noise[:1], cond[:1]), 2, warmup=1)
-    result = ds.prune.train_pruner(sampler, conditions, rule.pruned_fraction, iterations=1, lr=0.0, start=rule,
-                                   validation=6, seed=0, **SMALL)
-    validation = result.history["validation"]
-    fresh = torch.randn((6, 1, 8, 8), generator=torch.Generator().manual_seed(2**31))  # the validation's noise
-    rows = conditions[torch.arange(6) % 4]
-    with torch.no_grad():
-        assert not 0 <= float(sampler(fresh, rows).min()) <= float(sampler(fresh, rows).max()) <= 1  # leaves [0, 1]
-        full, cached = (generate(sampler, lambda c: c, rows, fresh, 128, table) for table in (None, rule))
-    assert validation["ssim_start"] == pytest.approx(float(ssim(cached, full).mean()), abs=1e-6)
