@@ -45,6 +45,7 @@ from diffusion_shortcuts.subjects import JUDGE, load_subject  # noqa: E402
 
 MODELS = ("digits-unet", "digits-dit")
 PARTS = ("refit", "objective", "refit_strong", "refit_validation")
+STRONG_LORA = (100, 1e-2)  # the fine-tuning's iterations and learning rate of the LoRA that moves the model further
 
 
 class Bench:
@@ -95,17 +96,29 @@ def finetuned_lora(model: str, work: Path, iterations: int, steps: int, lr: floa
     return out
 
 
+def tuned(model: str, work: Path, samples: int, tiny: bool, lora_iterations: int, lora_lr: float) -> tuple:
+    """(the LoRA's folder, the :class:`Bench` of the model with it loaded, the shipped 0.8 schedule fitted to it)."""
+    lora = finetuned_lora(model, work, 2 if tiny else lora_iterations, 4 if tiny else 50, lora_lr)
+    bench = Bench(load_subject(model, labels="0-9", lora=str(lora)), 4 if tiny else 50, samples)
+    base = bench.m.cache_schedule(0.8).fitted(bench.sampler.timesteps) if not tiny else \
+        CacheSchedule.every(bench.sampler.timesteps, bench.profile, 2, warmup=1).with_mode("taylor1")
+    return lora, bench, base
+
+
+def timed_refit(bench: Bench, base: CacheSchedule, tiny: bool, validation: int = 8) -> tuple:
+    """``ds.prune.refit`` of ``base`` on the bench's model (50 iterations) and its seconds."""
+    start = time.perf_counter()
+    refitted = ds.prune.refit(bench.sampler, base, bench.conditions, iterations=2 if tiny else 50, batch_size=2,
+                              gradient="full", reward_conditions=bench.distinct, validation=validation,
+                              progress=False)
+    return refitted, time.perf_counter() - start
+
+
 def refit_part(work: Path, samples: int, tiny: bool, lora_iterations: int = 50, lora_lr: float = 1e-3) -> dict:
     rows = {}
     for model in MODELS[:1] if tiny else MODELS:
-        lora = finetuned_lora(model, work, 2 if tiny else lora_iterations, 4 if tiny else 50, lora_lr)
-        bench = Bench(load_subject(model, labels="0-9", lora=str(lora)), 4 if tiny else 50, samples)
-        base = bench.m.cache_schedule(0.8).fitted(bench.sampler.timesteps) if not tiny else \
-            CacheSchedule.every(bench.sampler.timesteps, bench.profile, 2, warmup=1).with_mode("taylor1")
-        start = time.perf_counter()
-        refitted = ds.prune.refit(bench.sampler, base, bench.conditions, iterations=2 if tiny else 50, batch_size=2,
-                                  gradient="full", reward_conditions=bench.distinct, progress=False)
-        refit_seconds = time.perf_counter() - start
+        lora, bench, base = tuned(model, work, samples, tiny, lora_iterations, lora_lr)
+        refitted, refit_seconds = timed_refit(bench, base, tiny)
         ratio = base.pruned_fraction  # what refit searches at
         rule = CacheSchedule.every_for_ratio(bench.sampler.timesteps, bench.profile, ratio)
         searched, search_seconds = bench.search(ratio, rule.with_mode(base.mode), 2 if tiny else 200)
@@ -122,17 +135,11 @@ def refit_validation_part(work: Path, samples: int, tiny: bool) -> dict:
     """The strong LoRA's digits-unet refit again, validated on 8 (the default) and on 64 fresh samples: whether the
     start validation's sample count decides which table a refit returns."""
     model = MODELS[0]
-    lora = finetuned_lora(model, work, 2 if tiny else 100, 4 if tiny else 50, 1e-2)
-    bench = Bench(load_subject(model, labels="0-9", lora=str(lora)), 4 if tiny else 50, samples)
-    base = bench.m.cache_schedule(0.8).fitted(bench.sampler.timesteps) if not tiny else \
-        CacheSchedule.every(bench.sampler.timesteps, bench.profile, 2, warmup=1).with_mode("taylor1")
+    _, bench, base = tuned(model, work, samples, tiny, *STRONG_LORA)
     rows = {"shipped schedule on the tuned model": bench.measure(base)}
     for validation in (8, 64):
-        start = time.perf_counter()
-        refitted = ds.prune.refit(bench.sampler, base, bench.conditions, iterations=2 if tiny else 50, batch_size=2,
-                                  gradient="full", reward_conditions=bench.distinct, validation=validation,
-                                  progress=False)
-        rows[f"refit, validation {validation}"] = {**bench.measure(refitted), "seconds": time.perf_counter() - start,
+        refitted, seconds = timed_refit(bench, base, tiny, validation)
+        rows[f"refit, validation {validation}"] = {**bench.measure(refitted), "seconds": seconds,
                                                    "validation": refitted.info["refit"]}
     return {model: rows}
 
@@ -171,7 +178,7 @@ def main() -> None:
         if "refit" in parts:
             payload["refit"] = refit_part(Path(work), args.samples, args.tiny)
         if "refit_strong" in parts:
-            payload["refit_strong"] = refit_part(Path(work), args.samples, args.tiny, 100, 1e-2)
+            payload["refit_strong"] = refit_part(Path(work), args.samples, args.tiny, *STRONG_LORA)
         if "refit_validation" in parts:
             payload["refit_validation"] = refit_validation_part(Path(work), args.samples, args.tiny)
         if "objective" in parts:

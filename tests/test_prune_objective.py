@@ -125,4 +125,3 @@ def test_a_refit_starts_from_the_given_table_and_never_returns_a_worse_one():
         assert refitted.mode == rule.mode and abs(refitted.pruned_fraction - rule.pruned_fraction) <= 0.0125
     with pytest.raises(ds.prune.ScheduleError, match="schedule has 6 steps, the sampler 4"):
         ds.prune.refit(ds.Sampler(sampler.model, ddim(), 4), rule, conditions, iterations=1, **SMALL)
-

@@ -210,7 +210,8 @@ def run_verb(verb: str, flags: dict, out: Path) -> dict:
     if verb == "demo":
         return reports.demo_report(out, **flags)
     subject = reports.subject_from(flags)
-    _raise_if_interrupted()
+    if _interrupted.is_set():  # pressed while loading, and swallowed there
+        raise KeyboardInterrupt
     return getattr(reports, f"{verb}_report")(out, subject, **flags)
 
 
@@ -222,11 +223,6 @@ def _on_ctrl_c(signum, frame):
     (a bare ``except:`` around an optional import) would otherwise let the verb run as if nothing was pressed."""
     _interrupted.set()
     raise KeyboardInterrupt
-
-
-def _raise_if_interrupted() -> None:
-    if _interrupted.is_set():
-        raise KeyboardInterrupt
 
 
 def _fail(verb: str, message: str, code: int) -> int:
