@@ -2,12 +2,12 @@
 
     python benchmarks/distributed.py [--parts scaling,gradients,equal_seconds] [--iterations 40] [--tiny]
 
-``scaling``: the three jobs under ``accelerate launch --cpu --num_processes 2`` (one thread each) against one process
-(two threads): the same two cores either way, so this measures what the processes cost and share, not what more
-devices add. The search (digits-dit, data parallel): one process at batch 2, one at batch 4 (the two processes'
-global batch) and two processes at batch 2 each, seconds per iteration and samples per second; ``optimize`` (8
-samples) and ``sample`` (64 samples) sharded: samples per second of the job (the slowest process) and the whole
-command's wall-clock (imports and loading included).
+``scaling``: the three jobs under ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`` (one thread
+each) against one process (two threads): the same two cores either way, so this measures what the processes cost and
+share, not what more devices add. The search (digits-dit, data parallel): one process at batch 2, one at batch 4 (the
+two processes' global batch) and two processes at batch 2 each, seconds per iteration and samples per second;
+``optimize`` (8 samples) and ``sample`` (64 samples) sharded: samples per second of the job (the slowest process) and
+the whole command's wall-clock (imports and loading included).
 
 ``gradients``: ``prune --gradient shortcut:random``, ``checkpointed`` and ``full`` at equal iterations on both zoo
 models (50 steps, batch 2, ratio 0.8, the comparison on 256 samples): seconds per iteration, peak memory (this

@@ -1,7 +1,7 @@
-"""The command line under `accelerate launch --cpu --num_processes N`: sample, optimize and prune, one after another
-in one launch (each through ``cli.main``, as the `diffusion-shortcuts` command runs them), into OUT/NAME, then the
-bad input of ``REFUSED``; each command's exit status goes to OUT/codes-RANK.json. tests/test_distributed.py runs
-the same ``COMMANDS`` in one process and compares."""
+"""The command line under `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` (N CPU processes):
+sample, optimize and prune, one after another in one launch (each through ``cli.main``, as the `diffusion-shortcuts`
+command runs them), into OUT/NAME, then the bad input of ``REFUSED``; each command's exit status goes to
+OUT/codes-RANK.json. tests/test_distributed.py runs the same ``COMMANDS`` in one process and compares."""
 
 import json
 import os

@@ -1,5 +1,5 @@
-"""Run by tests/test_finetune.py under `accelerate launch --cpu --num_processes N`: fine-tune a tiny UNet's
-LoRA for a few iterations and save each process's adapter."""
+"""Run by tests/test_finetune.py under `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`:
+fine-tune a tiny UNet's LoRA for a few iterations and save each process's adapter."""
 
 import sys
 

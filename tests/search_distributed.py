@@ -1,7 +1,7 @@
-"""Run by tests/test_distributed.py under `accelerate launch --cpu --num_processes N` (or plainly, as one process): a
-pruner search on the tiny UNet, checkpointed every 2 iterations; the main process saves the gates, every process
-its own copy. Arguments: OUT BATCH [--kill-at IT] [--resume]; with --kill-at, process 1 kills itself (SIGKILL)
-after iteration IT, taking the launch down as a real failure would."""
+"""Run by tests/test_distributed.py under `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` (or
+plainly, as one process): a pruner search on the tiny UNet, checkpointed every 2 iterations; the main process saves the
+gates, every process its own copy. Arguments: OUT BATCH [--kill-at IT] [--resume]; with --kill-at, process 1 kills
+itself (SIGKILL) after iteration IT, taking the launch down as a real failure would."""
 
 import os
 import signal

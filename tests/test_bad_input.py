@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_cond_unet, tiny_dit, unet_sampler
+from tiny_models import tiny_cond_unet, tiny_dit, unet_case, unet_sampler
 from diffusers import DDIMScheduler
 
 import diffusion_shortcuts as ds
@@ -68,6 +68,13 @@ CASES = [
     (["finetune", "--model", "digits-dit", "--reward", "label", "--ema", "1.5"], "--ema: must be < 1"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--checkpoint-every", "0"], "--checkpoint-every"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--checkpoint-every", "-1"], "--checkpoint-every"),
+    # flags that act only beside another
+    (["prune", "--model", "digits-dit", "--start-from", "{tmp}/none.json"], "--start-from: "),
+    (["prune", "--model", "digits-dit", "--validation", "16"],
+     "--validation needs --start-every or --start-from: it compares the searched table with the table"),
+    (["finetune", "--model", "digits-dit", "--reward", "label", "--refit-iterations", "5"],
+     "--refit-iterations needs --schedule: it sets the search that refits"),
+    (["sample", "--model", "digits-dit", "--strict-schedule"], "--strict-schedule needs --schedule"),
     # checkpoints
     (["finetune", "--model", "digits-dit", "--reward", "label", "--resume"], "--resume: no checkpoint"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--resume", "--out", "{tmp}/corrupt"],
@@ -165,6 +172,13 @@ def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, mon
 
 # ---- the library's entry points -------------------------------------------------------------------------
 
+def refit_with(**settings):
+    """A refit of a rule table on the tiny UNet, with ``settings``."""
+    sampler, noise, cond = unet_case(steps=4)
+    rule = ds.prune.CacheSchedule.every(sampler.timesteps, ds.prune.profile(sampler.model, noise, cond), 2, warmup=1)
+    return ds.prune.refit(sampler, rule, cond, iterations=1, progress=False, **settings)
+
+
 @pytest.mark.parametrize("call,error,needle", [
     (lambda: unet_sampler()(torch.zeros(0, 1, 8, 8), torch.zeros(0, 3, 8)), ValueError, "B >= 1"),
     (lambda: unet_sampler()(torch.full((1, 1, 8, 8), float("nan")), torch.zeros(1, 3, 8)), ValueError,
@@ -185,6 +199,11 @@ def test_ctrl_c_is_one_line_saying_where_the_checkpoint_is(tmp_path, capsys, mon
      ValueError, "does not depend on the images"),
     (lambda: ds.gradients.resolve("truncated:x"), ValueError, "gradient: truncated needs a positive integer"),
     (lambda: ds.rewards.from_spec("digit:x"), ValueError, "reward 'digit:x': expected digit:N"),
+    *[(lambda v=v: ds.prune.train_pruner(*unet_case(steps=3)[::2], 0.5, iterations=1, validation=v, progress=False),
+       ValueError, f"validation must be a whole number >= 1, got {v}") for v in (0, -2)],
+    (lambda: refit_with(validation=0), ValueError, "validation must be a whole number >= 1, got 0"),
+    (lambda: ds.prune.parse_objective(None), ValueError, "objective must be ssim, reward:SPEC or ssim+reward:SPEC:W "
+                                                         "(a string), got None"),
 ])
 def test_library_errors_name_the_argument(call, error, needle):
     with pytest.raises(error) as info:

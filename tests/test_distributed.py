@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,70 @@ def test_sample_optimize_and_prune_on_two_processes(tmp_path, capsys):
     code = cli.main([*COMMANDS["prune"], "--resume", "--out", str(two / "prune")])
     err = capsys.readouterr().err
     assert code == 2 and "num_processes: checkpoint 2, this run 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_dead_worker_is_one_line_naming_the_checkpoint_and_resume(tmp_path):
+    """Process 1 killed at the search's iteration 3: the survivor says in one line that a process of the launch
+    failed, where the last checkpoint is and that --resume continues; no traceback of gloo's."""
+    out = tmp_path / "killed"
+    done = launch([HERE / "cli_killed.py", 3, *COMMANDS["prune"], "--iterations", "6", "--out", out], 29565)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("diffusion-shortcuts prune: error:")]
+    assert len(ours) == 1, done.stderr[-3000:]
+    assert "diffusion_shortcuts" not in done.stderr.replace(ours[0], "")  # no traceback through our code
+    assert not any(line.startswith("RuntimeError") for line in done.stderr.splitlines())  # nor gloo's raw error
+    assert "a process of the launch failed (" in ours[0] and "pair.cc" not in ours[0]
+    assert ours[0].endswith(f"the last checkpoint is {out / 'search_checkpoint.pt'}: run the same command with "
+                            "--resume to continue")
+
+
+def processes_naming(text: str) -> list[int]:
+    """The ids of the running processes whose command line holds ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_the_processes_of_a_launcher_killed_with_sigkill_stop_and_keep_their_checkpoint(tmp_path):
+    out = tmp_path / "orphaned"
+    argv = [*COMMANDS["prune"], "--iterations", "100000", "--out", str(out)]
+    launcher = subprocess.Popen([*LAUNCH, "--main_process_port", "29566", "-m", "diffusion_shortcuts.cli", *argv],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "search_checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        workers = [pid for pid in processes_naming(str(out)) if pid != launcher.pid]
+        assert (out / "search_checkpoint.pt").exists() and len(workers) == 2, workers
+        launcher.kill()
+        launcher.wait()
+        deadline = time.time() + 60
+        while processes_naming(str(out)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert processes_naming(str(out)) == []  # both stopped, not left running 100000 iterations
+        assert torch.load(out / "search_checkpoint.pt", weights_only=True)["iteration"] >= 1
+    finally:
+        for pid in processes_naming(str(out)):
+            os.kill(pid, 9)
+
+
+def test_a_cpu_launch_that_starts_one_process_says_so(tmp_path):
+    """accelerate's `--cpu --num_processes 2` without --multi_gpu runs one process: the command says so and how to
+    launch two; metrics.json says one ran."""
+    plain = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+             "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffusion_shortcuts.cli"]
+    sample = ["sample", "--model", "digits-dit", "--n", "2", "--steps", "2", "--out", str(tmp_path / "o")]
+    done = subprocess.run([*plain, *sample], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning: accelerate launch was asked for several processes but started one" in done.stderr
+    assert f"for P processes on the CPU: {distributed.MULTI_PROCESS_CPU}" in done.stderr
+    assert metrics_of(tmp_path / "o")["num_processes"] == 1
 
 
 @pytest.mark.parametrize("n,processes", [(5, 2), (7, 3), (4, 4), (10, 1)])

@@ -16,6 +16,7 @@ import torch
 import diffusion_shortcuts as ds
 from diffusion_shortcuts import cli
 from diffusion_shortcuts.checkpoints import CheckpointError, load_checkpoint, write_atomically
+from diffusion_shortcuts.metrics import frechet_distance
 from diffusion_shortcuts.prune import CacheSchedule, ScheduleError
 
 TRAIN = {  # the resumable verbs, small, with a checkpoint after every iteration
@@ -179,6 +180,51 @@ def test_a_temporary_file_of_a_killed_writer_is_removed_and_a_live_ones_kept(tmp
         alive.wait()
 
 
+def test_the_next_run_cleans_what_a_killed_run_left_in_its_folder(tmp_path, capsys):
+    """A kill during the first checkpoint write leaves a temporary file, a kill anywhere the lock with a dead
+    process's id: the next run into the folder removes both (a live writer's temporary file is kept)."""
+    out = tmp_path / "o"
+    out.mkdir()
+    dead = dead_pid()
+    stale = out / f".finetune_checkpoint.pt.{dead}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    (out / ".diffusion-shortcuts.lock").write_text(str(dead))
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = out / f".metrics.json.{alive.pid}.tmp"
+        live.write_bytes(b"being written")
+        code, _, err = run(["sample", "--model", "digits-dit", "--n", "1", "--steps", "1", "--out", out], capsys)
+        assert code == 0, err
+        assert not stale.exists() and live.exists() and not (out / ".diffusion-shortcuts.lock").exists()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_full_disk_while_taking_the_folder_leaves_no_empty_lock(tmp_path, capsys, monkeypatch):
+    from diffusion_shortcuts import outdir
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(outdir.os, "fdopen", FullDisk)
+    code, line, err = run(["sample", "--model", "digits-dit", "--n", "1", "--steps", "1", "--out", tmp_path / "o"],
+                          capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert line.endswith(f"--out {tmp_path / 'o'}: cannot write its lock file (No space left on device)")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_full_disk_during_a_checkpoint_write_names_the_folder_and_keeps_the_last_one(tmp_path, capsys,
                                                                                         monkeypatch):
     from diffusion_shortcuts import checkpoints
@@ -199,6 +245,41 @@ def test_a_full_disk_during_a_checkpoint_write_names_the_folder_and_keeps_the_la
                          "command with --resume to continue")
     assert load_checkpoint(out / "finetune_checkpoint.pt")["iteration"] == 1
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_search_resumed_onto_another_adapter_is_refused_naming_it(tmp_path, capsys):
+    """The adapter on the denoiser (its weights' fingerprint) is a setting of the search like any other; metrics.json
+    names the --lora a search ran on."""
+    from diffusion_shortcuts.optimize import add_lora, save_lora
+
+    tuned = ds.zoo.load("digits-dit").model
+    add_lora(tuned, rank=2, seed=0)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    adapter = save_lora(tuned, tmp_path / "adapter.safetensors")
+    out = tmp_path / "run"
+    code, _, err = run([*TRAIN["prune"], "--out", out], capsys)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["lora"] is None
+    code, line, err = run([*TRAIN["prune"], "--lora", adapter, "--resume", "--out", out], capsys)
+    assert code == 2 and "other settings (adapter: checkpoint '', this run '" in line, err
+    code, _, err = run([*TRAIN["prune"], "--lora", adapter, "--out", tmp_path / "tuned"], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    assert metrics["lora"] == str(adapter) and len(metrics["search_settings"]["adapter"]) == 16
+
+
+def test_a_comparison_on_one_sample_leaves_fid_out_and_says_so(tmp_path, capsys):
+    code, _, err = run([*TRAIN["prune"], "--samples", "1", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert "fid_full" not in metrics and "fid_pruned" not in metrics and metrics["fid_features"] is None
+    assert metrics["fid_left_out"] == "FID needs at least 2 samples, --samples is 1" and "FID needs" in err
+    assert 0.0 <= metrics["accuracy_full"] <= 1.0 and 0.0 < metrics["ssim"] <= 1.0
+    with pytest.raises(ValueError, match="needs at least 2 samples on each side .* got 1 and 5"):
+        frechet_distance(torch.zeros(1, 3), torch.randn(5, 3))
 
 
 @pytest.fixture
@@ -245,6 +326,52 @@ def test_ctrl_c_swallowed_by_a_library_while_loading_still_stops_the_command(tmp
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "grid.png").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command put Python's handler back
+
+
+def interrupted_sample(tmp_path, capsys, monkeypatch) -> int:
+    """One ``sample`` call stopped by a Ctrl-C that a library swallowed while loading (Python's own handler)."""
+    from diffusion_shortcuts import reports
+
+    loaded, before = reports.subject_from, signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def loading_that_swallows_ctrl_c(flags):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+        except BaseException:  # noqa: BLE001 - the library's, not ours
+            pass
+        return loaded(flags)
+
+    monkeypatch.setattr(reports, "subject_from", loading_that_swallows_ctrl_c)
+    try:
+        code, _, _ = run(["sample", "--model", "digits-dit", "--n", "1", "--steps", "1", "--out", tmp_path / "i"],
+                         capsys)
+    finally:
+        monkeypatch.setattr(reports, "subject_from", loaded)
+        signal.signal(signal.SIGINT, before)
+    return code
+
+
+def test_a_ctrl_c_of_one_call_does_not_stop_the_next_where_sigint_is_ignored_or_in_a_thread(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """After an interrupted call, the next one runs: under SIGINT ignored (a background job, many CI runners), where
+    the host handles it, and in a worker thread (none of which install the command's own handler)."""
+    import threading
+
+    assert interrupted_sample(tmp_path, capsys, monkeypatch) == 130
+    sample = ["sample", "--model", "digits-dit", "--n", "1", "--steps", "1", "--out"]
+    for handler in (signal.SIG_IGN, lambda signum, frame: None):
+        before = signal.signal(signal.SIGINT, handler)
+        try:
+            code, line, err = run([*sample, tmp_path / f"next-{len(list(tmp_path.iterdir()))}"], capsys)
+        finally:
+            signal.signal(signal.SIGINT, before)
+        assert code == 0, err
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(cli.main([*sample, str(tmp_path / "thread")])))
+    worker.start()
+    worker.join(timeout=120)
+    assert codes == [0] and (tmp_path / "thread" / "metrics.json").exists()
 
 
 # ---- smaller bad inputs -----------------------------------------------------------------------------------

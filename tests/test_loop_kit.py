@@ -142,6 +142,13 @@ def test_search_refuses_a_resume_with_any_setting_changed(tmp_path):
 
     changes["num_processes"] = two_processes
     changes["reward_conditions"] = lambda folder: run(folder, True, reward_conditions=torch.arange(2))
+
+    def with_an_adapter(folder):
+        tuned = unet_sampler()
+        ds.add_lora(tuned.model, rank=2)
+        run(folder, True, sampler=tuned)
+
+    changes["adapter"] = with_an_adapter
     assert_each_change_is_refused(run, changes, SearchConfig, tmp_path)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .outdir import process_alive
+from .outdir import remove_stale_temporaries
 
 
 class CheckpointError(ValueError):
@@ -33,15 +33,6 @@ class CheckpointError(ValueError):
 
 class NoSpaceError(OSError):
     """The device filled up while a file was written; the file that was there before is kept."""
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of ``path`` left by writers that were killed mid-write (``.NAME.PID.tmp`` whose process is
-    gone); a live writer's is left alone."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
 
 
 def _no_space(exc: BaseException) -> bool:
@@ -56,7 +47,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     unique per process, so two writers never share it; those of killed writers are removed. A full disk is a
     :class:`NoSpaceError` naming the folder (the old file is kept)."""
     path = Path(path)
-    remove_stale_temporaries(path)
+    remove_stale_temporaries(path.parent, glob.escape(path.name))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)

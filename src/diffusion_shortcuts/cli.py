@@ -15,7 +15,6 @@ module only parses flags (each declared once, in ``FLAGS``), owns the output fol
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import os
@@ -25,6 +24,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from .failures import ctrl_c_remembered
 
 METRICS_VERSION = 1
 
@@ -136,6 +137,13 @@ FLAGS = {
     "compile": dict(action="store_true", help="compile each gated block of the denoiser (torch.compile, "
                     "fullgraph=True; a cache schedule decides outside the compiled regions)"),
 }
+# flags that act only beside another: given alone they would do nothing, so they are refused naming what they need
+NEEDS = {
+    "validation": (("start_every", "start_from"), "it compares the searched table with the table the search starts "
+                   "from"),
+    "refit_iterations": (("schedule",), "it sets the search that refits that schedule to the tuned model"),
+    "strict_schedule": (("schedule",), "it refuses a schedule made for other timesteps"),
+}
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, scheduler=None, height=None, width=None,
              device=None, dtype=None)
 TRAIN = dict(vae_checkpointing=None)  # for the verbs that backpropagate through the decoder
@@ -195,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_without_its_partner(flags: dict, argv: list[str]) -> str | None:
+    """The line refusing a flag typed without the flag it acts beside (:data:`NEEDS`), or None."""
+    typed = {str(a).split("=")[0] for a in argv if str(a).startswith("--")}
+    for name, (partners, why) in NEEDS.items():
+        if name in flags and "--" + name.replace("_", "-") in typed and not any(flags.get(p) for p in partners):
+            options = " or ".join("--" + p.replace("_", "-") for p in partners)
+            return f"--{name.replace('_', '-')} needs {options}: {why}"
+    return None
+
+
 def write_metrics(out: Path, metrics: dict) -> Path:
     from .checkpoints import write_json
 
@@ -204,61 +222,21 @@ def write_metrics(out: Path, metrics: dict) -> Path:
     return write_json(out / "metrics.json", payload)
 
 
-def run_verb(verb: str, flags: dict, out: Path) -> dict:
+def run_verb(verb: str, flags: dict, out: Path, interrupted: threading.Event | None = None) -> dict:
+    """``interrupted``: set by this call's own Ctrl-C handler (see :func:`main`), never by an earlier call's."""
     from . import reports
 
     if verb == "demo":
         return reports.demo_report(out, **flags)
     subject = reports.subject_from(flags)
-    if _interrupted.is_set():  # pressed while loading, and swallowed there
+    if interrupted is not None and interrupted.is_set():  # pressed while loading, and swallowed there
         raise KeyboardInterrupt
     return getattr(reports, f"{verb}_report")(out, subject, **flags)
-
-
-_interrupted = threading.Event()
-
-
-def _on_ctrl_c(signum, frame):
-    """Python's own Ctrl-C (a KeyboardInterrupt), remembered: a library that swallows it while it imports or loads
-    (a bare ``except:`` around an optional import) would otherwise let the verb run as if nothing was pressed."""
-    _interrupted.set()
-    raise KeyboardInterrupt
 
 
 def _fail(verb: str, message: str, code: int) -> int:
     print(f"diffusion-shortcuts {verb}: error: {message}", file=sys.stderr)
     return code
-
-
-CHECKPOINTS = {"prune": "search_checkpoint.pt", "finetune": "finetune_checkpoint.pt"}  # the verbs that --resume
-# what lowers the memory of a verb, by the flag it needs: only the verb's own flags are named
-LOWER_MEMORY = (("gradient", "--gradient shortcut or checkpointed"), ("vae_checkpointing", "--vae-checkpointing"),
-                ("batch_size", "a smaller --batch-size"), ("n", "a smaller --n"), ("dtype", "--dtype bfloat16"))
-
-
-def what_was_kept(verb: str, out: str) -> str:
-    """Where a run that stopped left its work, and the command that continues it."""
-    name = CHECKPOINTS.get(verb)
-    if name is None:
-        return f"what was saved is in {out}; run the same command to start again"
-    if (Path(out) / name).exists():
-        return f"the last checkpoint is {Path(out) / name}: run the same command with --resume to continue"
-    return f"nothing was checkpointed yet in {out}: run the same command (without --resume) to start again"
-
-
-def out_of_memory(verb: str, flags: dict, exc: BaseException) -> str:
-    """One line for a ``torch.OutOfMemoryError``: what ran out, the peak so far, and the flags that lower it."""
-    import torch
-
-    from .metrics import peak_memory_mb
-
-    device = "cuda" if "cuda" in str(exc).lower() and torch.cuda.is_available() else "cpu"
-    hints = [hint for flag, hint in LOWER_MEMORY if flag in VERBS[verb][1] and not
-             (flag == "dtype" and flags.get("dtype") != "float32") and not (flag == "vae_checkpointing" and
-                                                                              flags.get("vae_checkpointing"))]
-    lower = f"; lower it with {', '.join(hints)}" if hints else ""
-    return (f"out of memory on {device} (peak {peak_memory_mb(device):.0f} MB so far){lower}; "
-            f"{what_was_kept(verb, flags['out'])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,11 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     watch = threading.current_thread() is threading.main_thread() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not where Ctrl-C is ignored or handled
+    interrupted = threading.Event()  # this call's own: nothing pressed during another call reaches it
     if watch:
-        _interrupted.clear()
-        signal.signal(signal.SIGINT, _on_ctrl_c)
+        signal.signal(signal.SIGINT, ctrl_c_remembered(interrupted))
     try:
-        return _main(argv)
+        return _main(argv, interrupted)
     except KeyboardInterrupt:  # before a verb began: while the parser and its imports load
         print("diffusion-shortcuts: interrupted while starting; nothing was run", file=sys.stderr)
         return 130
@@ -280,37 +258,35 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, interrupted: threading.Event) -> int:
+    from .failures import explain
     from .outdir import OutputFolder
 
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad flag (2, its one line already printed)
         return int(exc.code or 0)
+    from . import distributed
+
     flags = {k: v for k, v in vars(args).items() if k not in ("verb", "out", "debug")}
+    if shortfall := distributed.launch_shortfall():
+        print(f"diffusion-shortcuts {args.verb}: warning: {shortfall}", file=sys.stderr)
+    distributed.watch_the_launcher()
+    alone = flag_without_its_partner(flags, argv if argv is not None else sys.argv[1:])
+    if alone:
+        return _fail(args.verb, alone, 2)
     given = {**flags, "out": args.out}  # run_verb takes the model's flags out of ``flags``
     try:
         with OutputFolder(args.out) as out:
-            metrics = run_verb(args.verb, flags, out)
+            metrics = run_verb(args.verb, flags, out, interrupted)
             if metrics:  # empty on the other processes of an `accelerate launch` run: the main one writes
                 write_metrics(out, metrics)
-    except (ValueError, TypeError) as exc:  # bad input: UsageError, ScheduleError, CheckpointError, ...
+    except (ValueError, TypeError, KeyboardInterrupt, OSError, RuntimeError) as exc:
         from .usage import UsageError
 
-        if args.debug and not isinstance(exc, UsageError):
+        if args.debug and not isinstance(exc, (UsageError, KeyboardInterrupt)):
             raise
-        return _fail(args.verb, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2)
-    except KeyboardInterrupt:
-        return _fail(args.verb, f"interrupted; {what_was_kept(args.verb, args.out)}", 130)
-    except (OSError, RuntimeError) as exc:
-        if args.debug:
-            raise
-        if type(exc).__name__ == "OutOfMemoryError":
-            return _fail(args.verb, out_of_memory(args.verb, given, exc), 1)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return _fail(args.verb, f"{exc.strerror}; {what_was_kept(args.verb, args.out)}", 1)
-        return _fail(args.verb, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                                f"(--debug shows the traceback; what was saved is in {args.out})", 1)
+        return _fail(args.verb, *explain(args.verb, exc, given, VERBS[args.verb][1]))
     if metrics:
         if metrics.get("warning"):
             print(f"diffusion-shortcuts {args.verb}: warning: {metrics['warning']}", file=sys.stderr)

@@ -19,7 +19,11 @@ Two ways to share work, both deterministic whatever P is:
 
 from __future__ import annotations
 
+import _thread
 import os
+import re
+import threading
+import time
 
 import torch
 
@@ -41,6 +45,64 @@ def state():
 def launched() -> bool:
     """True in a process of a multi-process ``accelerate launch`` (torchrun's ``WORLD_SIZE`` > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+MULTI_PROCESS_CPU = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes P"  # P CPU processes
+
+
+def launch_shortfall() -> str | None:
+    """What to say where ``accelerate launch`` was asked for several processes and started one: its ``--cpu`` launch
+    without ``--multi_gpu`` runs a single process (accelerate 1.16), telling only by the rendezvous address it sets
+    for them (``MASTER_PORT``) with no ``WORLD_SIZE``. None where nothing is amiss."""
+    if os.environ.get("ACCELERATE_USE_CPU") is None or "MASTER_PORT" not in os.environ or launched():
+        return None
+    return ("accelerate launch was asked for several processes but started one (its --cpu launch without --multi_gpu "
+            f"runs a single process); for P processes on the CPU: {MULTI_PROCESS_CPU} ...")
+
+
+def peer_failed(exc: BaseException) -> bool:
+    """True for the error a process of a multi-process launch meets when another one died under a collective
+    (gloo's ``Connection reset by peer``, a ``DistBackendError``)."""
+    if not launched() or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return type(exc).__name__ == "DistBackendError" or any(
+        sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "gloo", "NCCL"))
+
+
+_launcher_gone = threading.Event()
+_watching = False  # one watcher a process, however many commands it runs
+
+
+def watch_the_launcher(every: float = 1.0) -> None:
+    """In a process of a multi-process launch: stop (a KeyboardInterrupt in the main thread, so that the command
+    says what was kept) when the launcher that started it dies. torchrun starts every process in a session of its
+    own, so a launcher killed with SIGKILL would otherwise leave them running to the end."""
+    global _watching
+    if _watching or not launched() or threading.current_thread() is not threading.main_thread():
+        return
+    _watching, parent = True, os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        _launcher_gone.set()
+        _thread.interrupt_main()
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def launcher_gone() -> bool:
+    """True once :func:`watch_the_launcher` saw the launcher die."""
+    return _launcher_gone.is_set()
+
+
+def peer_failure_reason(exc: BaseException) -> str:
+    """The gist of a collective's error: ``Read error [127.0.0.1]:26820: Connection reset by peer`` without gloo's
+    source path and advice."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's "[.../pair.cc:537] "
+    return text.split(". ")[0].rstrip(".")
 
 
 def num_processes() -> int:

@@ -27,12 +27,18 @@ def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
     return vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
 
 
+FID_MIN_SAMPLES = 2  # a covariance needs two
+
+
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017, the FID formula):
     ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)``."""
     if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
         raise ValueError(f"feature sets must be (N, D) with equal D, got {tuple(feats_a.shape)} and "
                          f"{tuple(feats_b.shape)}")
+    if min(len(feats_a), len(feats_b)) < FID_MIN_SAMPLES:
+        raise ValueError(f"the Fréchet distance needs at least {FID_MIN_SAMPLES} samples on each side (a covariance), "
+                         f"got {len(feats_a)} and {len(feats_b)}")
     a, b = feats_a.double(), feats_b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)

@@ -25,9 +25,20 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
+    """Temporary files (``.NAME.PID.tmp``, :func:`~.checkpoints.write_atomically`'s) in ``folder`` left by writers
+    that were killed mid-write, whose process is gone; a live writer's is left alone. ``name``: a glob of the
+    files whose temporaries to remove (default: all)."""
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        pid = tmp.name[:-len(".tmp")].rpartition(".")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 class OutputFolder:
     """``with OutputFolder(path) as out:`` makes ``path`` (if needed), takes its lock file, and on exit drops the
-    lock; a folder this run made and left empty (bad input found after it was made) is removed."""
+    lock; a folder this run made and left empty (bad input found after it was made) is removed. What a dead run left
+    there (its lock, the temporary files of a write it was killed in) is cleaned when the next run takes it."""
 
     def __init__(self, path: str):
         if not str(path).strip():
@@ -55,8 +66,14 @@ class OutputFolder:
         except OSError as exc:
             raise OutputFolderError(f"--out {self.path}: output folder is not writable "
                                     f"({exc.strerror or exc})") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as exc:  # a full disk: no empty lock, no empty folder left behind
+            self.lock.unlink(missing_ok=True)
+            self._remove_if_made_and_empty()
+            raise OutputFolderError(f"--out {self.path}: cannot write its lock file ({exc.strerror or exc})") from None
+        remove_stale_temporaries(self.path)
         return self.path
 
     def _holder(self) -> int | None:
@@ -68,5 +85,8 @@ class OutputFolder:
     def __exit__(self, *exc) -> None:
         if self._holder() == os.getpid():
             self.lock.unlink(missing_ok=True)
+        self._remove_if_made_and_empty()
+
+    def _remove_if_made_and_empty(self) -> None:
         if self.created and self.path.is_dir() and not any(self.path.iterdir()):
             shutil.rmtree(self.path, ignore_errors=True)

@@ -17,7 +17,7 @@ import torch
 from . import conditions as C
 from . import distributed, gradients, rewards, zoo
 from .images import grid, labelled, save_grid, side_by_side
-from .metrics import Timer, accuracy, peak_memory_mb
+from .metrics import FID_MIN_SAMPLES, Timer, accuracy, peak_memory_mb
 from .subjects import JUDGE
 from .usage import UsageError
 
@@ -76,9 +76,10 @@ def mean_reward(reward, images: torch.Tensor, conditions, device, batch_size: in
     return total / len(images)
 
 
-def load_schedule(path: str, subject, sampler, strict: bool = False):
+def load_schedule(path: str, subject, sampler, strict: bool = False, flag: str = "--schedule"):
     """A schedule file (or ``zoo`` / ``zoo:RATIO``: a zoo model's shipped schedule for 0.8 / that ratio), checked
-    against the model and fitted to the sampler's timesteps (resampled to another step count unless ``strict``)."""
+    against the model and fitted to the sampler's timesteps (resampled to another step count unless ``strict``); an
+    error names ``flag``, the option that gave the path."""
     from .prune import CacheSchedule, ScheduleError, apply
 
     try:
@@ -96,7 +97,7 @@ def load_schedule(path: str, subject, sampler, strict: bool = False):
             pass
         schedule = schedule.fitted(sampler.timesteps, strict=strict)
     except (ScheduleError, ValueError, FileNotFoundError) as exc:
-        raise UsageError(f"--schedule: {exc}") from None
+        raise UsageError(f"{flag}: {exc}") from None
     return schedule
 
 
@@ -185,7 +186,7 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
     images, conditions = torch.cat([p["images"] for p in parts]), subject.conditions(n)
     metrics = {"model": subject.name, "n": n, "seed": seed, "num_inference_steps": steps,
                "guidance_scale": sampler.guidance_scale, "scheduler": type(sampler.scheduler).__name__,
-               "seconds": max(p["seconds"] for p in parts), "schedule": schedule,
+               "seconds": max(p["seconds"] for p in parts), "schedule": schedule, "lora": subject.adapter,
                "macs_ratio": cache.macs_ratio if cache else 1.0,
                "schedule_resampled_from": cache.info.get("resampled_from") if cache else None,
                "cache_summary": summed([p["cache_summary"] for p in parts]) if cache else None, "compiled": compile,
@@ -238,7 +239,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     sampler = subject.sampler(steps, guidance)
     distinct = subject.distinct_conditions()
     conditions = subject.encode(distinct) if distinct is not None else None
-    start = load_schedule(start_from, subject, sampler, strict=True) if start_from is not None else None
+    start = load_schedule(start_from, subject, sampler, True, "--start-from") if start_from is not None else None
     if start_every is not None:
         example = torch.zeros(1, *sampler.sample_shape, device=subject.device)
         prof = profile(sampler.model, example, C.first(conditions))
@@ -274,16 +275,20 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
                   labelled(grid(pruned[show], nrow=10), f"schedule: {metrics['speedup']:.1f}x faster")]).save(
         out / "full_vs_pruned.png")
     history = result.history
-    warning = None if schedule.info["within_tolerance"] else (
+    warnings = [] if schedule.info["within_tolerance"] else [
         f"the schedule prunes {1 - schedule.macs_ratio:.3f} of the MACs, not the {ratio} asked for: the gate "
-        "network's keep scores allow no closer threshold (more --iterations, or another --ratio)")
+        "network's keep scores allow no closer threshold (more --iterations, or another --ratio)"]
+    if subject.accuracy_judge and "fid_full" not in metrics:
+        metrics["fid_left_out"] = f"FID needs at least {FID_MIN_SAMPLES} samples, --samples is {samples}"
+        warnings.append(metrics["fid_left_out"])
+    warning = "; ".join(warnings) or None
     return {"model": subject.name, "ratio": ratio, "warning": warning, "schedule": "schedule.json", "pruner": "pruner",
             "heatmap": "heatmap.png", "picture": "full_vs_pruned.png", "search_seconds": sum(history["seconds"]),
             "search_iterations": len(history["loss"]), "search_settings": history["settings"],
             "within_tolerance": schedule.info["within_tolerance"], "search_ssim": history["ssim"],
             "search_macs_ratio": history["macs_ratio"], "search_validation": history.get("validation"),
             "num_processes": history["settings"]["num_processes"], "search_peak_memory_mb": search_memory,
-            "objective": goal.name, "search_reward": history.get("reward"),
+            "objective": goal.name, "lora": subject.adapter, "search_reward": history.get("reward"),
             "search_reward_full": history.get("reward_full"),
             "seed": seed + 1, **metrics}
 
@@ -380,7 +385,8 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
                     resume: bool, schedule: str | None = None, refit_iterations: int = 50) -> dict:
     """Fine-tune a LoRA adapter (or all weights) against a reward; resumable; judged on a held-out set (the
     zoo's by the eval classifier), with the diversity of each condition's samples. With ``schedule`` (checked against
-    the model and the step count before training), the schedule is refit to the tuned model afterwards and written
+    the model before training, and resampled to ``steps`` where it was made for another step count, as ``sample`` and
+    ``optimize`` resample it), the schedule is refit to the tuned model afterwards and written
     beside the adapter, with what it and the refit keep of the tuned model in the metrics."""
     from .optimize import FinetuneError, add_lora, finetune
     from .plots import heldout_curves, reward_curves
@@ -391,7 +397,7 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
                          "--eval-samples at least 2")
     check_resume(resume, out, "finetune_checkpoint.pt")
     sampler = subject.sampler(steps, guidance)
-    cache = load_schedule(schedule, subject, sampler, strict=True) if schedule is not None else None
+    cache = load_schedule(schedule, subject, sampler) if schedule is not None else None  # resampled to --steps
     heldout, (show_noise, show_conditions) = _heldout_set(subject, eval_samples, eval_every, seed)
     encode = subject.encode if subject.conditional else None
 
@@ -423,7 +429,8 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
         where = (out / weights).parent if params == "lora" else out / weights
         refitted.save(where / "schedule.json")
         refit_figures = {"schedule": (where / "schedule.json").relative_to(out).as_posix(),
-                         "schedule_refit": refitted.info["refit"], "schedule_macs_ratio": refitted.macs_ratio}
+                         "schedule_refit": refitted.info["refit"], "schedule_macs_ratio": refitted.macs_ratio,
+                         "schedule_resampled_from": cache.info.get("resampled_from")}
     side_by_side([labelled(grid(before, nrow=10), "base model"), labelled(grid(samples(), nrow=10), "fine-tuned")]
                  ).save(out / "before_after.png")
     reward_curves({gradient: result.history}, out / "curve.png", title=f"{subject.name}, {reward}")

@@ -40,6 +40,7 @@ class Subject(Protocol):
     text: bool                       # the conditions are prompts
     default_guidance: float
     accuracy_judge: str | None       # the classifier behind judge()'s accuracy, None where there is none
+    adapter: str | None              # the adapter (--lora) loaded onto the denoiser, None where there is none
 
     def conditions(self, n: int) -> Any: ...
     def distinct_conditions(self) -> Any: ...
@@ -57,6 +58,8 @@ class Subject(Protocol):
 
 class ZooSubject:
     """A zoo generator (or a DDPM/DiT folder): class labels, judged by the evaluation classifier."""
+
+    adapter: str | None = None
 
     def __init__(self, model: zoo.ZooModel, labels: str = "0-9"):
         self.m, self.labels_text = model, labels
@@ -123,6 +126,8 @@ class ZooSubject:
 
 class PipelineSubject:
     """A local text-to-image pipeline folder: prompts through its own encoders; no judge of its own."""
+
+    adapter: str | None = None
 
     def __init__(self, model: PipelineModel, prompts: list[str]):
         if model.text and not prompts:
@@ -273,6 +278,7 @@ def load_subject(model: str, *, labels: str = "0-9", prompt=None, prompts=None, 
                             vae_checkpointing=vae_checkpointing)
     if lora is not None:
         subject.load_adapter(Path(lora))
+        subject.adapter = str(lora)
     return subject
 
 

@@ -14,10 +14,10 @@ No other module of the library names a model class. Adding a family: one new mod
 
 from .base import (CFG, CLASS_NAMES, EMBEDDED, LABELS, NONE, OUTPUT, RESIDUAL, TEXT, Family, TransformerFamily,
                    UnknownModelError, unwrap)
-from .registry import FAMILIES, denoiser_of, family_of, model_id, register, sample_shape, vae_scale
+from .registry import FAMILIES, adapter_id, denoiser_of, family_of, model_id, register, sample_shape, vae_scale
 from . import unet, sdxl, dit, pixart, sana, sd3, flux  # noqa: E402,F401  (each registers its families, listed in this order)
 from .flux import flux_image_ids, pack_latents, unpack_latents
 
 __all__ = ["CFG", "CLASS_NAMES", "EMBEDDED", "LABELS", "NONE", "OUTPUT", "RESIDUAL", "TEXT", "Family",
-           "TransformerFamily", "UnknownModelError", "unwrap", "FAMILIES", "denoiser_of", "family_of", "model_id",
-           "register", "sample_shape", "vae_scale", "flux_image_ids", "pack_latents", "unpack_latents"]
+           "TransformerFamily", "UnknownModelError", "unwrap", "FAMILIES", "adapter_id", "denoiser_of", "family_of",
+           "model_id", "register", "sample_shape", "vae_scale", "flux_image_ids", "pack_latents", "unpack_latents"]

@@ -68,6 +68,19 @@ def model_id(model) -> str:
     return f"{type(model).__name__}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
+def adapter_id(model) -> str | None:
+    """A hash of the LoRA adapter weights on the model (peft's ``lora_*`` parameters, whatever loaded them), or None
+    where it carries none: a training loop records it, so that a resume onto another adapter is refused."""
+    weights = sorted((name, p) for name, p in unwrap(model).named_parameters() if "lora_" in name)
+    if not weights:
+        return None
+    digest = hashlib.sha256()
+    for name, p in weights:
+        digest.update(name.encode())
+        digest.update(p.detach().to("cpu", torch.float32).contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
     """A diffusers pipeline's denoiser and its component name (``unet`` or ``transformer``)."""
     for name in ("unet", "transformer"):

@@ -32,6 +32,8 @@ KINDS = ("ssim", "reward", "ssim+reward")
 def parse_objective(text: str) -> tuple[str, str | None, float]:
     """``"ssim"`` -> ("ssim", None, 1.0); ``"reward:SPEC"`` -> ("reward", SPEC, 1.0); ``"ssim+reward:SPEC:W"`` ->
     ("ssim+reward", SPEC, W) (SPEC may hold colons itself: W is the last field). A ValueError names what is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"objective must be ssim, reward:SPEC or ssim+reward:SPEC:W (a string), got {text!r}")
     if text == "ssim":
         return "ssim", None, 1.0
     kind, _, rest = text.partition(":")

@@ -37,7 +37,7 @@ from .. import distributed
 from .. import gradients as G
 from ..checkpoints import Checkpoint, configured, make_optimizer, settings_of
 from ..loop import LoopState, iteration_generator, run_loop
-from ..families import unwrap
+from ..families import adapter_id, unwrap
 from ..metrics import Timer
 from .blocks import BlockProfile, profile
 from .objective import Objective
@@ -157,13 +157,17 @@ class SearchConfig:
     objective: str = field(default="ssim", metadata={"derived": True})
     # the rows the reward sees (labels, prompts) when they are not ``conditions`` themselves: a digest, "" if none
     reward_conditions: str = field(default="", metadata={"derived": True})
+    # the LoRA adapter on the (frozen) denoiser, a digest of its weights ("" if none): a resume onto another is refused
+    adapter: str = field(default="", metadata={"derived": True})
 
 
 def _check_search_args(config: SearchConfig, conditions, shape) -> None:
     if not 0.0 < config.ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), got {config.ratio}")
-    if config.iterations < 1 or config.batch_size < 1 or config.target_batch < 1:
-        raise ValueError("iterations, batch_size and target_batch must be >= 1")
+    for name in ("iterations", "batch_size", "target_batch", "validation"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     if isinstance(conditions, (list, tuple)):  # the sampler takes them as they are: embeddings, not labels
         raise ValueError("conditions must be a non-empty batch of conditioning (a tensor, a dict of tensors) or None")
     if shape is None:
@@ -220,7 +224,8 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
         blocks=tuple(config.blocks) if config.blocks is not None else None, sample_shape=tuple(shape),
         start=_describe_start(start), sampler=sampler.describe(),
         conditions=C.fingerprint(conditions), num_processes=distributed.num_processes(), objective=objective.name,
-        reward_conditions="" if reward_conditions is None else C.fingerprint(reward_conditions))
+        reward_conditions="" if reward_conditions is None else C.fingerprint(reward_conditions),
+        adapter=adapter_id(sampler.model) or "")
     search = _Search(sampler, conditions, policy, config, start, objective,
                      conditions if reward_conditions is None else reward_conditions)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)

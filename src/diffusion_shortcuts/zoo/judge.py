@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from ..metrics import accuracy, features, frechet_distance
+from ..metrics import FID_MIN_SAMPLES, accuracy, features, frechet_distance
 from . import ZooModel, load
 from .data import load_digits
 
 
 class DigitJudge:
-    """``judge(images, labels) -> {"accuracy", "fid"}`` for images in [0, 1]."""
+    """``judge(images, labels) -> {"accuracy", "fid"}`` for images in [0, 1]; FID is left out of fewer than two
+    images (a covariance needs two)."""
 
     def __init__(self):
         self.eval_classifier = load("digits-classifier-eval")
@@ -25,7 +26,9 @@ class DigitJudge:
         self.heldout_features = features(self.feature_classifier, (heldout + 1) / 2)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict:
-        result = {"fid": frechet_distance(features(self.feature_classifier, images), self.heldout_features)}
+        result = {}
+        if len(images) >= FID_MIN_SAMPLES:
+            result["fid"] = frechet_distance(features(self.feature_classifier, images), self.heldout_features)
         if labels is not None:
             result["accuracy"] = accuracy(self.eval_classifier, images, labels)
         return result
