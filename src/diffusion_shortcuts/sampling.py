@@ -6,8 +6,8 @@ control over which network calls keep their autograd graph. ``Sampler`` runs a d
 family (:mod:`diffusion_shortcuts.families`: pixel UNets, Stable Diffusion 1.x/2.x and SDXL, DiT,
 PixArt, Sana, SD3, Flux), with classifier-free or embedded guidance, learned-variance splits and an optional
 decoder (a VAE), and a gradient policy from :mod:`diffusion_shortcuts.gradients` deciding what the
-backward pass sees. Latents are always ``(B, C, H, W)``; the family packs them where its model wants
-tokens.
+backward pass sees. Latents are ``(B, C, H, W)`` for images and ``(B, C, F, H, W)`` for video (each family
+says its layout); the family packs them where its model wants tokens.
 
 With ``gradient=None`` the whole loop runs under ``torch.no_grad()`` and matches diffusers' own
 pipelines for the same scheduler, noise and steps.
@@ -15,6 +15,7 @@ pipelines for the same scheduler, noise and steps.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import inspect
@@ -30,37 +31,32 @@ from tqdm.auto import tqdm
 from . import conditions as C
 from . import gradients as G
 from .conditions import Cond
-from .families import (CFG, CLASS_NAMES, EMBEDDED, TEXT, denoiser_of, family_of, model_id, sample_shape, unwrap,
-                       vae_scale)
+from .precision import PrecisionError, check_finite
+from .families import (BATCHED, CFG, CLASS_NAMES, COND, EMBEDDED, TEXT, UNCOND, denoiser_of, family_of, model_id,
+                       sample_shape, unwrap, vae_scale)
 
 __all__ = ["PrecisionError", "Sampler", "SamplingStep", "call_denoiser", "current_step", "sample_shape", "unwrap"]
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
 
 
-HALF_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class PrecisionError(ValueError):
-    """A generation in half precision that went non-finite (an overflow): names the component and the fix."""
-
-
-def check_finite(values: torch.Tensor, dtype: torch.dtype, component: str, what: str) -> None:
-    """Once per generation, where ``component`` ran in half precision: a :class:`PrecisionError` if ``values``
-    hold NaN or inf (one read back from the device; none in float32, where the loop reads nothing extra)."""
-    if dtype in HALF_PRECISION and not torch.isfinite(values.detach()).all():
-        fix = "float32" if dtype == torch.bfloat16 else "bfloat16 or float32"
-        raise PrecisionError(f"the {component} in {str(dtype).removeprefix('torch.')} produced non-finite {what} "
-                             f"(NaN or inf: it overflowed); run it in {fix} (--dtype "
-                             f"{fix.split()[0]})")
-
-
 class SamplingStep(NamedTuple):
     """What the Sampler tells whoever wraps its denoiser about the call in progress: the step ``index`` of the
-    generation (counted in the sampler's ``timesteps``, whatever ``start_step``) and those timesteps as Python
-    floats. A cache schedule finds its step from it, with no read of the timestep tensor back to the host."""
+    generation (counted in the sampler's ``timesteps``, whatever ``start_step``), those timesteps as Python
+    floats, and the guidance ``branch`` the call computes (``"cond"`` or ``"uncond"`` where the family calls them
+    separately, ``""`` for one call on both or on no guidance). A cache schedule finds its step and keeps its
+    block state per branch from it, with no read of the timestep tensor back to the host."""
 
     index: int
     timesteps: tuple[float, ...]
+    branch: str = ""
+
+
+class Branches(NamedTuple):
+    """The conditioning of the two guidance branches of a family that calls them separately (never concatenated:
+    a prompt and a negative prompt may have different lengths)."""
+
+    uncond: Cond
+    cond: Cond
 
 
 _CURRENT_STEP: contextvars.ContextVar[SamplingStep | None] = contextvars.ContextVar("sampling_step", default=None)
@@ -70,6 +66,19 @@ def current_step() -> SamplingStep | None:
     """The :class:`SamplingStep` of the denoiser call in progress under a :class:`Sampler` (None outside one, as
     under a stock pipeline call). A gradient checkpoint recomputing a step in the backward pass announces it again."""
     return _CURRENT_STEP.get()
+
+
+@contextlib.contextmanager
+def announced(step: SamplingStep | None):
+    """Announce ``step`` (:func:`current_step`) for the calls inside the block; None announces nothing new."""
+    if step is None:
+        yield
+        return
+    token = _CURRENT_STEP.set(step)
+    try:
+        yield
+    finally:
+        _CURRENT_STEP.reset(token)
 
 
 def call_denoiser(model: Callable, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None = None,
@@ -112,7 +121,12 @@ class Sampler:
         scheduler: a diffusers scheduler; it is copied per call, never mutated.
         num_inference_steps: N, the number of denoising steps.
         guidance_scale: classifier-free guidance weight w: ``eps = eps_u + w (eps_c - eps_u)``; 1 = none.
-            For families with embedded guidance (Flux-dev) it is the model's guidance input instead.
+            For families with embedded guidance (Flux-dev, HunyuanVideo) it is the model's guidance input instead.
+        true_cfg_scale: the classifier-free guidance weight of families with embedded guidance and a CFG of their
+            own (Flux, Qwen-Image: the stock call's ``true_cfg_scale`` with a negative prompt); 1 = none.
+        experts: the denoisers after ``model`` with the scheduler timestep below which each takes over, as
+            ``[(model_2, boundary_timestep)]`` (Wan 2.2 A14B: ``transformer_2`` below ``boundary_ratio * 1000``);
+            ``guidance_scale_2`` is the CFG weight while the second one runs (default ``guidance_scale``).
         decode: latents -> images (e.g. a VAE decoder, or ``x / 2 + 0.5`` for pixel models);
             None returns the final latents. Keep it differentiable: rewards are taken on its output.
         encode: images -> latents, the inverse of ``decode``, used by :meth:`invert`.
@@ -130,26 +144,40 @@ class Sampler:
 
     def __init__(self, model: Callable, scheduler, num_inference_steps: int = 50, guidance_scale: float = 1.0,
                  decode: Callable | None = None, encode: Callable | None = None, uncond: Cond = None,
-                 eta: float = 0.0, progress: bool = False, sample_shape: tuple[int, int, int] | None = None,
-                 pipeline=None, prompt_options: dict | None = None):
+                 eta: float = 0.0, progress: bool = False, sample_shape: tuple[int, ...] | None = None,
+                 pipeline=None, prompt_options: dict | None = None, true_cfg_scale: float = 1.0,
+                 experts: list | None = None, guidance_scale_2: float | None = None):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
         trained = scheduler.config.get("num_train_timesteps", None)
         if trained is not None and num_inference_steps > trained:
             raise ValueError(f"num_inference_steps={num_inference_steps} is more than the scheduler's {trained} "
                              "training timesteps")
-        if not math.isfinite(float(guidance_scale)):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        for name, value in (("guidance_scale", guidance_scale), ("true_cfg_scale", true_cfg_scale),
+                            ("guidance_scale_2", 1.0 if guidance_scale_2 is None else guidance_scale_2)):
+            if not math.isfinite(float(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         self.family = family_of(model)
-        if guidance_scale != 1.0 and uncond is None and self.family.guidance == CFG:
-            raise ValueError(f"guidance_scale={guidance_scale} needs uncond (the unconditional conditioning)")
+        if true_cfg_scale != 1.0 and not self.family.true_cfg:
+            raise ValueError(f"true_cfg_scale is for families with embedded guidance and a CFG of their own (Flux, "
+                             f"Qwen-Image); {self.family.name} takes guidance_scale")
         self.model = model
+        self.experts = [(m, float(boundary)) for m, boundary in (experts or [])]
+        for other, _ in self.experts:
+            if family_of(other) is not self.family:
+                raise ValueError(f"experts must be of one family: {self.family.name} and {family_of(other).name}")
+        self.expert_names = ["denoiser", *(f"expert_{i + 2}" for i in range(len(self.experts)))]  # from_pipeline:
+        self.true_cfg_scale = float(true_cfg_scale)  # the pipeline's component names
+        self.guidance_scale_2 = None if guidance_scale_2 is None else float(guidance_scale_2)
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else self._default_shape(model)
         self.pipeline = pipeline
         self.prompt_options = dict(prompt_options or {})
         self.scheduler = scheduler
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = float(guidance_scale)
+        if self._guided and uncond is None:
+            scale = "guidance_scale" if self.family.guidance == CFG else "true_cfg_scale"
+            raise ValueError(f"{scale}={getattr(self, scale):g} needs uncond (the unconditional conditioning)")
         self.decode = decode
         self.encode = encode
         self.uncond = uncond
@@ -158,6 +186,26 @@ class Sampler:
         self._warned_clip = False
         self._step_params = set(inspect.signature(scheduler.step).parameters)
         self._timestep_values: dict[tuple, tuple[float, ...]] = {}
+
+    @property
+    def models(self) -> list:
+        """The denoisers a generation meets, in order: ``model`` and any experts after it."""
+        return [self.model, *(m for m, _ in self.experts)]
+
+    def expert_at(self, t: float) -> int:
+        """Which of :attr:`models` runs at scheduler timestep ``t`` (the first at or above its successor's boundary,
+        as WanPipeline switches)."""
+        index = 0
+        for i, (_, boundary) in enumerate(self.experts):
+            if t < boundary:
+                index = i + 1
+        return index
+
+    def cfg_scale(self, expert: int = 0) -> float:
+        """The classifier-free guidance weight while expert ``expert`` runs (1: none)."""
+        if self.family.guidance == CFG:
+            return self.guidance_scale_2 if expert > 0 and self.guidance_scale_2 is not None else self.guidance_scale
+        return self.true_cfg_scale if self.family.true_cfg else 1.0
 
     def _default_shape(self, model) -> tuple[int, int, int] | None:
         try:
@@ -177,9 +225,15 @@ class Sampler:
     def describe(self) -> dict:
         """What about this sampler changes the samples it makes: model, scheduler, steps, guidance, shape.
         Training loops record it with their settings, so that a resume with another sampler is refused."""
-        return {"model": model_id(self.model), "scheduler": type(self.scheduler).__name__,
-                "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
-                "eta": self.eta, "sample_shape": list(self.sample_shape) if self.sample_shape else None}
+        described = {"model": model_id(self.model), "scheduler": type(self.scheduler).__name__,
+                     "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                     "eta": self.eta, "sample_shape": list(self.sample_shape) if self.sample_shape else None}
+        if self.true_cfg_scale != 1.0:
+            described["true_cfg_scale"] = self.true_cfg_scale
+        if self.experts:
+            described["experts"] = [[model_id(m), boundary] for m, boundary in self.experts]
+            described["guidance_scale_2"] = self.guidance_scale_2
+        return described
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -200,43 +254,79 @@ class Sampler:
                 dtype: torch.dtype | None = None) -> torch.Tensor:
         """The guided model output eps_theta(x, t, c) that the scheduler step consumes.
 
-        Classifier-free guidance batches ``[uncond; cond]`` in one call; embedded guidance (Flux) passes
-        the scale to the model. Learned-variance channels (DiT, PixArt: twice the latent channels) are
-        split off. ``dtype`` is the model's, looked up once per generation by the sampling loop.
+        Classifier-free guidance batches ``[uncond; cond]`` in one call, or calls the two branches one after the
+        other (``cond`` first) where the family's stock pipeline does, and combines them as the family does;
+        embedded guidance (Flux) passes the scale to the model. Learned-variance channels (DiT, PixArt: twice the
+        latent channels) are split off. ``dtype`` is the model's, looked up once per generation by the loop.
         """
         dtype = model_dtype(self.model, x.dtype) if dtype is None else dtype
         return self._predict(x, t, self.model_conditioning(cond, uncond, x.shape[0], dtype), dtype)
 
     @property
     def _guided(self) -> bool:
-        return self.guidance_scale != 1.0 and self.family.guidance == CFG
+        """Two guidance branches per step (whichever expert runs: the stock loop calls both throughout)."""
+        return any(self.cfg_scale(e) != 1.0 for e in range(len(self.models)))
 
     def model_conditioning(self, cond: Cond, uncond: Cond, batch: int, dtype: torch.dtype) -> Cond:
-        """The conditioning of one denoiser call on ``batch`` latents: ``[uncond; cond]`` under classifier-free
-        guidance, floating leaves in the model's ``dtype``. The sampling loop makes it once per generation."""
+        """The conditioning of one step's denoiser calls on ``batch`` latents, floating leaves in the model's
+        ``dtype``: under classifier-free guidance ``[uncond; cond]`` for one batched call, or :class:`Branches` for
+        a family that calls them separately. The sampling loop makes it once per generation."""
         uncond = self.uncond if uncond is None else uncond
-        cond_in = C.concat(C.expand(uncond, batch), C.expand(cond, batch)) if self._guided else C.expand(cond, batch)
-        return C.tree_map(lambda leaf: leaf.to(dtype) if leaf.is_floating_point() and dtype.is_floating_point
-                          else leaf, cond_in)
+
+        def cast(c):
+            return C.tree_map(lambda leaf: leaf.to(dtype) if leaf.is_floating_point() and dtype.is_floating_point
+                              else leaf, c)
+
+        if not self._guided:
+            return cast(C.expand(cond, batch))
+        if self.family.cfg_calls != BATCHED:
+            return Branches(cast(C.expand(uncond, batch)), cast(C.expand(cond, batch)))
+        try:
+            return cast(C.concat(C.expand(uncond, batch), C.expand(cond, batch)))
+        except RuntimeError as exc:
+            raise C.ConditionError(f"uncond does not batch with cond ({str(exc).splitlines()[0]}): {self.family.name} "
+                                   "calls both guidance branches in one batch, so their conditioning must have "
+                                   "one shape (pad prompts to one length, as its pipeline does)") from None
+
+    def _call(self, expert: int, x: torch.Tensor, t: torch.Tensor, cond: Cond, dtype: torch.dtype,
+              branch: str = "") -> torch.Tensor:
+        """One denoiser call of ``expert`` on ``branch``, announced (:func:`current_step`) and named for diffusers'
+        own cache hooks (``cache_context``) as the stock pipelines name it."""
+        model = self.models[expert]
+        embedded = (self.guidance_scale_2 if expert > 0 and self.guidance_scale_2 is not None else
+                    self.guidance_scale) if self.family.guidance == EMBEDDED else None
+        step = current_step()
+        context = contextlib.nullcontext()
+        if hasattr(model, "cache_context") and getattr(unwrap(model), "_diffusers_hook", None) is not None:
+            context = model.cache_context(branch or "cond_uncond",
+                                          step_index=step.index if step is not None else None)
+        with announced(step._replace(branch=branch) if step is not None and branch else None), context:
+            out = call_denoiser(model, x, t, cond, embedded, dtype, family=self.family)
+        axis = self.family.channel_axis()
+        if self.family.learned_sigma and out.shape[axis] == 2 * x.shape[axis]:
+            out = out.narrow(axis, 0, x.shape[axis])
+        return out
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, cond_in: Cond, dtype: torch.dtype) -> torch.Tensor:
-        guided = self._guided
-        embedded = self.guidance_scale if self.family.guidance == EMBEDDED else None
-        x_in = torch.cat([x, x]) if guided else x
-        out = call_denoiser(self.model, x_in, t, cond_in, embedded, dtype, family=self.family)
-        if self.family.learned_sigma and out.shape[1] == 2 * x.shape[1]:
-            out = out[:, : x.shape[1]]
-        if guided:
-            out_u, out_c = out.chunk(2)
-            out = out_u + self.guidance_scale * (out_c - out_u)
-        return out
+        step = current_step()
+        expert = self.expert_at(step.timesteps[step.index] if step is not None else float(t)) if self.experts else 0
+        if not self._guided:
+            return self._call(expert, x, t, cond_in, dtype)
+        if isinstance(cond_in, Branches):
+            out_c = self._call(expert, x, t, cond_in.cond, dtype, COND)
+            out_u = self._call(expert, x, t, cond_in.uncond, dtype, UNCOND)
+        else:
+            out_u, out_c = self._call(expert, torch.cat([x, x]), t, cond_in, dtype).chunk(2)
+        return self.family.combine(out_u, out_c, self.cfg_scale(expert))
 
     # ---- checks ---------------------------------------------------------------------------------
     def _check_inputs(self, latents: torch.Tensor, cond: Cond, start_step: int, policy, uncond: Cond,
                       dtype: torch.dtype) -> None:
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] < 1:
+        layout = self.family.latent_layout
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 1 + len(layout) or latents.shape[0] < 1:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"latents must be a (B, C, H, W) tensor with B >= 1, got {shape}")
+            raise ValueError(f"latents must be a (B, {', '.join(layout)}) tensor with B >= 1 for "
+                             f"{type(unwrap(self.model)).__name__}, got {shape}")
         if not latents.is_floating_point() or not torch.isfinite(latents.detach()).all():
             raise ValueError(f"latents must be finite floating-point values, got {latents.dtype} with "
                              f"{int((~torch.isfinite(latents.detach().float())).sum())} non-finite entries")
@@ -249,13 +339,14 @@ class Sampler:
                 C.check_fits(self.uncond if uncond is None else uncond, latents.shape[0])
             except C.ConditionError as exc:
                 raise C.ConditionError(f"uncond: {str(exc).removeprefix('cond ')} (one row is broadcast)") from None
-        channels = self.sample_shape[0] if self.sample_shape is not None else None
-        if channels is not None and latents.shape[1] != channels:
-            raise ValueError(f"latents have {latents.shape[1]} channels but the model takes {channels}: "
+        axis = self.family.channel_axis()
+        channels = self.sample_shape[axis - 1] if self.sample_shape is not None else None
+        if channels is not None and latents.shape[axis] != channels:
+            raise ValueError(f"latents have {latents.shape[axis]} channels but the model takes {channels}: "
                              f"shape {tuple(latents.shape)}")
         multiple = self.family.spatial_multiple(self.model)
-        if latents.shape[2] % multiple or latents.shape[3] % multiple:
-            raise ValueError(f"latents spatial size {tuple(latents.shape[2:])} must be a multiple of {multiple} "
+        if latents.shape[-2] % multiple or latents.shape[-1] % multiple:
+            raise ValueError(f"latents spatial size {tuple(latents.shape[-2:])} must be a multiple of {multiple} "
                              f"for {type(unwrap(self.model)).__name__}")
         C.check_fits(cond, latents.shape[0])
         self.family.check_cond(unwrap(self.model), cond)
@@ -401,27 +492,45 @@ class Sampler:
     # ---- pipelines ------------------------------------------------------------------------------
     @classmethod
     def from_pipeline(cls, pipe, num_inference_steps: int = 50, guidance_scale: float | None = None,
-                      uncond: Cond = None, negative_prompt: str | None = None, **kwargs) -> "Sampler":
+                      uncond: Cond = None, negative_prompt: str | None = None, true_cfg_scale: float | None = None,
+                      guidance_scale_2: float | None = None, **kwargs) -> "Sampler":
         """A Sampler for a local diffusers pipeline of any registered family (DDPM/DDIM, Stable Diffusion
-        1.x/2.x and XL, DiT, PixArt, Sana, SD3, Flux).
+        1.x/2.x and XL, DiT, PixArt, Sana, SD3, Flux, Qwen-Image, Wan, ...).
 
         Conditioning is what the family's denoiser takes (see :mod:`diffusion_shortcuts.families`); get it
-        from prompts with :meth:`encode_prompt`. Under classifier-free guidance ``uncond`` defaults to the
-        encoded ``negative_prompt`` (empty by default) where the pipeline has its text encoders, or to the
-        null class for DiT. Images are decoded by the pipeline's VAE (its ``scaling_factor`` and
-        ``shift_factor``) and mapped to [0, 1] without clamping, so that they stay differentiable.
+        from prompts with :meth:`encode_prompt`. The guidance arguments are the stock call's, under its names:
+        ``guidance_scale`` (default the family's), ``true_cfg_scale`` with a ``negative_prompt`` (Flux, Qwen-Image:
+        a CFG of their own, in two calls; default the stock call's where a negative prompt is given, else none),
+        ``guidance_scale_2`` (Wan 2.2's second expert). Under classifier-free
+        guidance ``uncond`` defaults to the encoded ``negative_prompt`` (empty by default) where the pipeline has
+        its text encoders, or to the null class for DiT. Images are decoded by the pipeline's VAE as its stock
+        call decodes them (:meth:`~diffusion_shortcuts.families.Family.codec`) and mapped to [0, 1] without
+        clamping, so that they stay differentiable.
         """
         _, model = denoiser_of(pipe)
         family = family_of(model)
-        decode, encode = _vae_codec(getattr(pipe, "vae", None))
+        family.check_pipeline(pipe)
+        denoisers, boundary = family.experts(pipe)
+        experts = [(m, boundary) for _, m in denoisers[1:]]
+        decode, encode = family.codec(pipe)
         if guidance_scale is None:
             guidance_scale = family.default_guidance
+        if true_cfg_scale is None:
+            true_cfg_scale = family.default_true_cfg if family.true_cfg and negative_prompt is not None else 1.0
+        if true_cfg_scale != 1.0 and not family.true_cfg:
+            raise ValueError(f"true_cfg_scale is for families with embedded guidance and a CFG of their own (Flux, "
+                             f"Qwen-Image); {family.name} takes guidance_scale")
+        if true_cfg_scale != 1.0 and negative_prompt is None and uncond is None:
+            raise ValueError(f"true_cfg_scale={true_cfg_scale:g} needs a negative_prompt (or uncond): without one the "
+                             f"stock {type(pipe).__name__} call runs no classifier-free guidance")
         # built unguided first: the default uncond is encoded at the sampler's own latent size (SDXL's time ids)
-        sampler = cls(model, pipe.scheduler, num_inference_steps, 1.0, decode=decode, encode=encode, uncond=uncond,
-                      pipeline=pipe, **kwargs)
-        if uncond is None and guidance_scale != 1.0 and family.guidance == CFG:
+        sampler = cls(denoisers[0][1], pipe.scheduler, num_inference_steps, 1.0, decode=decode, encode=encode,
+                      uncond=uncond, pipeline=pipe, experts=experts, **kwargs)
+        sampler.expert_names = [name for name, _ in denoisers]
+        sampler.guidance_scale, sampler.true_cfg_scale = float(guidance_scale), float(true_cfg_scale)
+        sampler.guidance_scale_2 = None if guidance_scale_2 is None else float(guidance_scale_2)
+        if uncond is None and sampler._guided:
             sampler.uncond = sampler._default_uncond(negative_prompt)
-        sampler.guidance_scale = float(guidance_scale)
         return sampler
 
     def _default_uncond(self, negative_prompt: str | None) -> Cond:
@@ -444,7 +553,7 @@ class Sampler:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
         scale = vae_scale(self.pipeline)
-        size = (self.sample_shape[1] * scale, self.sample_shape[2] * scale)
+        size = (self.sample_shape[-2] * scale, self.sample_shape[-1] * scale)
         device = getattr(unwrap(self.model), "device", None)
         negative = [negative_prompt] * len(prompts) if negative_prompt is not None else None
         with torch.no_grad():
@@ -459,24 +568,3 @@ class Sampler:
 
 def _has_text_encoder(pipe) -> bool:
     return any(getattr(pipe, name, None) is not None for name in ("text_encoder", "text_encoder_2", "text_encoder_3"))
-
-
-def _vae_codec(vae):
-    """Latents <-> images in [0, 1] through a VAE: ``x = D(z / scaling + shift)``, ``z = (E(x) - shift) * scaling``
-    (SD3 and Flux VAEs have a shift; SD's has none); pixel pipelines map [-1, 1] <-> [0, 1]."""
-    if vae is None:
-        return (lambda x: x / 2 + 0.5), (lambda images: images * 2 - 1)
-    scale = vae.config.scaling_factor
-    shift = vae.config.get("shift_factor", None) or 0.0
-
-    def decode(z):  # in the VAE's precision, back in the latents'
-        images = vae.decode((z / scale + shift).to(vae.dtype)).sample
-        check_finite(images, vae.dtype, f"VAE decoder ({type(vae).__name__})", "images")  # SD's VAE overflows in fp16
-        return images.to(z.dtype) / 2 + 0.5
-
-    def encode(images):
-        out = vae.encode((images * 2 - 1).to(vae.dtype))
-        latents = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent  # DC-AE: deterministic
-        return ((latents - shift) * scale).to(images.dtype)
-
-    return decode, encode

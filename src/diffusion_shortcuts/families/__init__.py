@@ -4,20 +4,29 @@
   timestep scale declared once and applied by the base) and the helpers families' calls share;
 - :mod:`.registry`: ``@register(TheModelClass)``, :func:`family_of` (through the model's class and bases, so
   subclasses work) and the pipeline helpers;
+- :mod:`.codecs`: latents <-> images or videos through the VAEs (scale and shift, per-channel mean and std);
 - one module per family: :mod:`.unet` (``ddpm-unet``, ``sd-unet``), :mod:`.sdxl`, :mod:`.dit`, :mod:`.pixart`,
-  :mod:`.sana`, :mod:`.sd3`, :mod:`.flux`.
+  :mod:`.sana`, :mod:`.sd3`, :mod:`.flux`, :mod:`.qwenimage`, :mod:`.wan`, :mod:`.hunyuanvideo`, :mod:`.ltx`,
+  :mod:`.cogvideox`.
 
 No other module of the library names a model class. Adding a family: one new module here with its
-``@register(...)`` subclass of :class:`Family`, imported below, and a tiny random pipeline in the tests
-(``tests/tiny_pipelines.py`` and ``FAMILIES`` in ``tests/test_families.py``), proven equal to the stock pipeline.
+``@register(...)`` subclass of :class:`Family` (every module of this package is imported, none is listed), and a
+tiny random pipeline in ``tests/tiny/`` that the family tests find by themselves.
 """
 
-from .base import (CFG, CLASS_NAMES, EMBEDDED, LABELS, NONE, OUTPUT, RESIDUAL, TEXT, Family, TransformerFamily,
-                   UnknownModelError, unwrap)
-from .registry import FAMILIES, adapter_id, denoiser_of, family_of, model_id, register, sample_shape, vae_scale
-from . import unet, sdxl, dit, pixart, sana, sd3, flux  # noqa: E402,F401  (each registers its families, listed in this order)
-from .flux import flux_image_ids, pack_latents, unpack_latents
+import importlib
+import pkgutil
 
-__all__ = ["CFG", "CLASS_NAMES", "EMBEDDED", "LABELS", "NONE", "OUTPUT", "RESIDUAL", "TEXT", "Family",
+from .base import (BATCHED, CFG, CLASS_NAMES, COND, EMBEDDED, LABELS, NONE, OUTPUT, RESIDUAL, SEPARATE, TEXT, UNCOND,
+                   Family, TransformerFamily, UnknownModelError, unwrap)
+from .registry import FAMILIES, adapter_id, denoiser_of, family_of, model_id, register, sample_shape, vae_scale
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # each family module registers itself
+    importlib.import_module(f"{__name__}.{_module}")
+
+from .flux import flux_image_ids, pack_latents, unpack_latents  # noqa: E402
+
+__all__ = ["BATCHED", "CFG", "CLASS_NAMES", "COND", "EMBEDDED", "LABELS", "NONE", "OUTPUT", "RESIDUAL", "SEPARATE",
+           "TEXT", "UNCOND", "Family",
            "TransformerFamily", "UnknownModelError", "unwrap", "FAMILIES", "adapter_id", "denoiser_of", "family_of",
            "model_id", "register", "sample_shape", "vae_scale", "flux_image_ids", "pack_latents", "unpack_latents"]

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 
 OUTPUT, RESIDUAL = "output", "residual"   # block kinds: what a gated block's cached work is (see prune.blocks)
-CFG, EMBEDDED = "cfg", "embedded"         # guidance: two batched branches, or a model input (Flux-dev)
+CFG, EMBEDDED = "cfg", "embedded"         # what guidance_scale is: a CFG weight, or a model input (Flux-dev)
+BATCHED, SEPARATE = "batched", "separate"  # how the two CFG branches are called: one call, or one call each
 NONE, LABELS, CLASS_NAMES, TEXT = "none", "labels", "class-names", "text"  # what conditioning a family takes
+COND, UNCOND = "cond", "uncond"           # the guidance branches, named as diffusers' cache_context names them
 
 
 class UnknownModelError(TypeError):
@@ -34,21 +36,32 @@ def unwrap(model):
 class Family:
     """One kind of denoiser. Subclasses set the plain data below and implement :meth:`forward`,
     :meth:`blocks`, :meth:`latent_shape` and :meth:`spatial_multiple`; the rest has defaults that fit a
-    model with no prompts, no learned variance and the scheduler's own timesteps.
+    model with no prompts, no learned variance, image latents, one batched call for both guidance branches, an
+    AutoencoderKL and the scheduler's own timesteps.
 
     Conditioning is what :meth:`call` takes: ``None`` or class labels for pixel UNets, a tensor of prompt
-    embeddings or a flat dict for text models. Latents are always ``(B, C, H, W)``; a family that wants
-    tokens (Flux) packs them inside its :meth:`forward`.
+    embeddings or a flat dict for text models. A sample's latents are laid out as :attr:`latent_layout` says
+    (``CHW`` for images, ``CFHW`` for video, ``FCHW`` for CogVideoX), with the batch first; a family that wants
+    tokens (Flux, Qwen-Image) packs them inside its :meth:`forward`.
+
+    Guidance: :attr:`guidance` says what the sampler's ``guidance_scale`` is (a CFG weight, or a model input);
+    families with a CFG weight of their own besides embedded guidance (Flux's and Qwen-Image's ``true_cfg_scale``)
+    set :attr:`true_cfg`; :attr:`cfg_calls` says how the stock pipeline calls the two branches (``[uncond; cond]``
+    in one call, or one call each, ``cond`` first) and :meth:`combine` how their outputs are combined.
     """
 
     name: str = ""
     block_kind: str = OUTPUT                     # how a gated block's work is reused: OUTPUT or RESIDUAL
     streams: tuple[str, ...] = ("hidden_states",)  # RESIDUAL blocks: the inputs each returned stream updates
     learned_sigma: bool = False                  # the output has 2C channels: the variance is split off
-    guidance: str = CFG                          # CFG: two batched branches; EMBEDDED: a model input
+    guidance: str = CFG                          # what guidance_scale is: CFG (a weight) or EMBEDDED (a model input)
+    true_cfg: bool = False                       # a CFG weight of its own besides embedded guidance: true_cfg_scale
+    cfg_calls: str = BATCHED                     # BATCHED: one call on [uncond; cond]; SEPARATE: one call each
     default_guidance: float = 1.0
+    default_true_cfg: float = 1.0               # the stock call's true_cfg_scale, applied with a negative prompt
     conditioning: str = NONE                     # NONE (or labels), LABELS, CLASS_NAMES or TEXT
     timestep_in_latent_dtype: bool = False       # the stock pipeline rounds the timestep to the latents' dtype
+    latent_layout: str = "CHW"                   # one sample's latent axes: CHW (image), CFHW (video), FCHW
 
     # ---- identity --------------------------------------------------------------------------------------
     def matches(self, model) -> bool:
@@ -85,14 +98,44 @@ class Family:
         """The scheduler timestep behind a ``timestep`` argument the model was called with (one host read)."""
         return float(torch.as_tensor(model_timestep).reshape(-1)[0]) / self.timestep_scale(unwrap(model))
 
+    def combine(self, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """The guided output from the two branches' (classifier-free guidance, Ho & Salimans 2022):
+        ``uncond + scale * (cond - uncond)``."""
+        return uncond + scale * (cond - uncond)
+
     # ---- shapes ----------------------------------------------------------------------------------------
-    def latent_shape(self, model) -> tuple[int, int, int]:
-        """One latent's (C, H, W) from the model's configuration."""
+    def latent_shape(self, model) -> tuple[int, ...]:
+        """One latent's shape in :attr:`latent_layout` (``(C, H, W)`` for images) from the model's configuration."""
         return config_shape(model)
 
     def spatial_multiple(self, model) -> int:
-        """What the latents' height and width must be a multiple of."""
+        """What the latents' height and width (their last two axes) must be a multiple of."""
         raise NotImplementedError
+
+    def channel_axis(self) -> int:
+        """The channel axis of a batch of latents (1 for ``CHW`` and ``CFHW``, 2 for CogVideoX's ``FCHW``)."""
+        return 1 + self.latent_layout.index("C")
+
+    # ---- the VAE ---------------------------------------------------------------------------------------
+    def codec(self, pipe):
+        """``(decode, encode)``: latents -> images (or videos) in [0, 1] and back, through the pipeline's VAE as
+        its stock call decodes (:mod:`.codecs`); the default is an AutoencoderKL's scale and shift."""
+        from .codecs import scaled_codec
+
+        return scaled_codec(getattr(pipe, "vae", None))
+
+    # ---- denoisers -------------------------------------------------------------------------------------
+    def experts(self, pipe) -> tuple[list[tuple[str, torch.nn.Module]], float | None]:
+        """The pipeline's denoisers in the order a generation meets them, by component name, and the scheduler
+        timestep at or above which the first one runs (None: one denoiser). Wan 2.2 A14B: ``transformer`` above
+        ``boundary_ratio * num_train_timesteps``, then ``transformer_2``."""
+        from .registry import denoiser_of
+
+        return [denoiser_of(pipe)], None
+
+    def check_pipeline(self, pipe) -> None:
+        """A ValueError naming what is supported, for a pipeline of this family's denoiser that the family does
+        not drive (Wan's image-to-video, VACE)."""
 
     # ---- scheduler -------------------------------------------------------------------------------------
     def set_timesteps(self, scheduler, num_inference_steps: int, device, latent_shape: tuple[int, ...],

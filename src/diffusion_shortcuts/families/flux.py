@@ -1,6 +1,7 @@
 """FLUX.1-dev and -schnell (``flux``): double-stream then single-stream blocks over packed 2x2 latent tokens,
-embedded guidance (dev), timesteps divided by 1000 after rounding to the latents' dtype (as FluxPipeline does),
-sigmas linear from 1 to 1/n shifted by the token count."""
+embedded guidance (dev) and, with ``true_cfg_scale`` and a negative prompt, a classifier-free guidance of its own in
+two calls (``cond`` first, as FluxPipeline calls them), timesteps divided by 1000 after rounding to the latents'
+dtype (as FluxPipeline does), sigmas linear from 1 to 1/n shifted by the token count."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 from diffusers import FluxTransformer2DModel
 
-from .base import EMBEDDED, TEXT, TransformerFamily, as_kwargs, config_shape, output_of, unwrap
+from .base import EMBEDDED, SEPARATE, TEXT, TransformerFamily, as_kwargs, config_shape, output_of, unwrap
 from .flow import accepts, dynamic_shift
 from .registry import register
 
@@ -39,6 +40,8 @@ class Flux(TransformerFamily):
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     streams = ("encoder_hidden_states", "hidden_states")
     guidance = EMBEDDED
+    true_cfg = True
+    cfg_calls = SEPARATE
     default_guidance = 3.5
     conditioning = TEXT
     timestep_in_latent_dtype = True
@@ -72,5 +75,10 @@ class Flux(TransformerFamily):
             scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
 
     def encode_prompt(self, pipe, prompts, negative, device, size, **options):
-        cond, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, **options)
-        return {"encoder_hidden_states": cond, "pooled_projections": pooled}, None
+        """The prompts, and the negative prompts where given (true CFG), each through FluxPipeline's own
+        ``encode_prompt`` as its call encodes them."""
+        def encoded(texts):
+            cond, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=None, device=device, **options)
+            return {"encoder_hidden_states": cond, "pooled_projections": pooled}
+
+        return encoded(prompts), encoded(negative) if negative is not None else None

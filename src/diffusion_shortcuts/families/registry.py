@@ -90,10 +90,10 @@ def denoiser_of(pipe) -> tuple[str, torch.nn.Module]:
 
 
 def vae_scale(pipe) -> int:
-    """Image pixels per latent pixel of a pipeline: its VAE's scale factor, 1 for a pixel-space pipeline. A
-    pipeline that does not state it (DiT's) gets the AutoencoderKL's own: one halving per block after the first."""
+    """Image pixels per latent pixel of a pipeline: its VAE's (spatial) scale factor, 1 for a pixel-space pipeline.
+    A pipeline that does not state it (DiT's) gets the AutoencoderKL's own: one halving per block after the first."""
     vae = getattr(pipe, "vae", None)
     if vae is None:
         return 1
-    factor = getattr(pipe, "vae_scale_factor", None)
+    factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
     return int(factor) if factor is not None else 2 ** (len(vae.config.block_out_channels) - 1)

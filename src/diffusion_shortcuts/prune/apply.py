@@ -9,7 +9,7 @@ import torch
 
 from .blocks import model_id, resolve_blocks
 from .schedule import CacheSchedule, ScheduleError
-from .supernet import SuperNet
+from .supernet import ExpertNets, SuperNet
 
 
 def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, full_graph_steps: bool = False,
@@ -26,6 +26,49 @@ def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, ful
     blocks or another model configuration, or (given ``sampler``, or at the first call otherwise) for
     other timesteps.
     """
+    check_model(model, schedule)
+    denoisers = [(None, model)]
+    if sampler is not None:
+        if sampler.model is not model:
+            raise ValueError("the sampler drives another model than the one the schedule is applied to")
+        schedule = schedule.fitted(sampler.timesteps, strict=strict)
+        if sampler.experts:
+            denoisers = list(zip(sampler.expert_names, sampler.models))
+            check_experts(schedule, sampler.expert_names, sampler.experts[0][1])
+            if schedule.experts is None:
+                schedule = schedule.for_experts(sampler.expert_names, sampler.experts[0][1])
+    return gated(denoisers, schedule, full_graph_steps=full_graph_steps, compile=compile).attach()
+
+
+def gated(denoisers: list[tuple[str | None, torch.nn.Module]], schedule: CacheSchedule, **options):
+    """The SuperNet that makes ``denoisers`` (name, model) follow ``schedule``, not yet attached: one, or one per
+    expert driven as one (:class:`ExpertNets`); ``options``: the SuperNet's (``full_graph_steps``, ``compile``)."""
+    owner = schedule.expert_of if schedule.experts is not None else None
+    nets = []
+    for name, model in denoisers:
+        net = SuperNet(model, schedule.timesteps, schedule.blocks, schedule.kinds, whole_steps=schedule.whole_steps,
+                       mode=schedule.mode, expert=name, owner=owner, **options)
+        net.use_table(schedule.reuse)
+        nets.append(net)
+    return nets[0] if len(nets) == 1 else ExpertNets(nets)
+
+
+def check_experts(schedule: CacheSchedule, names: list[str], boundary: float) -> None:
+    """Refuse a schedule made for other experts, or for experts that switch at another timestep, naming both."""
+    if schedule.experts is None:
+        return
+    if list(schedule.experts["names"]) != list(names):
+        raise ScheduleError(f"the schedule is for the denoisers {schedule.experts['names']}, the pipeline's are "
+                            f"{list(names)}")
+    if abs(schedule.experts["boundary"] - boundary) > 1e-4 * max(1.0, abs(boundary)):
+        first = schedule.experts["names"][0]
+        raise ScheduleError(f"the schedule hands over from {first} to {schedule.experts['names'][1]} at timestep "
+                            f"{schedule.experts['boundary']:g}, the pipeline at {boundary:g}: a table for one expert "
+                            "would run on the other")
+
+
+def check_model(model: torch.nn.Module, schedule: CacheSchedule) -> None:
+    """Refuse a schedule made for other blocks or another model configuration, naming both."""
     if not isinstance(schedule, CacheSchedule):
         raise TypeError(f"schedule must be a CacheSchedule, got {type(schedule).__name__}")
     try:
@@ -33,14 +76,6 @@ def enable(model: torch.nn.Module, schedule: CacheSchedule, sampler=None, *, ful
     except ValueError as exc:
         raise ScheduleError(f"the schedule's blocks do not fit this model: {exc}") from None
     schedule.check_model(model_id(model), names)
-    if sampler is not None:
-        if sampler.model is not model:
-            raise ValueError("the sampler drives another model than the one the schedule is applied to")
-        schedule = schedule.fitted(sampler.timesteps, strict=strict)
-    net = SuperNet(model, schedule.timesteps, schedule.blocks, schedule.kinds, whole_steps=schedule.whole_steps,
-                   full_graph_steps=full_graph_steps, mode=schedule.mode, compile=compile)
-    net.use_table(schedule.reuse)
-    return net.attach()
 
 
 def disable(model: torch.nn.Module) -> bool:
@@ -80,12 +115,22 @@ def enable_cache(pipe, schedule: CacheSchedule | str | Path, num_inference_steps
     if isinstance(schedule, (str, Path)):
         schedule = CacheSchedule.load(schedule)
     _, model = denoiser_of(pipe)
+    family = family_of(model)
     if num_inference_steps is not None:  # the timesteps our Sampler would run, which are the stock call's
-        channels, h, w = family_of(model).latent_shape(model)
+        shape = list(family.latent_shape(model))
         factor = vae_scale(pipe)
-        shape = (channels, height // factor if height else h, width // factor if width else w)
-        schedule = schedule.fitted(Sampler(model, pipe.scheduler, num_inference_steps, sample_shape=shape).timesteps)
-    return enable(model, schedule, compile=compile)
+        shape[-2:] = [height // factor if height else shape[-2], width // factor if width else shape[-1]]
+        schedule = schedule.fitted(Sampler(model, pipe.scheduler, num_inference_steps,
+                                           sample_shape=tuple(shape)).timesteps)
+    denoisers, boundary = family.experts(pipe)
+    if len(denoisers) == 1:
+        return enable(model, schedule, compile=compile)
+    for _, expert in denoisers:
+        check_model(expert, schedule)
+    check_experts(schedule, [name for name, _ in denoisers], boundary)
+    if schedule.experts is None:
+        schedule = schedule.for_experts([name for name, _ in denoisers], boundary)
+    return gated(denoisers, schedule, compile=compile).attach()
 
 
 def summary(net: SuperNet) -> dict:

@@ -1,13 +1,20 @@
-"""The step clock of a cache schedule: which of the schedule's steps each denoiser call is, and where a
-generation begins; the refusals when the caller's timesteps are not the schedule's.
+"""The step clock of a cache schedule: which of the schedule's steps each denoiser call is, on which guidance
+branch, and where a generation begins; the refusals when the caller's timesteps are not the schedule's.
 
-- Under our :class:`~diffusion_shortcuts.Sampler` the step is announced (:func:`~diffusion_shortcuts.sampling.
-  current_step`): the clock reads no tensor back to the host. The sampler's timesteps are checked against the
-  schedule's once, as Python floats.
-- Under a stock pipeline call nothing is announced: call k of a generation is step k, checked against the
-  schedule's timesteps at the precision the model was handed its timestep in (a bfloat16 Flux pipeline rounds
-  ``t / 1000`` to bfloat16), never by float equality: one read of the timestep per call. A call that matches the
-  schedule's first step starts a new generation; any other mismatch is refused, never run on stale caches.
+Every call is keyed by (step, branch). The branch is the guidance branch a call computes where a family calls
+them one at a time (``"cond"``, ``"uncond"``: Qwen-Image, Wan, Flux's true CFG), ``""`` (or the pipeline's own
+name, ``"cond_uncond"``) for one call on both; each branch keeps its own position, so two calls at one step are
+two branches, never a repeat.
+
+- Under our :class:`~diffusion_shortcuts.Sampler` the step and branch are announced
+  (:func:`~diffusion_shortcuts.sampling.current_step`): the clock reads no tensor back to the host. The sampler's
+  timesteps are checked against the schedule's once, as Python floats.
+- Under a stock pipeline call the branch is the name of diffusers' ``cache_context`` around the call, and the step
+  its ``step_index`` where the pipeline fills it (Wan). Otherwise call k of a branch's generation is step k,
+  checked against the schedule's timesteps at the precision the model was handed its timestep in (a bfloat16 Flux
+  pipeline rounds ``t / 1000`` to bfloat16), never by float equality: one read of the timestep per call. A call
+  that matches the schedule's first step starts a new generation; any other mismatch is refused, never run on
+  stale caches.
 """
 
 from __future__ import annotations
@@ -43,26 +50,42 @@ class StepClock:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the generation in progress: the next call starts a new one."""
-        self.last_step: int | None = None
+        """Forget the generation in progress on every branch: the next call starts a new one."""
+        self.last_steps: dict[str, int] = {}
 
-    def tick(self, timestep) -> tuple[int, bool]:
-        """``(step, new_generation)`` for the call in progress; ``timestep`` is the argument the model was handed
-        (read only under a stock call). A backward-pass recomputation returns its step and changes nothing."""
+    @property
+    def last_step(self) -> int | None:
+        """The latest step of any branch (None before the first call of a generation)."""
+        return max(self.last_steps.values()) if self.last_steps else None
+
+    def tick(self, timestep, branch: str = "", step_index: int | None = None) -> tuple[int, str, bool]:
+        """``(step, branch, new_generation)`` for the call in progress; ``timestep`` is the argument the model was
+        handed (read only under a stock call that names no step), ``branch`` and ``step_index`` what the stock
+        pipeline's ``cache_context`` says (an announcement by our Sampler wins over both). A backward-pass
+        recomputation returns its step and changes nothing."""
         announced = current_step()
+        if announced is not None:
+            branch = announced.branch
         if in_backward():
-            return (announced.index if announced is not None else self._nearest(timestep)), False
-        step = self._announced(announced) if announced is not None else self._counted(timestep)
-        last = self.last_step
+            return (announced.index if announced is not None else self._nearest(timestep)), branch, False
+        last = self.last_steps.get(branch)
+        if announced is not None:
+            step = self._announced(announced)
+        elif step_index is not None:
+            step = self._indexed(step_index, timestep)
+        else:
+            step = self._counted(timestep, last)
         if last is not None and step == last:
-            raise ScheduleError(f"the model was called twice at step {step}: a cache schedule needs one call per "
-                                "step, with both guidance branches batched")
+            where = f" on guidance branch {branch!r}" if branch else ""
+            raise ScheduleError(f"the model was called twice at step {step}{where}: a cache schedule needs one call "
+                                "per step and branch (a family that calls the guidance branches one at a time must "
+                                "name them: diffusers' cache_context(\"cond\" / \"uncond\"))")
         new = last is None or step < last
         if not new and step > last + 1:
             raise ScheduleError(f"the sampler went from step {last} to step {step} of the schedule's "
                                 f"{len(self.timesteps)}: it runs other timesteps than the schedule was made for")
-        self.last_step = step
-        return step, new
+        self.last_steps[branch] = step
+        return step, branch, new
 
     # ---- under the Sampler ---------------------------------------------------------------------------
     def _announced(self, announced: SamplingStep) -> int:
@@ -86,13 +109,24 @@ class StepClock:
                             f"of {len(ours)}: sample with the scheduler and number of steps the schedule was made for")
 
     # ---- under a stock call --------------------------------------------------------------------------
-    def _counted(self, timestep) -> int:
+    def _indexed(self, step_index: int, timestep) -> int:
+        """The step a pipeline's ``cache_context(step_index=i)`` names, checked against the schedule's timesteps."""
+        if not 0 <= step_index < len(self.timesteps):
+            raise ScheduleError(f"the pipeline is at step {step_index}, but the schedule has {len(self.timesteps)}: "
+                                "sample with the scheduler and number of steps the schedule was made for")
+        if timestep is not None:
+            t = self.family.timestep_of(timestep, self.model)
+            dtype = timestep.dtype if isinstance(timestep, torch.Tensor) else None
+            if abs(t - self.timesteps[step_index]) > tolerance(self.timesteps[step_index], dtype):
+                self._refuse(t)
+        return step_index
+
+    def _counted(self, timestep, last: int | None) -> int:
         if timestep is None:
             raise ScheduleError(f"{type(self.model).__name__} was called without a timestep: a schedule needs it "
                                 "to know the step")
         t = self.family.timestep_of(timestep, self.model)
         dtype = timestep.dtype if isinstance(timestep, torch.Tensor) else None
-        last = self.last_step
         expected = 0 if last is None or last == len(self.timesteps) - 1 else last + 1
         for step in (expected, 0):
             if abs(t - self.timesteps[step]) <= tolerance(self.timesteps[step], dtype):

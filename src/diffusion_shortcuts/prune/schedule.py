@@ -46,6 +46,9 @@ class CacheSchedule:
     info: dict = field(default_factory=dict)
     whole_steps: bool = False  # a step that reuses every block reuses the whole denoiser call (costs nothing)
     mode: str = "copy"  # what a reused block returns: its cached work ("copy") or a forecast of it (REUSE_MODES)
+    # a pipeline with two denoisers (Wan 2.2 A14B): {"names": [first, second], "boundary": timestep}; the rows of the
+    # steps at or above the boundary are the first's table, the others the second's. None: one denoiser.
+    experts: dict | None = None
 
     def __post_init__(self):
         self.reuse = torch.as_tensor(self.reuse, dtype=torch.bool).cpu()
@@ -68,6 +71,24 @@ class CacheSchedule:
             raise ScheduleError("step 0 cannot reuse anything: nothing is cached before it")
         if sum(self.block_macs) > self.total_macs or min(self.block_macs, default=0) < 0:
             raise ScheduleError(f"block MACs {self.block_macs} do not fit in the total {self.total_macs}")
+        if self.experts is not None:
+            names, boundary = self.experts.get("names"), self.experts.get("boundary")
+            if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)
+                    and isinstance(boundary, (int, float)) and math.isfinite(boundary)):
+                raise ScheduleError(f"experts must be {{'names': [first, second], 'boundary': timestep}}, got "
+                                    f"{self.experts!r}")
+
+    def for_experts(self, names: list[str], boundary: float) -> "CacheSchedule":
+        """This table for a pipeline whose ``names[0]`` runs at timesteps at or above ``boundary`` and ``names[1]``
+        below it (each follows the rows of its own steps)."""
+        return dataclasses.replace(self, experts={"names": list(names), "boundary": float(boundary)})
+
+    def expert_of(self, step: int) -> str | None:
+        """The denoiser whose table holds row ``step`` (None for a schedule of one denoiser)."""
+        if self.experts is None:
+            return None
+        first, second = self.experts["names"]
+        return first if self.timesteps[step] >= self.experts["boundary"] else second
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -241,7 +262,7 @@ class CacheSchedule:
         reuse[0] = False
         info = {**self.info, "resampled_from": self.num_steps}
         return CacheSchedule(reuse, new, self.blocks, self.kinds, self.block_macs, self.total_macs, self.model_id,
-                             info, self.whole_steps, self.mode)
+                             info, self.whole_steps, self.mode, self.experts)
 
     def with_mode(self, mode: str) -> "CacheSchedule":
         """The same table with another reuse mode (one of :data:`REUSE_MODES`)."""
@@ -263,7 +284,7 @@ class CacheSchedule:
                 "model_id": self.model_id, "blocks": self.blocks, "kinds": self.kinds,
                 "block_macs": self.block_macs, "total_macs": self.total_macs, "timesteps": self.timesteps,
                 "reuse": [[int(v) for v in row] for row in self.reuse.tolist()], "whole_steps": self.whole_steps,
-                "mode": self.mode,
+                "mode": self.mode, **({"experts": self.experts} if self.experts is not None else {}),
                 "macs_ratio": self.macs_ratio, "info": self.info}
 
     def save(self, path: str | Path) -> Path:
@@ -301,7 +322,7 @@ class CacheSchedule:
                        if data["timesteps"] else torch.zeros(0, len(data["blocks"]), dtype=torch.bool),
                        data["timesteps"], data["blocks"], data["kinds"], data["block_macs"],
                        int(data["total_macs"]), str(data["model_id"]), dict(data.get("info", {})),
-                       bool(data.get("whole_steps", False)), str(data.get("mode", "copy")))
+                       bool(data.get("whole_steps", False)), str(data.get("mode", "copy")), data.get("experts"))
         except ScheduleError as e:
             raise ScheduleError(f"{path}: {e}") from None
         except (TypeError, ValueError, RuntimeError) as e:

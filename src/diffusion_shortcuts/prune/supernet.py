@@ -10,9 +10,11 @@ puts together four small parts, the diffusers way:
 - per-block state (:mod:`.state`): what each block computed at which step, reset at every generation;
 - a forecaster (:mod:`.forecast`): what a reused block returns (``copy``, ``taylor1``, ``taylor2``);
 
-plus the accounting that :func:`~diffusion_shortcuts.prune.summary` reads. Work is stored once per step and
-generation: a gradient checkpoint recomputing a step's forward during backward reads what the forward read
-and overwrites nothing; under ``torch.no_grad()`` only what the forecast needs is kept.
+plus the accounting that :func:`~diffusion_shortcuts.prune.summary` reads. Block state is kept per guidance
+branch: a family that calls ``cond`` and ``uncond`` one at a time gets two of everything, each branch reading only
+its own work. Work is stored once per step and generation: a gradient checkpoint recomputing a step's forward
+during backward reads what the forward read and overwrites nothing; under ``torch.no_grad()`` only what the
+forecast needs is kept.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
 
 from ..families import OUTPUT, family_of, unwrap
 from .blocks import block_kind, resolve_blocks
@@ -80,8 +83,14 @@ class GatedBlock:
     module: torch.nn.Module
     kind: str
     stream_positions: list[tuple[str, int | None]]
-    state: BlockState = field(default_factory=BlockState)
+    states: dict[str, BlockState] = field(default_factory=dict)  # per guidance branch
     run: Callable | None = None  # the block's own forward as the hook calls it: as it was, or compiled
+
+    def state(self, branch: str) -> BlockState:
+        """What this block computed in the current generation of ``branch``."""
+        if branch not in self.states:
+            self.states[branch] = BlockState()
+        return self.states[branch]
 
     def streams(self, args, kwargs) -> tuple | None:
         """The residual-stream inputs of a call, in the order the block returns them (None for output blocks)."""
@@ -107,19 +116,33 @@ class Accounting:
     computed: list[int] = field(default_factory=list)
 
 
+class _ContextState(StateManager):
+    """Receives the ``CacheContext`` a stock pipeline sets around each call (``with model.cache_context("cond",
+    step_index=i)``): diffusers hands it to every ``StateManager`` of a stateful hook, its public way in."""
+
+    def __init__(self):
+        super().__init__(BlockState)
+
+    def branch_and_step(self) -> tuple[str, int | None]:
+        context = self._context
+        return ("", None) if context is None else (context.name or "", context.step_index)
+
+
 class _StepHook(ModelHook):
-    """On the model: tell the SuperNet which step each call is; skip a call whose every block is reused."""
+    """On the model: tell the SuperNet which step and branch each call is; skip a call whose every block is
+    reused."""
 
     _is_stateful = True
 
     def __init__(self, net: "SuperNet", module: torch.nn.Module):
         super().__init__()
         self.net = net
+        self.context = _ContextState()
         self.timestep_position = _positions(_class_signature(type(module).forward), ("timestep",))
 
     def pre_forward(self, module, *args, **kwargs):
         (timestep,) = _arguments(self.timestep_position, (module, *args), kwargs)
-        self.net.enter(timestep)
+        self.net.enter(timestep, *self.context.branch_and_step())
         return args, kwargs
 
     def new_forward(self, module, *args, **kwargs):
@@ -150,7 +173,7 @@ class _BlockHook(ModelHook):
         streams = block.streams(args, kwargs)
         net.check_batch(block, step, x)
         if net.reuses(block, step):
-            return block.output_of(net.forecaster.predict(block.state, step), streams)
+            return block.output_of(net.forecaster.predict(block.state(net.branch), step), streams)
         out = block.run(*args, **kwargs)
         return net.ran(block, step, out, streams, x.dtype)
 
@@ -166,11 +189,14 @@ class SuperNet:
     ``torch.compile`` options): the reuse decision stays outside the compiled regions, so nothing in a block
     breaks its graph and a block compiles once per input shape, whatever the step. A model already compiled
     whole (``torch.compile(model)``) gets the same: the hooks run outside its graphs and the blocks are compiled.
+
+    ``expert`` and ``owner``: on a pipeline with two denoisers, this one's name and which denoiser each step of the
+    table belongs to (:meth:`CacheSchedule.expert_of`): a call at another's step is refused, naming both.
     """
 
     def __init__(self, model: torch.nn.Module, timesteps, blocks: list[str] | None = None, kinds=None,
                  whole_steps: bool = False, full_graph_steps: bool = False, mode: str = "copy",
-                 compile: bool | dict = False):
+                 compile: bool | dict = False, expert: str | None = None, owner: Callable[[int], str | None] = None):
         if mode not in REUSE_MODES:
             raise ScheduleError(f"reuse mode must be one of {', '.join(REUSE_MODES)}, got {mode!r}")
         self.compiled_whole = compiled_whole(model)
@@ -187,10 +213,12 @@ class SuperNet:
                                                 len(self.clock.timesteps), len(self.blocks))
         self.whole_steps = whole_steps and mode == "copy"  # a forecast changes the output: the call must run
         self.full_graph_steps = full_graph_steps
-        self.output = BlockState()  # the whole call's output by step, for steps that reuse every block
+        self.outputs: dict[str, BlockState] = {}  # per branch, the whole call's output by step (steps reusing all)
         self.accounting = Accounting(computed=[0] * len(self.blocks))
         self.step: int | None = None
+        self.branch = ""
         self.attached = False
+        self.expert, self.owner = expert, owner
 
     # ---- what the parts say, under the names summary and the tests read ---------------------------------
     @property
@@ -225,13 +253,22 @@ class SuperNet:
     def reset(self) -> None:
         """Forget every block's work and the generation in progress: the next call starts a new generation."""
         self.clock.reset()
-        self._forget()
-
-    def _forget(self) -> None:
         for block in self.blocks:
-            block.state.reset()
-        self.output.reset()
+            block.states.clear()
+        self.outputs.clear()
         self.step = None
+
+    def _forget(self, branch: str) -> None:
+        """A new generation on ``branch``: forget what its blocks computed (other branches keep theirs)."""
+        for block in self.blocks:
+            block.state(branch).reset()
+        self.output_state(branch).reset()
+        self.step = None
+
+    def output_state(self, branch: str) -> BlockState:
+        if branch not in self.outputs:
+            self.outputs[branch] = BlockState()
+        return self.outputs[branch]
 
     # ---- hooks ----------------------------------------------------------------------------------------
     def attach(self) -> "SuperNet":
@@ -274,15 +311,21 @@ class SuperNet:
         return hook.net if hook is not None else None
 
     # ---- per call -------------------------------------------------------------------------------------
-    def enter(self, timestep) -> None:
-        """A denoiser call begins: its step from the clock; a new generation forgets every block's work."""
+    def enter(self, timestep, branch: str = "", step_index: int | None = None) -> None:
+        """A denoiser call begins: its step and branch from the clock (``branch`` and ``step_index`` as a stock
+        pipeline's ``cache_context`` names them); a new generation of a branch forgets that branch's work."""
         recomputing = in_backward()  # a checkpoint recomputing an earlier step reads the work its forward read
-        step, new_generation = self.clock.tick(timestep)
+        step, branch, new_generation = self.clock.tick(timestep, branch, step_index)
+        owner = self.owner(step) if self.owner is not None and self.expert is not None else None
+        if owner is not None and owner != self.expert:
+            raise ScheduleError(f"step {step} (timestep {self.clock.timesteps[step]:g}) is {owner}'s in the schedule, "
+                                f"but {self.expert} was called at it: a schedule for {owner} applied to {self.expert} "
+                                "(the pipeline switches denoisers at another timestep than the schedule was made for)")
         if new_generation:
-            self._forget()
+            self._forget(branch)
         if not recomputing:
             self.accounting.calls += 1
-        self.step = step
+        self.step, self.branch = step, branch
 
     def _graph_step_in_full(self) -> bool:
         return self.full_graph_steps and torch.is_grad_enabled()
@@ -293,26 +336,27 @@ class SuperNet:
         step = self.step
         if not self.whole_steps or step is None or not self.decision.skips_all(step) or self._graph_step_in_full():
             return None
-        earlier = self.output.latest(step)
-        if earlier is None or any(block.state.latest(step) is None for block in self.blocks):
+        earlier = self.output_state(self.branch).latest(step)
+        if earlier is None or any(block.state(self.branch).latest(step) is None for block in self.blocks):
             return None
         self.accounting.skipped_calls += 1
         return earlier
 
     def remember_output(self, out) -> None:
         if self.step is not None and self.whole_steps:
-            self.output.store(self.step, out, keep=None if torch.is_grad_enabled() else 1)
+            self.output_state(self.branch).store(self.step, out, keep=None if torch.is_grad_enabled() else 1)
 
     def check_batch(self, block: GatedBlock, step: int, x: torch.Tensor) -> None:
-        latest = block.state.latest(step)
+        latest = block.state(self.branch).latest(step)
         if latest is not None and batch_of(latest) != x.shape[0]:
             raise ScheduleError(f"block {block.name} cached a batch of {batch_of(latest)} but is called with "
-                                f"{x.shape[0]}: call the model once per step with both guidance branches batched")
+                                f"{x.shape[0]}: call the model once per step and guidance branch with one batch "
+                                "(both branches batched, or each named by diffusers' cache_context)")
 
     def reuses(self, block: GatedBlock, step: int) -> bool:
         """True when ``block`` is not computed at ``step``: the table says so, it has work to reuse, and the call
         is not a graph step computed in full."""
-        return (self.decision.skips(step, block.index) and block.state.latest(step) is not None
+        return (self.decision.skips(step, block.index) and block.state(self.branch).latest(step) is not None
                 and not self._graph_step_in_full())
 
     def ran(self, block: GatedBlock, step: int, out, streams, dtype: torch.dtype):
@@ -320,11 +364,71 @@ class SuperNet:
         what the block passes on."""
         self.accounting.computed[block.index] += 1
         work = block.work_of(out, streams)
-        if self.decision.mixes and block.state.latest(step) is not None:
-            forecast = self.forecaster.predict(block.state, step)
+        state = block.state(self.branch)
+        if self.decision.mixes and state.latest(step) is not None:
+            forecast = self.forecaster.predict(state, step)
             work, reused = self.decision.mix(step, block.index, forecast, work, dtype)
             if reused and self.forecaster.order > 0:
-                block.state.forecast_steps.add(step)
+                state.forecast_steps.add(step)
             out = block.output_of(work, streams)
-        self.forecaster.update(block.state, step, work)
+        self.forecaster.update(state, step, work)
         return out
+
+
+class ExpertNets:
+    """One :class:`SuperNet` per denoiser of a pipeline with experts (Wan 2.2 A14B), driven as one: the same table
+    or gates, each denoiser following the rows of the steps it runs; the accounting is summed."""
+
+    def __init__(self, nets: list[SuperNet]):
+        self.nets = nets
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.nets[0].model
+
+    @property
+    def names(self) -> list[str]:
+        return self.nets[0].names
+
+    @property
+    def mode(self) -> str:
+        return self.nets[0].mode
+
+    @property
+    def computed(self) -> list[int]:
+        return [sum(counts) for counts in zip(*(net.computed for net in self.nets))]
+
+    @property
+    def calls(self) -> int:
+        return sum(net.calls for net in self.nets)
+
+    @property
+    def skipped_calls(self) -> int:
+        return sum(net.skipped_calls for net in self.nets)
+
+    def use_table(self, reuse) -> None:
+        for net in self.nets:
+            net.use_table(reuse)
+
+    def use_gates(self, gates: torch.Tensor) -> None:
+        for net in self.nets:
+            net.use_gates(gates)
+
+    def reset(self) -> None:
+        for net in self.nets:
+            net.reset()
+
+    def attach(self) -> "ExpertNets":
+        attached = []
+        try:
+            for net in self.nets:
+                attached.append(net.attach())
+        except BaseException:
+            for net in attached:
+                net.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        for net in self.nets:
+            net.detach()

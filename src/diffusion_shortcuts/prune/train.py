@@ -43,7 +43,7 @@ from .blocks import BlockProfile, profile
 from .objective import Objective
 from .pruner import KEEP, Pruner
 from .schedule import TOLERANCE, CacheSchedule
-from .supernet import SuperNet
+from .apply import gated
 
 CHECKPOINT = "search_checkpoint.pt"
 
@@ -59,6 +59,7 @@ class SearchResult:
     timesteps: list[float]
     history: dict = field(default_factory=dict)
     reuse_mode: str = "copy"
+    experts: dict | None = None  # the sampler's denoisers (Wan 2.2): the schedule's CacheSchedule.experts
 
     @classmethod
     def load(cls, folder: str | Path, model, sample: torch.Tensor, cond=None) -> "SearchResult":
@@ -88,6 +89,8 @@ class SearchResult:
             steps = [float(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
             scores = interpolate_scores(scores, self.timesteps, steps)
         sched = CacheSchedule.from_scores(scores, steps, self.profile, ratio).with_mode(self.reuse_mode)
+        if self.experts is not None:
+            sched = sched.for_experts(self.experts["names"], self.experts["boundary"])
         sched.info["search"] = {k: v for k, v in self.history.get("settings", {}).items()}
         if timesteps is not None:
             sched.info["scores_resampled_from"] = len(self.timesteps)
@@ -232,8 +235,9 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
     with search.attached():
         run_loop(search, config.iterations, checkpoint, desc="pruner search", progress=progress, callback=callback,
                  map_location=search.device, main_process=distributed.is_main_process())
+        experts = {"names": sampler.expert_names, "boundary": sampler.experts[0][1]} if sampler.experts else None
         result = SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history,
-                              config.reuse_mode)
+                              config.reuse_mode, experts)
         if search.start is not None:
             search.keep_the_better(result)
     return result
@@ -272,7 +276,12 @@ class _Search(LoopState):
             self.history.update(reward=[], reward_full=[], reward_drop=[])
         self.n_cond = C.count(conditions)
         self.perm = torch.randperm(self.n_cond, generator=torch.Generator().manual_seed(config.seed))
-        self.net = SuperNet(model, self.timesteps, list(prof.blocks), mode=config.reuse_mode)
+        # the search's own table: every block computed (the gates decide), no whole step skipped
+        table = dataclasses.replace(CacheSchedule.keep_all(self.timesteps, prof), mode=config.reuse_mode,
+                                    whole_steps=False)
+        if sampler.experts:
+            table = table.for_experts(sampler.expert_names, sampler.experts[0][1])
+        self.net = gated(list(zip(sampler.expert_names, sampler.models)), table)
         self.targets: dict[int, torch.Tensor] = {}
 
     def objects(self) -> dict:
@@ -284,7 +293,7 @@ class _Search(LoopState):
     @contextmanager
     def attached(self):
         """The SuperNet on the model and the model's weights frozen, for the duration of the search."""
-        frozen = [p for p in unwrap(self.sampler.model).parameters() if p.requires_grad]
+        frozen = [p for model in self.sampler.models for p in unwrap(model).parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
         self.net.attach()
