@@ -39,10 +39,10 @@ def tokenizer(max_length: int = 12, clip: bool = True) -> PreTrainedTokenizerFas
                                    pad_token="</s>" if clip else "<pad>", model_max_length=max_length)
 
 
-def clip_encoder(hidden: int = 32, projection: int | None = None, seed: int = 0):
+def clip_encoder(hidden: int = 32, projection: int | None = None, seed: int = 0, positions: int = 16):
     torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=positions,
                             bos_token_id=2, eos_token_id=3, pad_token_id=3, projection_dim=projection or hidden,
                             hidden_act="gelu")
     return (CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)).eval()
