@@ -1,6 +1,7 @@
 """MACs of full-size denoisers, per gated block, from their published configurations (random weights).
 
-Built on the meta device (shapes only: nothing is allocated, so Flux's 12B parameters fit on any machine)
+Built on the meta device (shapes only: nothing is allocated, so Flux's 12B and Wan's 14B parameters fit on any
+machine)
 and counted with :func:`diffusion_shortcuts.metrics.count_macs` through each model family's own call, the
 same path the library's schedules use. Two figures per block:
 
@@ -22,8 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import (FluxTransformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel,
-                       UNet2DConditionModel)
+from diffusers import (CogVideoXTransformer3DModel, FluxTransformer2DModel, HunyuanVideoTransformer3DModel,
+                       LTXVideoTransformer3DModel, PixArtTransformer2DModel, QwenImageTransformer2DModel,
+                       SanaTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, WanTransformer3DModel)
 
 from diffusion_shortcuts import zoo
 from diffusion_shortcuts.families import EMBEDDED, family_of
@@ -73,8 +75,39 @@ FLUX = dict(cls=FluxTransformer2DModel, config=dict(
     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
     axes_dims_rope=(16, 56, 56)), latent=(16, 128, 128),
     cond={"encoder_hidden_states": (512, 4096), "pooled_projections": (768,)}, resolution="1024x1024")
+QWEN_IMAGE = dict(cls=QwenImageTransformer2DModel, config=dict(
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56)), latent=(16, 128, 128),
+    cond={"encoder_hidden_states": (256, 3584)}, resolution="1024x1024")
+WAN_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                  freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_1_3B = dict(cls=WanTransformer3DModel, config=dict(num_attention_heads=12, ffn_dim=8960, num_layers=30,
+                                                       **WAN_COMMON),
+                latent=(16, 21, 60, 104), cond={"encoder_hidden_states": (512, 4096)}, resolution="480x832x81")
+WAN_14B = dict(cls=WanTransformer3DModel, config=dict(num_attention_heads=40, ffn_dim=13824, num_layers=40,
+                                                      **WAN_COMMON),
+               latent=(16, 21, 60, 104), cond={"encoder_hidden_states": (512, 4096)}, resolution="480x832x81")
+HUNYUAN_VIDEO = dict(cls=HunyuanVideoTransformer3DModel, config=dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56)), latent=(16, 33, 90, 160),
+    cond={"encoder_hidden_states": (256, 4096), "encoder_attention_mask": (256,), "pooled_projections": (768,)},
+    resolution="720x1280x129")
+LTX_VIDEO = dict(cls=LTXVideoTransformer3DModel, config=dict(
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32, attention_head_dim=64,
+    cross_attention_dim=2048, num_layers=28, caption_channels=4096), latent=(128, 21, 16, 22),
+    cond={"encoder_hidden_states": (128, 4096), "encoder_attention_mask": (128,)},
+    extra={"rope_interpolation_scale": (8 / 25, 32, 32)}, resolution="512x704x161")
+COGVIDEOX_5B = dict(cls=CogVideoXTransformer3DModel, config=dict(
+    num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+    text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+    temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True),
+    latent=(13, 16, 60, 90), cond={"encoder_hidden_states": (226, 4096)}, resolution="480x720x49")
 ARCHITECTURES = {"sd-1.5-unet": SD15, "sdxl-unet": SDXL, "pixart-alpha-xl-1024": PIXART, "sana-1600m-1024": SANA,
-                 "sd3-medium": SD3, "flux.1-dev": FLUX}
+                 "sd3-medium": SD3, "flux.1-dev": FLUX, "qwen-image": QWEN_IMAGE, "wan2.1-t2v-1.3b": WAN_1_3B,
+                 "wan2.1-t2v-14b": WAN_14B, "hunyuanvideo": HUNYUAN_VIDEO, "ltx-video-0.9": LTX_VIDEO,
+                 "cogvideox-5b": COGVIDEOX_5B}
 
 
 def block_macs(model, latent, cond, device) -> dict:
@@ -98,8 +131,10 @@ def real(name: str) -> dict:
     with torch.device("meta"):
         model = spec["cls"](**spec["config"]).eval()
     cond = {key: torch.zeros(1, *shape, device="meta") for key, shape in spec["cond"].items()}
-    if set(cond) == {"encoder_hidden_states"}:
+    if set(cond) == {"encoder_hidden_states"} and "extra" not in spec:
         cond = cond["encoder_hidden_states"]
+    else:
+        cond.update(spec.get("extra", {}))  # plain values the family passes on (LTX's rotary scale)
     figures = block_macs(model, spec["latent"], cond, "meta")
     params = sum(p.numel() for p in model.parameters())
     return {"family": family_of(model).name, "resolution": spec["resolution"], "latent": list(spec["latent"]),

@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_pipelines import clip_model_folder, sd_pipeline, sdxl_pipeline
+from tiny.sd import sd_pipeline
+from tiny.sdxl import sdxl_pipeline
+from tiny_pipelines import clip_model_folder
 
 import diffusion_shortcuts as ds
 from diffusion_shortcuts import cli

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_pipelines import sd_pipeline
+from tiny.sd import sd_pipeline
 
 import diffusion_shortcuts as ds
 from diffusion_shortcuts.pipelines import save_lora
@@ -21,8 +21,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SHRINK = [("num_inference_steps=50", "num_inference_steps=4"), ("m.sampler(50,", "m.sampler(4,"),
           ("ratio=0.8)", "ratio=0.8, iterations=2, batch_size=1, target_batch=2)"), ("iterations=100", "iterations=2"),
           ("iterations=50)", "iterations=2, batch_size=1, validation=2)")]
-# which session each snippet continues, in README order; the last one (a new family) is shown, not run
-SESSIONS = ["zoo", "pipeline", "zoo", "zoo", "zoo", "pipeline", "illustration"]
+# which session each snippet continues, in README order; the last one (a family written from scratch) runs alone
+SESSIONS = ["zoo", "pipeline", "zoo", "zoo", "zoo", "pipeline", "family"]
 
 
 def snippets() -> list[str]:
@@ -53,9 +53,8 @@ def test_the_readme_snippets_run(folder):
     assert len(blocks) == len(SESSIONS), "a snippet was added or removed: say which session it continues"
     sessions = {"zoo": {}, "pipeline": {}}
     for code, session in zip(blocks, SESSIONS):
-        if session == "illustration":
-            compile(code, "README.md", "exec")  # a sketch of a family that diffusers may not have: syntax only
-            continue
+        if session == "family":
+            continue  # test_the_readme_family_module_drives_wan_as_the_shipped_one
         namespace = sessions[session]
         if session == "pipeline" and not namespace:
             namespace.update(sessions["zoo"])  # the pipeline snippets use the first snippet's imports
@@ -68,3 +67,39 @@ def test_the_readme_snippets_run(folder):
     assert len(zoo["result"].history["reward"]) == 2 and (folder / "adapter.safetensors").exists()
     assert pipeline["images"].shape == (2, 3, 16, 16) and pipeline["image"].size == (16, 16)
     assert ds.prune.summary(ds.prune.SuperNet.of(pipeline["pipe"].unet))["block_calls_reused"] > 0
+
+
+def test_the_readme_family_module_drives_wan_as_the_shipped_one():
+    """The README's Wan module, registered in place of the shipped one for the test: the Sampler equals the stock
+    WanPipeline (Wan 2.1, and 2.2 A14B with its two experts), and a cache schedule is followed by both experts."""
+    from diffusers import WanTransformer3DModel
+    from tiny import TINIES
+
+    from diffusion_shortcuts.families import FAMILIES, family_of
+    from diffusion_shortcuts.families.wan import Wan as Shipped
+    from diffusion_shortcuts.prune import CacheSchedule, profile
+
+    code = snippets()[SESSIONS.index("family")]
+    FAMILIES.remove(Shipped)
+    namespace = {}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+        for tiny in (t for t in TINIES if t.family == "wan"):
+            pipe = tiny.pipeline()
+            sampler = tiny.sampler(pipe, 3)
+            assert isinstance(sampler.family, namespace["Wan"]) and family_of(pipe.transformer) is sampler.family
+            cond, noise = tiny.encode(sampler), tiny.initial_noise()
+            sampler.decode = None
+            ours = sampler(noise, cond)
+            assert (ours - tiny.run_stock(pipe, noise, 3, torch.float32)).abs().max() < 1e-5
+            prof = profile(pipe.transformer, noise, ds.conditions.first(cond))
+            reuse = torch.zeros(3, len(prof.blocks), dtype=torch.bool)
+            reuse[1:, 0] = True
+            schedule = CacheSchedule.from_table(reuse, sampler.timesteps.tolist(), prof)
+            with ds.prune.apply(sampler.model, schedule, sampler) as net:
+                assert not torch.equal(sampler(noise, cond), ours) and net.calls == 3 * 2  # both branches a step
+    finally:
+        FAMILIES.remove(namespace.get("Wan", Shipped))
+        FAMILIES.register(WanTransformer3DModel, Shipped())
+    wan = next(t for t in TINIES if t.family == "wan").build()
+    assert type(family_of(wan.transformer)) is Shipped  # the shipped family is back for the tests after this one

@@ -1,23 +1,17 @@
-"""Tiny random text-to-image pipelines of every registered family, built from configs (nothing downloads).
-
-Like diffusers' own pipeline tests (``get_dummy_components``): a few-channel denoiser, a small VAE, tiny
-CLIP and T5 text encoders and a word-level tokenizer written here from a small vocabulary. Each builder
-returns ``(pipe, stock_kwargs)``: what the stock pipeline call needs besides the prompt, latents, steps
-and guidance (its image size).
+"""The parts the tiny random pipelines share (``tests/tiny/``, one module per family), built from configs: nothing
+downloads. Like diffusers' own pipeline tests (``get_dummy_components``): a word-level tokenizer written here from a
+small vocabulary, tiny CLIP and T5 text encoders, a small AutoencoderKL, Stable Diffusion's DDIM; and a tiny CLIP
+reward model folder.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import (AutoencoderDC, AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel,
-                       SanaPipeline, SanaTransformer2DModel, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import AutoencoderKL
 from tiny_models import ddim
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Gemma2Config, Gemma2Model,
-                          PreTrainedTokenizerFast, T5Config, T5EncoderModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config,
+                          T5EncoderModel)
 
 WORDS = ("a an the red green blue car cat dog photo of on in painting tree house sky small big digit three seven "
          "astronaut horse riding").split()
@@ -73,97 +67,6 @@ def sd_ddim(prediction_type: str = "epsilon"):
                 prediction_type=prediction_type)
 
 
-def sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4).eval()
-    pipe = StableDiffusionPipeline(vae=vae(), text_encoder=clip_encoder(), tokenizer=tokenizer(), unet=unet,
-                                   scheduler=sd_ddim(prediction_type), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    return pipe, {"height": SIZE, "width": SIZE}
-
-
-def sdxl_pipeline(seed: int = 0):
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=2, norm_num_groups=4, transformer_layers_per_block=(1, 1),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
-        use_linear_projection=True).eval()
-    pipe = StableDiffusionXLPipeline(vae=vae(), text_encoder=clip_encoder(), tokenizer=tokenizer(),
-                                     text_encoder_2=clip_encoder(projection=32, seed=1), tokenizer_2=tokenizer(),
-                                     unet=unet, scheduler=sd_ddim(), force_zeros_for_empty_prompt=False)
-    return pipe, {"height": SIZE, "width": SIZE}
-
-
-def pixart_pipeline(seed: int = 0, sigma: bool = False):
-    torch.manual_seed(seed)
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=8, sample_size=8, patch_size=2, caption_channels=32, norm_type="ada_norm_single",
-        use_additional_conditions=False, norm_num_groups=2).eval()
-    pipeline = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
-    pipe = pipeline(tokenizer=tokenizer(clip=False), text_encoder=t5_encoder(), vae=vae(), transformer=transformer,
-                    scheduler=sd_ddim())
-    return pipe, {"height": SIZE, "width": SIZE, "use_resolution_binning": False, "max_sequence_length": 12,
-                  "clean_caption": False}
-
-
-def sd3_pipeline(seed: int = 0):
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4).eval()
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae(shift=0.0609, scaling=1.5305), text_encoder=clip_encoder(projection=32),
-        tokenizer=tokenizer(), text_encoder_2=clip_encoder(projection=32, seed=1), tokenizer_2=tokenizer(),
-        text_encoder_3=None, tokenizer_3=None)
-    return pipe, {"height": SIZE, "width": SIZE, "max_sequence_length": 12}
-
-
-def flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-        guidance_embeds=guidance_embeds).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
-                                                max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae(shift=0.1159, scaling=0.3611), text_encoder=clip_encoder(),
-                        tokenizer=tokenizer(), text_encoder_2=t5_encoder(), tokenizer_2=tokenizer(clip=False),
-                        transformer=transformer)
-    return pipe, {"height": SIZE, "width": SIZE, "max_sequence_length": 12}
-
-
-def sana_pipeline(seed: int = 0):
-    torch.manual_seed(seed)
-    transformer = SanaTransformer2DModel(
-        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
-        sample_size=8).eval()
-    dc_ae = AutoencoderDC(
-        in_channels=3, latent_channels=4, attention_head_dim=2,
-        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8), encoder_qkv_multiscales=((), (), (5,)),
-        decoder_qkv_multiscales=((), (), (5,)), encoder_layers_per_block=(1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1), downsample_block_type="conv",
-        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-        scaling_factor=0.41407).eval()
-    torch.manual_seed(seed)
-    gemma = Gemma2Model(Gemma2Config(head_dim=16, hidden_size=8, intermediate_size=16, num_attention_heads=2,
-                                     num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(WORDS) + 4,
-                                     pad_token_id=0, bos_token_id=2, eos_token_id=3)).eval()
-    pipe = SanaPipeline(tokenizer=tokenizer(clip=False), text_encoder=gemma, vae=dc_ae, transformer=transformer,
-                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    # Sana wants sizes divisible by 32: this DC-AE compresses 4x, to the same 8x8 latents as the others
-    return pipe, {"height": 2 * SIZE, "width": 2 * SIZE, "use_resolution_binning": False, "max_sequence_length": 12}
-
-
 def clip_model_folder(path) -> str:
     """A tiny random CLIP model (text and vision towers) with a character-level CLIP tokenizer, saved to
     ``path`` as a reward model folder."""
@@ -189,11 +92,3 @@ def clip_model_folder(path) -> str:
     CLIPModel(config).save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
     return str(path)
-
-
-BUILDERS = {"sd-unet": sd_pipeline, "sdxl-unet": sdxl_pipeline, "pixart": pixart_pipeline, "sd3": sd3_pipeline,
-            "flux": flux_pipeline, "sana": sana_pipeline}
-# other members of the same families: SD 2.x's v-prediction, PixArt-sigma, Flux-schnell (no guidance embedding)
-VARIANTS = {"sd2-v": ("sd-unet", lambda: sd_pipeline(prediction_type="v_prediction")),
-            "pixart-sigma": ("pixart", lambda: pixart_pipeline(sigma=True)),
-            "flux-schnell": ("flux", lambda: flux_pipeline(guidance_embeds=False))}

@@ -56,9 +56,15 @@ def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> t
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5,
          data_range: float = 1.0) -> torch.Tensor:
-    """Mean SSIM per image (Wang et al. 2004) with a Gaussian window; differentiable. Shape (B,)."""
-    if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    """Mean SSIM per image (Wang et al. 2004) with a Gaussian window; differentiable. Shape (B,). Videos
+    ``(B, C, F, H, W)``: the mean of their frames' SSIM."""
+    if a.shape != b.shape or a.ndim not in (4, 5):
+        raise ValueError(f"ssim needs two (B, C, H, W) images or (B, C, F, H, W) videos of one shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if a.ndim == 5:
+        frames = a.shape[2]
+        per_frame = ssim(*(v.transpose(1, 2).flatten(0, 1) for v in (a, b)), window, sigma, data_range)
+        return per_frame.view(-1, frames).mean(1)
     c = a.shape[1]
     w = _gaussian_window(min(window, a.shape[-1]), sigma, c, a.device, a.dtype)
     mu_a, mu_b = F.conv2d(a, w, groups=c), F.conv2d(b, w, groups=c)

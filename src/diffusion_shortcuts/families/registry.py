@@ -27,6 +27,13 @@ class Registry:
         self._by_class.setdefault(cls, []).insert(0, family)  # later (more specific) entries win
         return family
 
+    def remove(self, family_class: type[Family]) -> None:
+        """Unregister every family of ``family_class`` (a family tried out in a session, then taken back)."""
+        for cls in list(self._by_class):
+            self._by_class[cls] = [f for f in self._by_class[cls] if type(f) is not family_class]
+            if not self._by_class[cls]:
+                del self._by_class[cls]
+
     def names(self) -> list[str]:
         return [f"{fam.name} ({cls.__name__})" for cls, fams in self._by_class.items() for fam in reversed(fams)]
 

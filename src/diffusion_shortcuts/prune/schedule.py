@@ -28,6 +28,15 @@ class ScheduleError(ValueError):
     """A schedule file that cannot be read, or a schedule that does not fit the model or sampler."""
 
 
+def handovers(timesteps, boundary: float | None) -> list[int]:
+    """The steps after step 0 at which a pipeline with two denoisers hands over to the other (the one at or above
+    ``boundary``, then the one below it): such a step computes every block, as step 0 does."""
+    if boundary is None:
+        return []
+    return [step for step in range(1, len(timesteps)) if (timesteps[step] >= boundary) !=
+            (timesteps[step - 1] >= boundary)]
+
+
 @dataclass
 class CacheSchedule:
     """Which block reuses at which step (``reuse``: bool [T, N]) and its MACs accounting.
@@ -77,11 +86,23 @@ class CacheSchedule:
                     and isinstance(boundary, (int, float)) and math.isfinite(boundary)):
                 raise ScheduleError(f"experts must be {{'names': [first, second], 'boundary': timestep}}, got "
                                     f"{self.experts!r}")
+            for step in self.expert_starts():
+                if self.reuse[step].any():
+                    raise ScheduleError(f"step {step} cannot reuse anything: it is {self.expert_of(step)}'s first "
+                                        "step, and that denoiser has cached nothing yet")
 
     def for_experts(self, names: list[str], boundary: float) -> "CacheSchedule":
         """This table for a pipeline whose ``names[0]`` runs at timesteps at or above ``boundary`` and ``names[1]``
-        below it (each follows the rows of its own steps)."""
-        return dataclasses.replace(self, experts={"names": list(names), "boundary": float(boundary)})
+        below it (each follows the rows of its own steps). The second denoiser's first step computes every block,
+        as step 0 does: its blocks have nothing cached from the steps the first one ran."""
+        experts = {"names": list(names), "boundary": float(boundary)}
+        reuse = self.reuse.clone()
+        reuse[handovers(self.timesteps, boundary)] = False
+        return dataclasses.replace(self, reuse=reuse, experts=experts)
+
+    def expert_starts(self) -> list[int]:
+        """The steps after step 0 at which another denoiser takes over (none for a schedule of one)."""
+        return handovers(self.timesteps, self.experts["boundary"] if self.experts is not None else None)
 
     def expert_of(self, step: int) -> str | None:
         """The denoiser whose table holds row ``step`` (None for a schedule of one denoiser)."""
@@ -158,9 +179,10 @@ class CacheSchedule:
 
     @classmethod
     def from_scores(cls, keep_scores: torch.Tensor, timesteps, profile: BlockProfile, ratio: float,
-                    tolerance: float = TOLERANCE, iterations: int = 100) -> "CacheSchedule":
+                    tolerance: float = TOLERANCE, iterations: int = 100, keep_steps=()) -> "CacheSchedule":
         """DiP-GO's post-processing: one global threshold on the keep scores, found by bisection, so that
-        the pruned fraction of the MACs is within ``tolerance`` of ``ratio``; step 0 is never pruned.
+        the pruned fraction of the MACs is within ``tolerance`` of ``ratio``; step 0 is never pruned, nor the
+        ``keep_steps`` (a second denoiser's first step).
 
         Where no threshold lands within the tolerance (ties, or a ratio beyond what pruning every block
         after step 0 reaches) the closest achievable schedule is returned and ``info["within_tolerance"]``
@@ -177,7 +199,7 @@ class CacheSchedule:
 
         def table(threshold: float) -> torch.Tensor:
             reuse = scores < threshold
-            reuse[0] = False
+            reuse[[0, *keep_steps]] = False
             return reuse
 
         def pruned(threshold: float) -> float:
@@ -261,8 +283,9 @@ class CacheSchedule:
         reuse = self.reuse[rows].clone()
         reuse[0] = False
         info = {**self.info, "resampled_from": self.num_steps}
-        return CacheSchedule(reuse, new, self.blocks, self.kinds, self.block_macs, self.total_macs, self.model_id,
-                             info, self.whole_steps, self.mode, self.experts)
+        resampled = CacheSchedule(reuse, new, self.blocks, self.kinds, self.block_macs, self.total_macs, self.model_id,
+                                  info, self.whole_steps, self.mode)
+        return resampled if self.experts is None else resampled.for_experts(**self.experts)
 
     def with_mode(self, mode: str) -> "CacheSchedule":
         """The same table with another reuse mode (one of :data:`REUSE_MODES`)."""

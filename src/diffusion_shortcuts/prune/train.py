@@ -42,7 +42,7 @@ from ..metrics import Timer
 from .blocks import BlockProfile, profile
 from .objective import Objective
 from .pruner import KEEP, Pruner
-from .schedule import TOLERANCE, CacheSchedule
+from .schedule import TOLERANCE, CacheSchedule, handovers
 from .apply import gated
 
 CHECKPOINT = "search_checkpoint.pt"
@@ -88,9 +88,11 @@ class SearchResult:
         if timesteps is not None:
             steps = [float(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
             scores = interpolate_scores(scores, self.timesteps, steps)
-        sched = CacheSchedule.from_scores(scores, steps, self.profile, ratio).with_mode(self.reuse_mode)
+        boundary = self.experts["boundary"] if self.experts is not None else None
+        sched = CacheSchedule.from_scores(scores, steps, self.profile, ratio, keep_steps=handovers(steps, boundary))
+        sched = sched.with_mode(self.reuse_mode)
         if self.experts is not None:
-            sched = sched.for_experts(self.experts["names"], self.experts["boundary"])
+            sched = sched.for_experts(self.experts["names"], boundary)
         sched.info["search"] = {k: v for k, v in self.history.get("settings", {}).items()}
         if timesteps is not None:
             sched.info["scores_resampled_from"] = len(self.timesteps)
