@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny.sd import sd_pipeline
+from tiny.flux import flux_pipeline
 from tiny.sdxl import sdxl_pipeline
+from tiny.wan import wan_pipeline
 from tiny_pipelines import clip_model_folder
 
 import diffusion_shortcuts as ds
@@ -24,6 +26,8 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipelines")
     sd_pipeline()[0].save_pretrained(root / "sd")
     sdxl_pipeline()[0].save_pretrained(root / "sdxl")
+    flux_pipeline().save_pretrained(root / "flux")
+    wan_pipeline().save_pretrained(root / "wan")
     (root / "clip").mkdir()
     clip_model_folder(root / "clip")
     return root
@@ -345,3 +349,26 @@ def test_finetune_refits_a_schedule_ships_it_beside_the_lora_and_prune_refits_on
     code, err = run(["prune", "--model", folders / "sd", *PROMPTS, "--lora", tmp_path, "--out", tmp_path / "q"],
                     capsys)
     assert code == 2 and "--lora" in err and "no adapter there" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_stock_calls_guidance_arguments_carry_over_and_a_video_pipeline_is_refused_in_one_line(folders, tmp_path,
+                                                                                                capsys):
+    """Flux with true CFG from the command line as from the stock call (--true-cfg-scale with --negative-prompt); the
+    flag refused where it does nothing; a video pipeline named, not a traceback."""
+    flux = ["sample", "--model", folders / "flux", *PROMPTS, "--height", "16", "--width", "16", "--steps", "2",
+            "--n", "2", "--negative-prompt", "blue sky"]
+    code, err = run([*flux, "--true-cfg-scale", "2.5", "--out", tmp_path / "f"], capsys)
+    assert code == 0, err
+    assert metrics_of(tmp_path / "f")["true_cfg_scale"] == 2.5
+    refusals = [
+        ([*flux[:-2], "--true-cfg-scale", "2.5"], "--true-cfg-scale needs --negative-prompt"),
+        (["sample", "--model", folders / "sd", *PROMPTS, "--true-cfg-scale", "2"],
+         "--true-cfg-scale: sd-unet has no classifier-free guidance of its own; use --guidance"),
+        (["sample", "--model", "digits-dit", "--true-cfg-scale", "2"],
+         "--true-cfg-scale: digits-dit has no classifier-free guidance of its own"),
+        (["sample", "--model", folders / "wan", *PROMPTS], "a wan video pipeline; the command line's verbs take image"),
+    ]
+    for argv, needle in refusals:
+        code, err = run([*argv, "--out", tmp_path / "refused"], capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()

@@ -126,6 +126,10 @@ FLAGS = {
     "prompt": dict(action="append", default=None, help="a prompt (repeatable), for a text-to-image pipeline folder"),
     "prompts": dict(default=None, help="a file of prompts, one a line"),
     "negative_prompt": dict(default=None, help="the negative prompt of classifier-free guidance"),
+    "true_cfg_scale": dict(type=number(float, 0), default=None,
+                           help="the stock call's true_cfg_scale: the classifier-free guidance of families that have "
+                                "one besides embedded guidance (Flux, Qwen-Image, HunyuanVideo), with "
+                                "--negative-prompt (default: the stock call's where a negative prompt is given)"),
     "scheduler": dict(choices=["ddim", "dpm++", "euler", "flow-euler"], default=None,
                       help="a diffusers scheduler made from the pipeline's scheduler config (default: the pipeline's)"),
     "height": dict(type=number(int, 8, 8192), default=None, help="image height in pixels (default: the model's)"),
@@ -144,8 +148,8 @@ NEEDS = {
     "refit_iterations": (("schedule",), "it sets the search that refits that schedule to the tuned model"),
     "strict_schedule": (("schedule",), "it refuses a schedule made for other timesteps"),
 }
-MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, scheduler=None, height=None, width=None,
-             device=None, dtype=None)
+MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, true_cfg_scale=None, scheduler=None,
+             height=None, width=None, device=None, dtype=None)
 TRAIN = dict(vae_checkpointing=None)  # for the verbs that backpropagate through the decoder
 
 VERBS = {

@@ -73,6 +73,7 @@ class PipelineModel:
     dtype: torch.dtype
     negative_prompt: str | None = None
     sample_size: tuple[int, int] | None = None   # (height, width) of the images, None: the model's default
+    true_cfg_scale: float | None = None          # the stock call's, None: its default (with a negative prompt)
 
     @property
     def name(self) -> str:
@@ -110,14 +111,15 @@ class PipelineModel:
         factor = vae_scale(self.pipe)
         return 3, h * factor, w * factor
 
-    def sampler(self, steps: int, guidance: float | None = None) -> Sampler:
+    def sampler(self, steps: int, guidance: float | None = None, true_cfg_scale: float | None = None) -> Sampler:
         return Sampler.from_pipeline(self.pipe, steps, guidance, negative_prompt=self.negative_prompt,
-                                     sample_shape=self.sample_shape)
+                                     sample_shape=self.sample_shape, true_cfg_scale=true_cfg_scale if true_cfg_scale
+                                     is not None else self.true_cfg_scale)
 
     @cached_property
     def _encoder(self) -> Sampler:
         """An unguided sampler kept for encoding prompts (fine-tuning encodes every iteration's batch)."""
-        return self.sampler(1, 1.0)
+        return self.sampler(1, 1.0, 1.0)
 
     def encode(self, prompts: list[str]):
         return self._encoder.encode_prompt(prompts)
@@ -128,7 +130,7 @@ class PipelineModel:
 
 def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32", scheduler: str | None = None,
                   negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
-                  vae_checkpointing: bool = False) -> PipelineModel:
+                  vae_checkpointing: bool = False, true_cfg_scale: float | None = None) -> PipelineModel:
     """A local pipeline folder, frozen, on ``device`` in ``dtype`` (see the module docstring).
 
     ``vae_checkpointing``: decode through the VAE with gradient checkpointing (diffusers' own), so that the
@@ -154,9 +156,18 @@ def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32"
         raise ValueError(f"cannot load the pipeline in {path}: {first[:300]}") from None
     try:
         component, model = denoiser_of(pipe)
-        family_of(model)
-    except UnknownModelError as exc:
+        family = family_of(model)
+        family.check_pipeline(pipe)
+    except (UnknownModelError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
+    if family.latent_layout != "CHW":
+        raise ValueError(f"{path}: a {family.name} video pipeline; the command line's verbs take image pipelines so "
+                         "far (in Python: ds.Sampler.from_pipeline(pipe) samples, steers and prunes it)")
+    if true_cfg_scale is not None and not family.true_cfg:
+        raise ValueError(f"--true-cfg-scale: {family.name} has no classifier-free guidance of its own; use --guidance")
+    if true_cfg_scale is not None and true_cfg_scale != 1.0 and negative_prompt is None:
+        raise ValueError("--true-cfg-scale needs --negative-prompt: without one the stock call runs no "
+                         "classifier-free guidance")
     pipe.to(torch_device)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -174,7 +185,7 @@ def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32"
     if height is not None or width is not None:
         default = vae_scale(pipe) * family_of(model).latent_shape(model)[1]
         size = (height or default, width or default)
-    return PipelineModel(path, pipe, torch_device, DTYPES[dtype], negative_prompt, size)
+    return PipelineModel(path, pipe, torch_device, DTYPES[dtype], negative_prompt, size, true_cfg_scale)
 
 
 def save_lora(pipe, folder: str | Path) -> Path:

@@ -30,8 +30,8 @@ def subject_from(flags: dict):
     """Pop the model flags (--model, --labels, --prompt, ...) off ``flags`` and load what they name."""
     from .subjects import load_subject
 
-    names = ("labels", "prompt", "prompts", "negative_prompt", "scheduler", "height", "width", "device", "dtype",
-             "vae_checkpointing", "lora")
+    names = ("labels", "prompt", "prompts", "negative_prompt", "true_cfg_scale", "scheduler", "height", "width",
+             "device", "dtype", "vae_checkpointing", "lora")
     options = {k: flags.pop(k) for k in names if k in flags}
     options = {k: v for k, v in options.items() if v is not None}
     try:
@@ -185,7 +185,8 @@ def sample_report(out: Path, subject, *, n: int, seed: int, steps: int, guidance
         return {}
     images, conditions = torch.cat([p["images"] for p in parts]), subject.conditions(n)
     metrics = {"model": subject.name, "n": n, "seed": seed, "num_inference_steps": steps,
-               "guidance_scale": sampler.guidance_scale, "scheduler": type(sampler.scheduler).__name__,
+               "guidance_scale": sampler.guidance_scale, "true_cfg_scale": sampler.true_cfg_scale,
+               "scheduler": type(sampler.scheduler).__name__,
                "seconds": max(p["seconds"] for p in parts), "schedule": schedule, "lora": subject.adapter,
                "macs_ratio": cache.macs_ratio if cache else 1.0,
                "schedule_resampled_from": cache.info.get("resampled_from") if cache else None,

@@ -269,24 +269,25 @@ def load_adapter_file(model, path: Path, name: str) -> None:
 
 
 def load_subject(model: str, *, labels: str = "0-9", prompt=None, prompts=None, negative_prompt=None,
-                 scheduler=None, height=None, width=None, device="auto", dtype="float32", vae_checkpointing=False,
-                 lora=None):
+                 true_cfg_scale=None, scheduler=None, height=None, width=None, device="auto", dtype="float32",
+                 vae_checkpointing=False, lora=None):
     """A zoo name or a folder: a pipeline folder of a text family becomes a :class:`PipelineSubject`; ``lora``: an
     adapter loaded onto its denoiser (``finetune``'s output)."""
     subject = _load_subject(model, labels=labels, prompt=prompt, prompts=prompts, negative_prompt=negative_prompt,
-                            scheduler=scheduler, height=height, width=width, device=device, dtype=dtype,
-                            vae_checkpointing=vae_checkpointing)
+                            true_cfg_scale=true_cfg_scale, scheduler=scheduler, height=height, width=width,
+                            device=device, dtype=dtype, vae_checkpointing=vae_checkpointing)
     if lora is not None:
         subject.load_adapter(Path(lora))
         subject.adapter = str(lora)
     return subject
 
 
-def _load_subject(model: str, *, labels, prompt, prompts, negative_prompt, scheduler, height, width, device, dtype,
-                  vae_checkpointing):
+def _load_subject(model: str, *, labels, prompt, prompts, negative_prompt, true_cfg_scale, scheduler, height, width,
+                  device, dtype, vae_checkpointing):
     texts = read_prompts(prompt, prompts)
     if is_pipeline_folder(model):
-        pipeline = load_pipeline(model, device, dtype, scheduler, negative_prompt, height, width, vae_checkpointing)
+        pipeline = load_pipeline(model, device, dtype, scheduler, negative_prompt, height, width, vae_checkpointing,
+                                 true_cfg_scale)
         if pipeline.text:
             return PipelineSubject(pipeline, texts)
         if pipeline.family.conditioning == CLASS_NAMES and getattr(pipeline.pipe, "vae", None) is not None:
@@ -301,4 +302,6 @@ def _load_subject(model: str, *, labels, prompt, prompts, negative_prompt, sched
         generator.model.to(DTYPES[dtype])
     if texts:
         raise SubjectError(f"--prompt: {model} takes class labels (--labels), not prompts")
+    if true_cfg_scale is not None:
+        raise SubjectError(f"--true-cfg-scale: {model} has no classifier-free guidance of its own; use --guidance")
     return ZooSubject(generator, labels)
