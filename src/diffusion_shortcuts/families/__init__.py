@@ -18,7 +18,8 @@ import importlib
 import pkgutil
 
 from .base import (BATCHED, CFG, CLASS_NAMES, COND, EMBEDDED, LABELS, NONE, OUTPUT, RESIDUAL, SEPARATE, TEXT, UNCOND,
-                   Family, TransformerFamily, UnknownModelError, as_kwargs, output_of, unwrap)
+                   Family, TransformerFamily, UnknownModelError, VideoFamily, as_kwargs, output_of,
+                   unwrap)
 from .registry import FAMILIES, adapter_id, denoiser_of, family_of, model_id, register, sample_shape, vae_scale
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # each family module registers itself
@@ -27,6 +28,6 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # each f
 from .flux import flux_image_ids, pack_latents, unpack_latents  # noqa: E402
 
 __all__ = ["BATCHED", "CFG", "CLASS_NAMES", "COND", "EMBEDDED", "LABELS", "NONE", "OUTPUT", "RESIDUAL", "SEPARATE",
-           "TEXT", "UNCOND", "Family", "as_kwargs", "output_of",
-           "TransformerFamily", "UnknownModelError", "unwrap", "FAMILIES", "adapter_id", "denoiser_of", "family_of",
-           "model_id", "register", "sample_shape", "vae_scale", "flux_image_ids", "pack_latents", "unpack_latents"]
+           "TEXT", "UNCOND", "Family", "TransformerFamily", "VideoFamily", "UnknownModelError", "as_kwargs",
+           "output_of", "unwrap", "FAMILIES", "adapter_id", "denoiser_of", "family_of", "model_id", "register",
+           "sample_shape", "vae_scale", "flux_image_ids", "pack_latents", "unpack_latents"]

@@ -179,7 +179,24 @@ class TransformerFamily(Family):
         return [f"{name}.{i}" for name in self.block_lists for i in range(len(getattr(model, name)))]
 
     def spatial_multiple(self, model) -> int:
-        return int(unwrap(model).config.patch_size)
+        patch = unwrap(model).config.patch_size  # Wan's is (t, h, w)
+        return int(patch[-1] if isinstance(patch, (tuple, list)) else patch)
+
+
+class VideoFamily(TransformerFamily):
+    """A video transformer: latents ``(C, F, H, W)`` (or frames first), whose default shape is its stock call's
+    video (``default_video``: frames, height, width) through its VAE's compression (``compression``: in time, in
+    space)."""
+
+    latent_layout = "CFHW"
+    default_video: tuple[int, int, int] = (81, 480, 832)
+    compression: tuple[int, int] = (4, 8)
+
+    def latent_shape(self, model) -> tuple[int, int, int, int]:
+        (frames, height, width), (in_time, in_space) = self.default_video, self.compression
+        sizes = {"C": unwrap(model).config.in_channels, "F": (frames - 1) // in_time + 1, "H": height // in_space,
+                 "W": width // in_space}
+        return tuple(sizes[axis] for axis in self.latent_layout)
 
 
 # ---- helpers the families' calls share ---------------------------------------------------------------

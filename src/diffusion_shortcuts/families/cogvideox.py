@@ -12,7 +12,7 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-from .base import TEXT, TransformerFamily, as_kwargs, output_of, unwrap
+from .base import TEXT, VideoFamily, as_kwargs, output_of, unwrap
 from .codecs import scaled_codec
 from .registry import register
 
@@ -32,7 +32,7 @@ def crop_region(grid: tuple[int, int], base_width: int, base_height: int):
 
 
 @register(CogVideoXTransformer3DModel)
-class CogVideoX(TransformerFamily):
+class CogVideoX(VideoFamily):
     name = "cogvideox"
     streams = ("hidden_states", "encoder_hidden_states")
     default_guidance = 6.0
@@ -61,12 +61,7 @@ class CogVideoX(TransformerFamily):
                                        temporal_size=(frames + pt - 1) // pt, grid_type="slice",
                                        max_size=(base_height, base_width), device=x.device)
 
-    def latent_shape(self, model) -> tuple[int, int, int, int]:
-        frames, height, width = self.default_video
-        return (frames - 1) // 4 + 1, unwrap(model).config.in_channels, height // 8, width // 8
 
-    def spatial_multiple(self, model) -> int:
-        return int(unwrap(model).config.patch_size)
 
     def codec(self, pipe):
         return scaled_codec(pipe.vae, frames_first=True)

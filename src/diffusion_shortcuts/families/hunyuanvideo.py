@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from .base import EMBEDDED, SEPARATE, TEXT, TransformerFamily, as_kwargs, output_of, unwrap
+from .base import EMBEDDED, SEPARATE, TEXT, VideoFamily, as_kwargs, output_of, unwrap
 from .registry import register
 
 
 @register(HunyuanVideoTransformer3DModel)
-class HunyuanVideo(TransformerFamily):
+class HunyuanVideo(VideoFamily):
     name = "hunyuanvideo"
     block_lists = ("transformer_blocks", "single_transformer_blocks")
     streams = ("hidden_states", "encoder_hidden_states")
@@ -25,7 +25,6 @@ class HunyuanVideo(TransformerFamily):
     cfg_calls = SEPARATE
     default_guidance = 6.0
     conditioning = TEXT
-    latent_layout = "CFHW"
     default_video = (129, 720, 1280)  # HunyuanVideoPipeline's frames, height and width
 
     def forward(self, model, x, timestep, cond, guidance):
@@ -34,12 +33,7 @@ class HunyuanVideo(TransformerFamily):
         return output_of(model(hidden_states=x, timestep=timestep, guidance=embedded,
                                **as_kwargs(cond, "encoder_hidden_states")))
 
-    def latent_shape(self, model) -> tuple[int, int, int, int]:
-        frames, height, width = self.default_video
-        return unwrap(model).config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8
 
-    def spatial_multiple(self, model) -> int:
-        return int(unwrap(model).config.patch_size)
 
     def set_timesteps(self, scheduler, num_inference_steps, device, latent_shape, model):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1], device=device)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from diffusers import LTXVideoTransformer3DModel
 
-from .base import TEXT, TransformerFamily, as_kwargs, output_of, unwrap
+from .base import TEXT, VideoFamily, as_kwargs, output_of, unwrap
 from .codecs import normalized_codec
 from .flow import accepts, dynamic_shift
 from .registry import register
@@ -34,12 +34,12 @@ def unpack(tokens: torch.Tensor, f: int, h: int, w: int, p: int, pt: int) -> tor
 
 
 @register(LTXVideoTransformer3DModel)
-class LTXVideo(TransformerFamily):
+class LTXVideo(VideoFamily):
     name = "ltx"
     default_guidance = 3.0
     conditioning = TEXT
-    latent_layout = "CFHW"
-    default_video = (161, 512, 704)  # LTXPipeline's frames, height and width; its VAE: 8x in time, 32x in space
+    default_video = (161, 512, 704)  # LTXPipeline's frames, height and width
+    compression = (8, 32)            # its VAE's, in time and in space
 
     def forward(self, model, x, timestep, cond, guidance):
         config = unwrap(model).config
@@ -49,12 +49,7 @@ class LTXVideo(TransformerFamily):
                     width=w // p, **as_kwargs(cond, "encoder_hidden_states"))
         return unpack(output_of(out), f, h, w, p, pt)
 
-    def latent_shape(self, model) -> tuple[int, int, int, int]:
-        frames, height, width = self.default_video
-        return unwrap(model).config.in_channels, (frames - 1) // 8 + 1, height // 32, width // 32
 
-    def spatial_multiple(self, model) -> int:
-        return int(unwrap(model).config.patch_size)
 
     def set_timesteps(self, scheduler, num_inference_steps, device, latent_shape, model):
         tokens = int(np.prod(latent_shape[-3:]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from diffusers import WanTransformer3DModel
 
-from .base import SEPARATE, TEXT, TransformerFamily, as_kwargs, output_of, unwrap
+from .base import SEPARATE, TEXT, VideoFamily, as_kwargs, output_of
 from .codecs import normalized_codec
 from .registry import register
 
@@ -22,24 +22,18 @@ SUPPORTED = "WanPipeline (text-to-video: Wan 2.1, and Wan 2.2 A14B with transfor
 
 
 @register(WanTransformer3DModel)
-class Wan(TransformerFamily):
+class Wan(VideoFamily):
     name = "wan"
     block_lists = ("blocks",)
     cfg_calls = SEPARATE
     default_guidance = 5.0
     conditioning = TEXT
-    latent_layout = "CFHW"
     default_video = (81, 480, 832)  # WanPipeline's frames, height and width
 
     def forward(self, model, x, timestep, cond, guidance):
         return output_of(model(hidden_states=x, timestep=timestep, **as_kwargs(cond, "encoder_hidden_states")))
 
-    def latent_shape(self, model) -> tuple[int, int, int, int]:
-        frames, height, width = self.default_video
-        return unwrap(model).config.in_channels, (frames - 1) // 4 + 1, height // 8, width // 8
 
-    def spatial_multiple(self, model) -> int:
-        return int(unwrap(model).config.patch_size[-1])
 
     def codec(self, pipe):
         return normalized_codec(pipe.vae)
