@@ -389,3 +389,19 @@ def test_enable_cache_finds_the_denoisers_and_resamples_for_the_stock_call(name)
         assert ds.prune.summary(net)["block_calls_reused"] > 0
     finally:
         net.detach()
+
+
+@pytest.mark.parametrize("name", ["wan", "flux-true-cfg"])
+def test_diffusers_own_caches_run_under_the_sampler_as_under_the_stock_call(name):
+    """Every call of a CacheMixin model is named as its stock pipeline names it (cache_context "cond" / "uncond"):
+    diffusers' FirstBlockCache, applied after a first generation, caches under our Sampler as under the stock call."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+
+    case = Case(BY_NAME[name])
+    plain = case.ours()
+    apply_first_block_cache(case.model, FirstBlockCacheConfig(threshold=0.3))
+    cached = case.ours()
+    # diffusers' own walk of the hooks is cached from the first call: the stock call needs it refreshed
+    HookRegistry.check_if_exists_or_initialize(case.model).invalidate_child_registries_cache()
+    assert (cached - plain).abs().max() > 1e-3  # the cache reused something
+    assert (cached - case.stock()).abs().max() < 1e-5

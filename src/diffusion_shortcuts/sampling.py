@@ -297,7 +297,7 @@ class Sampler:
                     self.guidance_scale) if self.family.guidance == EMBEDDED else None
         step = current_step()
         context = contextlib.nullcontext()
-        if hasattr(model, "cache_context") and getattr(unwrap(model), "_diffusers_hook", None) is not None:
+        if hasattr(model, "cache_context"):  # diffusers' CacheMixin models: its own caches need the call named
             context = model.cache_context(branch or "cond_uncond",
                                           step_index=step.index if step is not None else None)
         with announced(step._replace(branch=branch) if step is not None and branch else None), context:
@@ -377,17 +377,25 @@ class Sampler:
         return self._run(latents, cond, policy, start_step, generator, uncond, callback, return_latents, dtype)
 
     def _reset_model_state(self) -> None:
-        """Start a generation: reset the model's stateful diffusers hooks (block caches such as a cache
-        schedule's or FirstBlockCache's), as diffusers' pipelines do after each call."""
-        registry = getattr(unwrap(self.model), "_diffusers_hook", None)
-        if registry is None:
-            return
-        children = getattr(registry, "_get_child_registries", None)  # diffusers' cached walk of the module tree
-        if children is None:
-            registry.reset_stateful_hooks()
-            return
-        for child in (registry, *children()):
-            child.reset_stateful_hooks(recurse=False)
+        """Start a generation: reset the models' stateful diffusers hooks (block caches such as a cache
+        schedule's or FirstBlockCache's), as diffusers' pipelines do after each call. On a CacheMixin model the
+        walk of its hooks is refreshed first, so that hooks added since the last generation (diffusers' own caches
+        sit on its blocks only) receive the cache_context every call is named with (:meth:`_call`)."""
+        for model in self.models:
+            model = unwrap(model)
+            if hasattr(model, "cache_context"):
+                from diffusers.hooks import HookRegistry
+
+                HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+            registry = getattr(model, "_diffusers_hook", None)
+            if registry is None:
+                continue
+            children = getattr(registry, "_get_child_registries", None)  # diffusers' cached walk of the module tree
+            if children is None:
+                registry.reset_stateful_hooks()
+                continue
+            for child in (registry, *children()):
+                child.reset_stateful_hooks(recurse=False)
 
     def _run(self, latents, cond, policy, start_step, generator, uncond, callback, return_latents, dtype):
         self._reset_model_state()

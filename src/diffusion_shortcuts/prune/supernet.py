@@ -124,8 +124,11 @@ class _ContextState(StateManager):
         super().__init__(BlockState)
 
     def branch_and_step(self) -> tuple[str, int | None]:
-        context = self._context
-        return ("", None) if context is None else (context.name or "", context.step_index)
+        try:
+            context = self.context
+        except ValueError:  # no cache_context around this call (a pipeline that names none: SD, PixArt, ...)
+            return "", None
+        return context.name or "", context.step_index
 
 
 class _StepHook(ModelHook):
