@@ -75,6 +75,11 @@ CASES = [
     (["finetune", "--model", "digits-dit", "--reward", "label", "--refit-iterations", "5"],
      "--refit-iterations needs --schedule: it sets the search that refits"),
     (["sample", "--model", "digits-dit", "--strict-schedule"], "--strict-schedule needs --schedule"),
+    (["prune", "--model", "digits-dit", "--calibrate-only", "--iterations", "5"],
+     "--calibrate-only takes no --iterations: a calibration searches nothing"),
+    (["prune", "--model", "digits-dit", "--calibration-batch", "4"], "--calibration-batch needs --calibrate-only"),
+    (["prune", "--model", "digits-dit", "--calibrate-only", "--calibration-batch", "16"],
+     "the calibration set has 10 conditions, fewer than the batch of 16"),
     # checkpoints
     (["finetune", "--model", "digits-dit", "--reward", "label", "--resume"], "--resume: no checkpoint"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--resume", "--out", "{tmp}/corrupt"],

@@ -138,6 +138,12 @@ FLAGS = {
     "dtype": dict(choices=["float32", "bfloat16", "float16"], default="float32",
                   help="precision of the denoiser, text encoders and VAE; trained tensors stay float32"),
     "vae_checkpointing": dict(action="store_true", help="decode with VAE gradient checkpointing (less memory)"),
+    "calibrate_only": dict(action="store_true", help="no search: build the table from full generations measured "
+                           "once (a few seconds to minutes), at --ratio"),
+    "calibration_batch": dict(type=number(int, 1, 4096), default=None,
+                              help="samples per calibration generation (default: one per label or prompt, at most 8)"),
+    "calibration_generations": dict(type=number(int, 1, 100), default=1,
+                                    help="full generations the calibration measures"),
     "compile": dict(action="store_true", help="compile each gated block of the denoiser (torch.compile, "
                     "fullgraph=True; a cache schedule decides outside the compiled regions)"),
 }
@@ -147,6 +153,13 @@ NEEDS = {
                    "from"),
     "refit_iterations": (("schedule",), "it sets the search that refits that schedule to the tuned model"),
     "strict_schedule": (("schedule",), "it refuses a schedule made for other timesteps"),
+    "calibration_batch": (("calibrate_only",), "it sets the calibration's generations"),
+    "calibration_generations": (("calibrate_only",), "it sets the calibration"),
+}
+# flags that contradict another: given together, one would do nothing
+EXCLUDES = {
+    "calibrate_only": (("iterations", "lr", "gradient", "start_every", "start_from", "objective", "validation",
+                        "resume", "checkpoint_every", "batch_size"), "a calibration searches nothing"),
 }
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, true_cfg_scale=None, scheduler=None,
              height=None, width=None, device=None, dtype=None)
@@ -166,7 +179,8 @@ VERBS = {
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
                    start_every=None, start_from=None, objective=None, validation=None, lora=None, resume=None,
-                   compile=None, out=None)),
+                   calibrate_only=None, calibration_batch=None, calibration_generations=None, compile=None,
+                   out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
                       iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,
@@ -208,12 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def flag_without_its_partner(flags: dict, argv: list[str]) -> str | None:
-    """The line refusing a flag typed without the flag it acts beside (:data:`NEEDS`), or None."""
+    """The line refusing a flag typed without the flag it acts beside (:data:`NEEDS`), or with one it contradicts
+    (:data:`EXCLUDES`); None if there is none."""
     typed = {str(a).split("=")[0] for a in argv if str(a).startswith("--")}
+
+    def option(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
     for name, (partners, why) in NEEDS.items():
-        if name in flags and "--" + name.replace("_", "-") in typed and not any(flags.get(p) for p in partners):
-            options = " or ".join("--" + p.replace("_", "-") for p in partners)
-            return f"--{name.replace('_', '-')} needs {options}: {why}"
+        if name in flags and option(name) in typed and not any(flags.get(p) for p in partners):
+            return f"{option(name)} needs {' or '.join(option(p) for p in partners)}: {why}"
+    for name, (others, why) in EXCLUDES.items():
+        clash = [option(o) for o in others if option(o) in typed]
+        if flags.get(name) and clash:
+            return f"{option(name)} takes no {', '.join(clash)}: {why}"
     return None
 
 

@@ -212,18 +212,18 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
                  steps: int, samples: int, seed: int, resume: bool, checkpoint_every: int = 25,
                  guidance: float | None = None, reuse_mode: str = "copy", start_every: int | str | None = None,
                  start_from: str | None = None, objective: str = "ssim", validation: int = 8,
-                 compile: bool = False) -> dict:
+                 compile: bool = False, calibrate_only: bool = False, calibration_batch: int | None = None,
+                 calibration_generations: int = 1) -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
     ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
     the N whose table prunes nearest ``ratio``); ``compile``: the comparison (quality and speed) through compiled
     blocks on both sides. ``start_from``: a schedule the search starts from (a refit); ``objective``: what the gates
     keep (``ssim``, ``reward:SPEC``, ``ssim+reward:SPEC:W``; with a reward the comparison reports it for both sides);
-    ``validation``: the fresh samples on which the searched table is compared with the start.
+    ``validation``: the fresh samples on which the searched table is compared with the start. ``calibrate_only``:
+    no search, the table calibrated on ``calibration_generations`` full generations of ``calibration_batch``
+    samples (:func:`~diffusion_shortcuts.prune.calibrate`).
     Under ``accelerate launch`` the search is data parallel (``--batch-size`` per process) and the main process
     alone writes and makes the comparison."""
-    from .plots import schedule_heatmap
-    from .prune import CacheSchedule, SearchError, profile, train_pruner
-    from .prune.compare import compare_schedule
     from .prune.compiling import compile_options
 
     if compile:  # before an hour of search, not after it
@@ -232,14 +232,49 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
         raise UsageError(f"--ratio must be in (0, 1), got {ratio}")
     if iterations < 1 or samples < 1:
         raise UsageError("--iterations and --samples must be at least 1")
-    policy = parse_gradient(gradient)
-    goal = parse_search_objective(objective, subject)
-    if start_every is not None and start_from is not None:
-        raise UsageError("--start-every and --start-from both say where the search starts; give one")
-    check_resume(resume, out, "search_checkpoint.pt")
     sampler = subject.sampler(steps, guidance)
     distinct = subject.distinct_conditions()
     conditions = subject.encode(distinct) if distinct is not None else None
+    if calibrate_only:
+        schedule, figures = calibrated_schedule(sampler, conditions, ratio, reuse_mode, calibration_batch,
+                                                calibration_generations, seed)
+        goal = None
+    else:
+        goal = parse_search_objective(objective, subject)
+        searched = searched_schedule(out, subject, sampler, conditions, distinct, ratio=ratio, iterations=iterations,
+                                     batch_size=batch_size, lr=lr, gradient=gradient, seed=seed, resume=resume,
+                                     checkpoint_every=checkpoint_every, reuse_mode=reuse_mode, start_every=start_every,
+                                     start_from=start_from, goal=goal, validation=validation)
+        if searched is None:  # under `accelerate launch` every process holds the same gates: the main one writes
+            return {}
+        schedule, figures = searched
+    return compared(out, subject, sampler, schedule, ratio, samples, seed, compile, goal, figures)
+
+
+def calibrated_schedule(sampler, conditions, ratio: float, mode: str, batch: int | None, generations: int,
+                        seed: int):
+    """``prune --calibrate-only``: the table calibrated at ``1 - ratio`` of the MACs, and its figures."""
+    from .prune import CalibrationError, calibrate
+
+    try:
+        schedule = calibrate(sampler, conditions, macs=1.0 - ratio, generations=generations, batch_size=batch,
+                             mode=mode, seed=seed)
+    except CalibrationError as exc:
+        raise UsageError(f"--calibrate-only: {str(exc).replace('batch_size', '--calibration-batch')}") from None
+    info = schedule.info
+    return schedule, {"calibration_seconds": info["seconds"], "calibration_generations": info["generations"],
+                      "calibration_batch": info["batch"], "calibration_threshold": info["threshold"]}
+
+
+def searched_schedule(out: Path, subject, sampler, conditions, distinct, *, ratio, iterations, batch_size, lr,
+                      gradient, seed, resume, checkpoint_every, reuse_mode, start_every, start_from, goal, validation):
+    """``prune``'s search: the schedule and its figures (None on the other processes of a launch)."""
+    from .prune import CacheSchedule, SearchError, profile, train_pruner
+
+    policy = parse_gradient(gradient)
+    if start_every is not None and start_from is not None:
+        raise UsageError("--start-every and --start-from both say where the search starts; give one")
+    check_resume(resume, out, "search_checkpoint.pt")
     start = load_schedule(start_from, subject, sampler, True, "--start-from") if start_from is not None else None
     if start_every is not None:
         example = torch.zeros(1, *sampler.sample_shape, device=subject.device)
@@ -254,12 +289,28 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     except (SearchError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
     search_memory = peak_memory_mb(subject.device)
-    if not distributed.is_main_process():  # under `accelerate launch` every process holds the same gates
-        return {}
+    if not distributed.is_main_process():
+        return None
     schedule = result.schedule(ratio)
-    schedule.save(out / "schedule.json")
     result.pruner.save_pretrained(out / "pruner")
     (out / "search.json").write_text(json.dumps(result.history) + "\n")
+    history = result.history
+    return schedule, {
+        "pruner": "pruner", "search_seconds": sum(history["seconds"]), "search_iterations": len(history["loss"]),
+        "search_settings": history["settings"], "search_ssim": history["ssim"],
+        "search_macs_ratio": history["macs_ratio"], "search_validation": history.get("validation"),
+        "num_processes": history["settings"]["num_processes"], "search_peak_memory_mb": search_memory,
+        "objective": goal.name, "search_reward": history.get("reward"),
+        "search_reward_full": history.get("reward_full")}
+
+
+def compared(out: Path, subject, sampler, schedule, ratio: float, samples: int, seed: int, compile: bool, goal,
+             figures: dict) -> dict:
+    """Write a schedule, its heatmap and its comparison with the full model; the metrics."""
+    from .plots import schedule_heatmap
+    from .prune.compare import compare_schedule
+
+    schedule.save(out / "schedule.json")
     schedule_heatmap(schedule, out / "heatmap.png", label=f"{subject.name}, ratio {ratio}")
     conditions = subject.conditions(samples)
     noise = subject.noise(samples, torch.Generator().manual_seed(seed + 1))
@@ -268,30 +319,23 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     if subject.accuracy_judge:
         metrics.update(accuracy_judge=subject.accuracy_judge,
                        fid_features="digits-classifier" if "fid_full" in metrics else None)
-    if goal.reward is not None:  # the reward the gates were trained on, for both sides of the comparison
+    if goal is not None and goal.reward is not None:  # the reward the gates were trained on, for both sides
         metrics.update(reward_full=mean_reward(goal.reward, full, conditions, subject.device),
                        reward_pruned=mean_reward(goal.reward, pruned, conditions, subject.device))
     show = slice(0, min(20, samples))
     side_by_side([labelled(grid(full[show], nrow=10), "full model"),
                   labelled(grid(pruned[show], nrow=10), f"schedule: {metrics['speedup']:.1f}x faster")]).save(
         out / "full_vs_pruned.png")
-    history = result.history
     warnings = [] if schedule.info["within_tolerance"] else [
-        f"the schedule prunes {1 - schedule.macs_ratio:.3f} of the MACs, not the {ratio} asked for: the gate "
-        "network's keep scores allow no closer threshold (more --iterations, or another --ratio)"]
+        f"the schedule prunes {1 - schedule.macs_ratio:.3f} of the MACs, not the {ratio} asked for: no threshold "
+        "lands closer (more --iterations, or another --ratio)"]
     if subject.accuracy_judge and "fid_full" not in metrics:
         metrics["fid_left_out"] = f"FID needs at least {FID_MIN_SAMPLES} samples, --samples is {samples}"
         warnings.append(metrics["fid_left_out"])
-    warning = "; ".join(warnings) or None
-    return {"model": subject.name, "ratio": ratio, "warning": warning, "schedule": "schedule.json", "pruner": "pruner",
-            "heatmap": "heatmap.png", "picture": "full_vs_pruned.png", "search_seconds": sum(history["seconds"]),
-            "search_iterations": len(history["loss"]), "search_settings": history["settings"],
-            "within_tolerance": schedule.info["within_tolerance"], "search_ssim": history["ssim"],
-            "search_macs_ratio": history["macs_ratio"], "search_validation": history.get("validation"),
-            "num_processes": history["settings"]["num_processes"], "search_peak_memory_mb": search_memory,
-            "objective": goal.name, "lora": subject.adapter, "search_reward": history.get("reward"),
-            "search_reward_full": history.get("reward_full"),
-            "seed": seed + 1, **metrics}
+    return {"model": subject.name, "ratio": ratio, "warning": "; ".join(warnings) or None,
+            "schedule": "schedule.json", "heatmap": "heatmap.png", "picture": "full_vs_pruned.png",
+            "within_tolerance": schedule.info["within_tolerance"], "method": schedule.info.get("method"),
+            "lora": subject.adapter, **figures, "seed": seed + 1, **metrics}
 
 
 def optimize_report(out: Path, subject, *, reward: str, gradient: str, iterations: int, n: int, lr: float,

@@ -222,6 +222,7 @@ class SuperNet:
         self.branch = ""
         self.attached = False
         self.expert, self.owner = expert, owner
+        self.observer: Callable | None = None  # observer(block, step, branch, work) of every computed block
 
     # ---- what the parts say, under the names summary and the tests read ---------------------------------
     @property
@@ -374,6 +375,8 @@ class SuperNet:
             if reused and self.forecaster.order > 0:
                 state.forecast_steps.add(step)
             out = block.output_of(work, streams)
+        if self.observer is not None and not in_backward():
+            self.observer(block, step, self.branch, work)
         self.forecaster.update(state, step, work)
         return out
 
@@ -435,3 +438,12 @@ class ExpertNets:
     def detach(self) -> None:
         for net in self.nets:
             net.detach()
+
+    @property
+    def observer(self):
+        return self.nets[0].observer
+
+    @observer.setter
+    def observer(self, fn) -> None:
+        for net in self.nets:
+            net.observer = fn

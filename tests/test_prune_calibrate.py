@@ -1,0 +1,136 @@
+"""A schedule with no search (``ds.prune.calibrate``): the errors it measures are the reuse errors of the full
+model's trajectory (against an independent recording), the table keeps the asked MACs by the search's rules, and it
+works from a pipeline and prompts (with the stock call), on two experts, and from the command line."""
+
+import json
+
+import pytest
+import torch
+from tiny import TINIES
+from tiny.sd import sd_pipeline
+from tiny_models import dit_case, unet_case
+
+import diffusion_shortcuts as ds
+from diffusion_shortcuts.prune import CalibrationError
+from diffusion_shortcuts.prune.calibrate import _Errors
+from diffusion_shortcuts.prune.supernet import GatedBlock
+
+
+def recorded_works(sampler, noise, cond) -> torch.Tensor:
+    """Every DiT block's update ``out - in`` at every step of a plain generation, by plain forward hooks:
+    (steps, blocks, B, D)."""
+    works, handles = [], []
+    blocks = sampler.model.transformer_blocks
+    for index, block in enumerate(blocks):
+        def hook(module, args, kwargs, out, index=index):
+            x = args[0] if args else kwargs["hidden_states"]
+            works.append((index, (out - x).detach().flatten(1)))
+        handles.append(block.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            sampler(noise, cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    steps = len(works) // len(blocks)
+    return torch.stack([torch.stack([w for i, w in works[s * len(blocks):(s + 1) * len(blocks)]])
+                        for s in range(steps)])
+
+
+def test_the_measured_errors_are_the_full_trajectorys_reuse_errors():
+    sampler, noise, cond = dit_case(steps=6)
+    works = recorded_works(sampler, noise, cond)  # (T, N, B, D)
+    errors = _Errors(steps=6, blocks=2, window=3, mode="copy")
+    net = ds.prune.supernet.SuperNet(sampler.model, sampler.timesteps)
+    net.observer = errors.observe
+    with torch.no_grad():
+        net.attach()
+        try:
+            sampler(noise, cond)
+        finally:
+            net.detach()
+    table = errors.table()
+    for b in range(2):
+        for t in range(6):
+            for c in range(6):
+                if 0 < t - c <= 3:
+                    w_t, w_c = works[t, b], works[c, b]
+                    expected = float(((w_t - w_c).norm(dim=1) / w_t.norm(dim=1)).mean())
+                    assert table[b, c, t].item() == pytest.approx(expected, rel=1e-4)
+                else:
+                    assert table[b, c, t].item() == float("inf")  # not measured: farther than the window, or later
+    assert isinstance(net.blocks[0], GatedBlock)
+
+
+@pytest.mark.parametrize("granularity", ["step", "block"])
+def test_the_table_keeps_the_asked_macs_by_the_searchs_rules(granularity):
+    sampler, noise, cond = unet_case(steps=12)
+    schedule = ds.prune.calibrate(sampler, cond, macs=0.5, granularity=granularity, warmup=2, mode="taylor1")
+    assert abs(schedule.macs_ratio - 0.5) <= 0.0125 and schedule.info["within_tolerance"]
+    assert schedule.mode == "taylor1" and schedule.info["method"] == f"calibrated({granularity})"
+    assert not schedule.reuse[:2].any() and schedule.reuse.any()  # the warm-up computes every block
+    if granularity == "step":
+        assert all(len(set(row.tolist())) == 1 for row in schedule.reuse)  # every block together
+    assert schedule.info["generations"] == 1 and schedule.info["batch"] == 2
+    keep = ds.prune.calibrate(sampler, cond, macs=1.0)
+    assert keep.macs_ratio == 1.0 and not keep.reuse.any()
+    with ds.prune.apply(sampler.model, schedule, sampler) as net:
+        sampler(noise, cond)
+        assert ds.prune.summary(net)["block_calls_reused"] > 0
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(macs=0.0), "macs must be in (0, 1] (the fraction of the MACs kept), got 0.0"),
+    (dict(macs=1.5), "macs must be in (0, 1]"),
+    (dict(macs=0.5, generations=0), "generations must be a whole number >= 1, got 0"),
+    (dict(macs=0.5, batch_size=3), "the calibration set has 2 conditions, fewer than the batch of 3"),
+    (dict(macs=0.5, mode="taylor9"), "mode must be one of copy, taylor1, taylor2"),
+    (dict(macs=0.5, granularity="token"), "granularity must be one of step, block"),
+])
+def test_bad_arguments_are_named(kwargs, needle):
+    sampler, _, cond = unet_case(steps=4)
+    with pytest.raises(CalibrationError) as info:
+        ds.prune.calibrate(sampler, cond, **kwargs)
+    assert needle in str(info.value)
+
+
+def test_from_a_pipeline_and_prompts_for_the_stock_call():
+    pipe, _ = sd_pipeline()
+    prompts = ["a red car", "a photo of a cat"]
+    schedule = ds.prune.calibrate(pipe, prompts, macs=0.5, num_inference_steps=6, height=16, width=16, warmup=2)
+    assert schedule.num_steps == 6 and abs(schedule.macs_ratio - 0.5) <= 0.0125  # 3 of 6 whole steps computed
+    # 0.6 is no whole number of six steps: the closest table, and it says it missed
+    closest = ds.prune.calibrate(pipe, prompts, macs=0.6, num_inference_steps=6, height=16, width=16, warmup=2)
+    assert not closest.info["within_tolerance"] and closest.macs_ratio in (0.5, 4 / 6)
+    net = ds.prune.enable_cache(pipe, schedule)
+    try:
+        images = pipe("a red car", num_inference_steps=6, height=16, width=16, output_type="pt").images
+    finally:
+        net.detach()
+    assert torch.isfinite(images).all() and ds.prune.summary(net)["block_calls_reused"] > 0
+
+
+def test_two_experts_compute_the_second_ones_first_step():
+    tiny = next(t for t in TINIES if t.name == "wan22")
+    pipe = tiny.pipeline()
+    sampler = tiny.sampler(pipe, 6)
+    sampler.decode = None
+    schedule = ds.prune.calibrate(sampler, tiny.encode(sampler), macs=0.6, warmup=1)
+    handover = schedule.expert_starts()
+    assert schedule.experts["names"] == ["transformer", "transformer_2"] and len(handover) == 1
+    assert not schedule.reuse[handover[0]].any()
+
+
+def test_prune_calibrate_only_writes_a_schedule_and_its_comparison(tmp_path, capsys):
+    from diffusion_shortcuts import cli
+
+    code = cli.main(["prune", "--model", "digits-dit", "--calibrate-only", "--ratio", "0.5", "--steps", "10",
+                     "--samples", "4", "--calibration-generations", "2", "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["method"] == "calibrated(step)" and metrics["calibration_generations"] == 2
+    assert metrics["calibration_batch"] == 8 and "pruner" not in metrics and 0 < metrics["ssim"] <= 1
+    schedule = ds.prune.CacheSchedule.load(tmp_path / "o" / "schedule.json")
+    assert abs(schedule.macs_ratio - 0.5) <= 0.0125 and metrics["within_tolerance"]
+    assert (tmp_path / "o" / "heatmap.png").exists()
+    assert not (tmp_path / "o" / "pruner").exists()
