@@ -134,3 +134,16 @@ def test_prune_calibrate_only_writes_a_schedule_and_its_comparison(tmp_path, cap
     assert abs(schedule.macs_ratio - 0.5) <= 0.0125 and metrics["within_tolerance"]
     assert (tmp_path / "o" / "heatmap.png").exists()
     assert not (tmp_path / "o" / "pruner").exists()
+
+
+def test_a_search_starts_from_the_calibrated_table_and_keeps_the_better(tmp_path, capsys):
+    from diffusion_shortcuts import cli
+
+    code = cli.main(["prune", "--model", "digits-dit", "--start-from", "calibrated", "--ratio", "0.5", "--steps", "10",
+                     "--iterations", "2", "--batch-size", "1", "--samples", "4", "--validation", "2",
+                     "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["search_settings"]["start"].startswith("calibrated(step):")
+    validation = metrics["search_validation"]
+    assert validation["kept"] in ("start", "searched") and validation["samples"] == 2

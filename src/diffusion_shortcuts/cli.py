@@ -92,7 +92,8 @@ FLAGS = {
     "refit_iterations": dict(type=number(int, 1), default=50,
                              help="iterations of the search that refits --schedule to the tuned model"),
     "start_from": dict(default=None, help="start the search from this schedule (a file, a folder holding one, or zoo / "
-                       "zoo:RATIO): a refit, e.g. of the base model's schedule on a --lora"),
+                       "zoo:RATIO): a refit, e.g. of the base model's schedule on a --lora; or `calibrated`: the "
+                       "table calibrated at --ratio on one full generation (as --calibrate-only makes it)"),
     "objective": dict(default="ssim", help="what the gates keep: ssim (the full model's images, DiP-GO's), "
                       "reward:SPEC (the reward of the full model's sample from the same noise, as a hinge on its "
                       "drop) or ssim+reward:SPEC:W (both, the reward's term weighted W)"),

@@ -275,7 +275,10 @@ def searched_schedule(out: Path, subject, sampler, conditions, distinct, *, rati
     if start_every is not None and start_from is not None:
         raise UsageError("--start-every and --start-from both say where the search starts; give one")
     check_resume(resume, out, "search_checkpoint.pt")
-    start = load_schedule(start_from, subject, sampler, True, "--start-from") if start_from is not None else None
+    if start_from == "calibrated":
+        start, _ = calibrated_schedule(sampler, conditions, ratio, reuse_mode, None, 1, seed)
+    else:
+        start = load_schedule(start_from, subject, sampler, True, "--start-from") if start_from is not None else None
     if start_every is not None:
         example = torch.zeros(1, *sampler.sample_shape, device=subject.device)
         prof = profile(sampler.model, example, C.first(conditions))
