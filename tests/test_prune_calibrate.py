@@ -147,3 +147,32 @@ def test_a_search_starts_from_the_calibrated_table_and_keeps_the_better(tmp_path
     assert metrics["search_settings"]["start"].startswith("calibrated(step):")
     validation = metrics["search_validation"]
     assert validation["kept"] in ("start", "searched") and validation["samples"] == 2
+
+
+def test_a_fixed_training_set_makes_the_full_models_targets_once_and_draws_every_batch_from_it(monkeypatch):
+    """``training_set=N``: the full model's images for N fixed (noise, condition) pairs, made once; each iteration's
+    target is the full model's image of the members it draws (checked against a plain generation of them)."""
+    from diffusion_shortcuts.prune.train import SearchConfig, _Search
+
+    sampler, _, cond = dit_case(steps=4)
+    config = SearchConfig(ratio=0.5, iterations=5, batch_size=2, training_set=3, target_batch=2,
+                          sample_shape=(2, 8, 8), pruner_kwargs={"dim": 8, "heads": 2})
+    search = _Search(sampler, cond, ds.gradients.resolve("full"), config, None, ds.prune.Objective(), cond)
+    calls, original = [], type(sampler).__call__
+
+    def counted(self, latents, *args, **kwargs):
+        calls.append(len(latents))
+        return original(self, latents, *args, **kwargs)
+
+    monkeypatch.setattr(type(sampler), "__call__", counted)
+    with search.attached():
+        drawn = [search.members(it) for it in range(5)]
+        targets = [search.target(it) for it in range(5)]
+    monkeypatch.undo()
+    assert calls == [3]  # one rollout for the whole set (3 samples fit one chunk of 2 x 2), none per iteration
+    assert sorted(torch.cat(drawn)[:3].tolist()) == [0, 1, 2]  # a pass visits every member once
+    for members, target in zip(drawn, targets):
+        expected = sampler(search.set_noise[members], ds.conditions.take(cond, search.perm[members % 2]))
+        assert torch.allclose(target, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="training_set 1 is smaller than an iteration's batch of 2"):
+        ds.prune.train_pruner(sampler, cond, 0.5, iterations=1, batch_size=2, training_set=1, progress=False)

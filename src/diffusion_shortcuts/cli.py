@@ -139,6 +139,9 @@ FLAGS = {
     "dtype": dict(choices=["float32", "bfloat16", "float16"], default="float32",
                   help="precision of the denoiser, text encoders and VAE; trained tensors stay float32"),
     "vae_checkpointing": dict(action="store_true", help="decode with VAE gradient checkpointing (less memory)"),
+    "training_set": dict(type=number(int, 0, 1_000_000), default=0,
+                         help="a fixed set of N samples whose full-model images are made once and reused every "
+                              "iteration (0: fresh samples and their full-model images every iteration, DiP-GO's)"),
     "calibrate_only": dict(action="store_true", help="no search: build the table from full generations measured "
                            "once (a few seconds to minutes), at --ratio"),
     "calibration_batch": dict(type=number(int, 1, 4096), default=None,
@@ -160,7 +163,7 @@ NEEDS = {
 # flags that contradict another: given together, one would do nothing
 EXCLUDES = {
     "calibrate_only": (("iterations", "lr", "gradient", "start_every", "start_from", "objective", "validation",
-                        "resume", "checkpoint_every", "batch_size"), "a calibration searches nothing"),
+                        "resume", "checkpoint_every", "batch_size", "training_set"), "a calibration searches nothing"),
 }
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, true_cfg_scale=None, scheduler=None,
              height=None, width=None, device=None, dtype=None)
@@ -180,8 +183,8 @@ VERBS = {
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
                    start_every=None, start_from=None, objective=None, validation=None, lora=None, resume=None,
-                   calibrate_only=None, calibration_batch=None, calibration_generations=None, compile=None,
-                   out=None)),
+                   training_set=None, calibrate_only=None, calibration_batch=None, calibration_generations=None,
+                   compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
                       iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,

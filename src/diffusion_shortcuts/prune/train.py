@@ -134,6 +134,10 @@ class SearchConfig:
             no closer threshold), the result is the pruner as it began (it gives the start table back),
             and ``history["validation"]`` says which was kept and why. A search from a good rule thus never returns
             a worse table than the rule on its own measure.
+        training_set: 0 draws fresh noise every iteration and makes the full model's targets for it (DiP-GO's);
+            N > 0 fixes N (noise, condition) pairs drawn from ``seed``, makes the full model's targets for them
+            once (``target_batch`` iterations' worth at a time), and draws every iteration's batch from them: an
+            iteration then costs only the gated rollout and its backward. A resume makes the same set again.
     """
 
     ratio: float = 0.8
@@ -152,6 +156,7 @@ class SearchConfig:
     pruner_kwargs: dict | None = None
     reuse_mode: str = "copy"
     validation: int = 8
+    training_set: int = 0
     sampler: dict = field(default_factory=dict, metadata={"derived": True})
     conditions: str = field(default="", metadata={"derived": True})
     # the table the gates start from ("": keep everything), as its method and a digest of its table
@@ -173,6 +178,12 @@ def _check_search_args(config: SearchConfig, conditions, shape) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    size = config.training_set
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(f"training_set must be a whole number >= 0 (0: fresh noise every iteration), got {size!r}")
+    if 0 < size < config.batch_size * distributed.num_processes():
+        raise ValueError(f"training_set {size} is smaller than an iteration's batch of "
+                         f"{config.batch_size * distributed.num_processes()}")
     if isinstance(conditions, (list, tuple)):  # the sampler takes them as they are: embeddings, not labels
         raise ValueError("conditions must be a non-empty batch of conditioning (a tensor, a dict of tensors) or None")
     if shape is None:
@@ -285,6 +296,9 @@ class _Search(LoopState):
             table = table.for_experts(sampler.expert_names, sampler.experts[0][1])
         self.net = gated(list(zip(sampler.expert_names, sampler.models)), table)
         self.targets: dict[int, torch.Tensor] = {}
+        self.set_targets: torch.Tensor | None = None  # the training set's full-model images, made once
+        self.set_noise = torch.randn((config.training_set, *config.sample_shape),
+                                     generator=torch.Generator().manual_seed(config.seed + 104729))
 
     def objects(self) -> dict:
         return {"pruner": self.pruner, "optimizer": self.optimizer, "lr_schedule": self.lr_schedule}
@@ -308,17 +322,49 @@ class _Search(LoopState):
 
     def batch(self, iteration: int):
         """Noise, conditions and the reward's conditions of iteration ``iteration``: this process's slice of the
-        global batch."""
+        global batch (drawn from the fixed training set where there is one)."""
         cfg = self.config
         size, mine = cfg.batch_size * cfg.num_processes, distributed.my_slice(cfg.batch_size)
-        gen = iteration_generator(cfg.seed, iteration)
-        noise = torch.randn((size, *cfg.sample_shape), generator=gen)[mine]
-        rows = self.perm[(iteration * size + torch.arange(size)) % self.n_cond][mine]
+        if cfg.training_set:
+            members = self.members(iteration)[mine]
+            noise, rows = self.set_noise[members], self.perm[members % self.n_cond]
+        else:
+            gen = iteration_generator(cfg.seed, iteration)
+            noise = torch.randn((size, *cfg.sample_shape), generator=gen)[mine]
+            rows = self.perm[(iteration * size + torch.arange(size)) % self.n_cond][mine]
         return noise.to(self.device), C.take(self.conditions, rows), C.take(self.reward_conditions, rows)
+
+    def members(self, iteration: int) -> torch.Tensor:
+        """The training-set members of iteration ``iteration``'s global batch: the set walked in one shuffled order
+        of the seed, a new shuffle every pass."""
+        cfg = self.config
+        size, count = cfg.batch_size * cfg.num_processes, cfg.training_set
+        positions = iteration * size + torch.arange(size)
+        passes = positions // count
+        orders = {int(p): torch.randperm(count, generator=torch.Generator().manual_seed(cfg.seed * 7919 + int(p)))
+                  for p in passes.unique()}
+        return torch.stack([orders[int(p)][int(q)] for p, q in zip(passes, positions % count)])
+
+    def set_target(self, members: torch.Tensor) -> torch.Tensor:
+        """The full model's images of training-set ``members``, made for the whole set once, ``target_batch``
+        iterations' worth of samples in a rollout."""
+        if self.set_targets is None:
+            chunk = self.config.batch_size * self.config.target_batch
+            self.net.use_table(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
+            parts = []
+            for first in range(0, self.config.training_set, chunk):
+                index = torch.arange(first, min(first + chunk, self.config.training_set))
+                cond = None if self.conditions is None else C.take(self.conditions, self.perm[index % self.n_cond])
+                parts.append(self.sampler(self.set_noise[index].to(self.device), cond).detach())
+            self.set_targets = torch.cat(parts)
+        return self.set_targets[members.to(self.set_targets.device)]
 
     def target(self, it: int) -> torch.Tensor:
         """The full model's images, made ``target_batch`` iterations at a time in one rollout; pools start
         at fixed iterations, so a resumed run sees the same targets."""
+        if self.config.training_set:
+            cfg = self.config
+            return self.set_target(self.members(it)[distributed.my_slice(cfg.batch_size)])
         if it not in self.targets:
             first = it - it % self.config.target_batch
             its = list(range(first, min(first + self.config.target_batch, self.config.iterations)))
