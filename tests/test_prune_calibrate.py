@@ -176,3 +176,24 @@ def test_a_fixed_training_set_makes_the_full_models_targets_once_and_draws_every
         assert torch.allclose(target, expected, atol=1e-5)
     with pytest.raises(ValueError, match="training_set 1 is smaller than an iteration's batch of 2"):
         ds.prune.train_pruner(sampler, cond, 0.5, iterations=1, batch_size=2, training_set=1, progress=False)
+
+
+def test_the_latent_objective_searches_without_decoding():
+    """``objective=latent``: the search's rollouts stop before the decoder (it is never called) and the loss is the
+    relative squared distance of the final latents; its history records that distance."""
+    sampler, _, cond = unet_case(steps=4)
+    decoded = []
+
+    def decode(x):
+        decoded.append(len(x))
+        return x / 2 + 0.5
+
+    sampler.decode = decode
+    result = ds.prune.train_pruner(sampler, cond, 0.5, iterations=2, batch_size=1, target_batch=2, gradient="full",
+                                   objective=ds.prune.Objective("latent"), pruner_kwargs={"dim": 8, "heads": 2},
+                                   progress=False)
+    assert decoded == [] and len(result.history["latent_distance"]) == 2 and "ssim" not in result.history
+    assert result.history["settings"]["objective"] == "latent"
+    loss, figures = ds.prune.Objective("latent").loss(torch.ones(2, 3) * 2, torch.ones(2, 3), None)
+    assert loss.item() == pytest.approx(1.0) and figures["latent_distance"].item() == pytest.approx(1.0)
+    assert ds.prune.parse_objective("latent") == ("latent", None, 1.0)

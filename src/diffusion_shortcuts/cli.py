@@ -94,9 +94,10 @@ FLAGS = {
     "start_from": dict(default=None, help="start the search from this schedule (a file, a folder holding one, or zoo / "
                        "zoo:RATIO): a refit, e.g. of the base model's schedule on a --lora; or `calibrated`: the "
                        "table calibrated at --ratio on one full generation (as --calibrate-only makes it)"),
-    "objective": dict(default="ssim", help="what the gates keep: ssim (the full model's images, DiP-GO's), "
-                      "reward:SPEC (the reward of the full model's sample from the same noise, as a hinge on its "
-                      "drop) or ssim+reward:SPEC:W (both, the reward's term weighted W)"),
+    "objective": dict(default="ssim", help="what the gates keep: ssim (the full model's images, DiP-GO's), latent "
+                      "(its final latents: no VAE decode in the search), reward:SPEC (the reward of the full model's "
+                      "sample from the same noise, as a hinge on its drop) or ssim+reward:SPEC:W (both, the reward's "
+                      "term weighted W)"),
     "validation": dict(type=number(int, 1, 100_000), default=8,
                        help="fresh samples on which a search with a start (--start-every, --start-from) compares its "
                             "table with the start and keeps the better; more for a reward's small differences"),

@@ -55,7 +55,8 @@ def parse_reward(text: str, subject):
 
 
 def parse_search_objective(text: str, subject):
-    """``--objective``: ``ssim``, ``reward:SPEC`` or ``ssim+reward:SPEC:W``, its reward loaded for ``subject``."""
+    """``--objective``: ``ssim``, ``latent``, ``reward:SPEC`` or ``ssim+reward:SPEC:W``, its reward loaded for
+    ``subject``."""
     from .prune import Objective, parse_objective
 
     try:
@@ -302,7 +303,8 @@ def searched_schedule(out: Path, subject, sampler, conditions, distinct, *, rati
     history = result.history
     return schedule, {
         "pruner": "pruner", "search_seconds": sum(history["seconds"]), "search_iterations": len(history["loss"]),
-        "search_settings": history["settings"], "search_ssim": history["ssim"],
+        "search_settings": history["settings"], "search_ssim": history.get("ssim"),
+        "search_latent_distance": history.get("latent_distance"),
         "search_macs_ratio": history["macs_ratio"], "search_validation": history.get("validation"),
         "num_processes": history["settings"]["num_processes"], "search_peak_memory_mb": search_memory,
         "objective": goal.name, "search_reward": history.get("reward"),

@@ -12,8 +12,12 @@ so a gated sample that rewards at least as well as the full one costs nothing, w
 sparsity term (eq. 8) is added by the search as for SSIM. ``ssim+reward`` adds ``weight * L_reward`` to
 ``1 - SSIM``, keeping the images near the full model's while protecting the reward.
 
-Objectives are written as the command line takes them: ``ssim``, ``reward:SPEC`` and ``ssim+reward:SPEC:W``,
-SPEC any reward spec (``clip:DIR``, ``digit:3``, ``label``, ...).
+``latent`` keeps the full model's final latents, with no decoding: the search's rollouts stop before the VAE (and
+its backward), and the loss is the relative squared distance ``|z - z_full|^2 / |z_full|^2``; cheaper where the VAE
+is large, and judged against the decoded SSIM in BENCHMARKS.md.
+
+Objectives are written as the command line takes them: ``ssim``, ``latent``, ``reward:SPEC`` and
+``ssim+reward:SPEC:W``, SPEC any reward spec (``clip:DIR``, ``digit:3``, ``label``, ...).
 """
 
 from __future__ import annotations
@@ -26,19 +30,20 @@ import torch
 from ..metrics import ssim
 from ..rewards.base import check_reward_output, reward_name
 
-KINDS = ("ssim", "reward", "ssim+reward")
+KINDS = ("ssim", "reward", "ssim+reward", "latent")
 
 
 def parse_objective(text: str) -> tuple[str, str | None, float]:
     """``"ssim"`` -> ("ssim", None, 1.0); ``"reward:SPEC"`` -> ("reward", SPEC, 1.0); ``"ssim+reward:SPEC:W"`` ->
     ("ssim+reward", SPEC, W) (SPEC may hold colons itself: W is the last field). A ValueError names what is wrong."""
     if not isinstance(text, str):
-        raise ValueError(f"objective must be ssim, reward:SPEC or ssim+reward:SPEC:W (a string), got {text!r}")
-    if text == "ssim":
-        return "ssim", None, 1.0
+        raise ValueError(f"objective must be ssim, latent, reward:SPEC or ssim+reward:SPEC:W (a string), got "
+                         f"{text!r}")
+    if text in ("ssim", "latent"):
+        return text, None, 1.0
     kind, _, rest = text.partition(":")
     if kind not in ("reward", "ssim+reward") or not rest:
-        raise ValueError(f"objective must be ssim, reward:SPEC or ssim+reward:SPEC:W, got {text!r}")
+        raise ValueError(f"objective must be ssim, latent, reward:SPEC or ssim+reward:SPEC:W, got {text!r}")
     if kind == "reward":
         return kind, rest, 1.0
     spec, _, weight = rest.rpartition(":")
@@ -63,7 +68,7 @@ class Objective:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"objective must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if (self.reward is None) != (self.kind == "ssim"):
+        if (self.reward is None) != (self.kind in ("ssim", "latent")):
             raise ValueError(f"objective {self.kind!r} " + ("needs a reward" if self.reward is None else
                                                             "takes no reward (use 'reward' or 'ssim+reward')"))
         if not self.weight > 0:
@@ -72,14 +77,19 @@ class Objective:
     @property
     def name(self) -> str:
         """How a checkpoint and the metrics name it: ``ssim``, ``reward:NAME``, ``ssim+reward:NAME:W``."""
-        if self.kind == "ssim":
-            return "ssim"
+        if self.kind in ("ssim", "latent"):
+            return self.kind
         return f"reward:{reward_name(self.reward)}" if self.kind == "reward" else \
             f"ssim+reward:{reward_name(self.reward)}:{self.weight:g}"
 
     def loss(self, images: torch.Tensor, target: torch.Tensor, cond) -> tuple[torch.Tensor, dict]:
         """(the loss without the sparsity term, its figures as 0-d tensors) for the gated ``images`` against the full
-        model's ``target`` images from the same noise; ``cond`` as the reward sees them (labels, prompts)."""
+        model's ``target`` images from the same noise (final latents, for ``latent``); ``cond`` as the reward sees
+        them (labels, prompts)."""
+        if self.kind == "latent":
+            distance = ((images - target).flatten(1).square().sum(1) /
+                        target.flatten(1).square().sum(1).clamp_min(1e-12)).mean()
+            return distance, {"latent_distance": distance.detach()}
         similarity = ssim(images, target).mean()
         figures = {"ssim": similarity.detach()}
         if self.kind == "ssim":

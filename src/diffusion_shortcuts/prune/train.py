@@ -284,7 +284,12 @@ class _Search(LoopState):
         self.optimizer = make_optimizer(config.optimizer, self.pruner.parameters(), config.lr,
                                         momentum=config.momentum if config.optimizer == "sgd" else 0.0)
         self.lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, config.iterations)
-        self.history = {"settings": settings_of(config), "loss": [], "ssim": [], "macs_ratio": [], "seconds": []}
+        first = "latent_distance" if objective.kind == "latent" else "ssim"
+        self.history = {"settings": settings_of(config), "loss": [], first: [], "macs_ratio": [], "seconds": []}
+        # the rollouts the objective compares: images, or final latents with no decoding for ``latent``
+        self.rollout = copy.copy(sampler)
+        if objective.kind == "latent":
+            self.rollout.decode = None
         if self.objective.reward is not None:
             self.history.update(reward=[], reward_full=[], reward_drop=[])
         self.n_cond = C.count(conditions)
@@ -304,7 +309,8 @@ class _Search(LoopState):
         return {"pruner": self.pruner, "optimizer": self.optimizer, "lr_schedule": self.lr_schedule}
 
     def postfix(self, record: dict) -> dict:
-        return {"ssim": f"{record['ssim']:.3f}", "macs": f"{record['macs_ratio']:.3f}"}
+        figure = "latent_distance" if "latent_distance" in record else "ssim"
+        return {figure.split("_")[-1]: f"{record[figure]:.3f}", "macs": f"{record['macs_ratio']:.3f}"}
 
     @contextmanager
     def attached(self):
@@ -355,7 +361,7 @@ class _Search(LoopState):
             for first in range(0, self.config.training_set, chunk):
                 index = torch.arange(first, min(first + chunk, self.config.training_set))
                 cond = None if self.conditions is None else C.take(self.conditions, self.perm[index % self.n_cond])
-                parts.append(self.sampler(self.set_noise[index].to(self.device), cond).detach())
+                parts.append(self.rollout(self.set_noise[index].to(self.device), cond).detach())
             self.set_targets = torch.cat(parts)
         return self.set_targets[members.to(self.set_targets.device)]
 
@@ -372,7 +378,7 @@ class _Search(LoopState):
             noise = torch.cat([b[0] for b in batches])
             cond = None if self.conditions is None else C.concat(*[b[1] for b in batches])
             self.net.use_table(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
-            full = self.sampler(noise, cond).detach()
+            full = self.rollout(noise, cond).detach()
             self.targets = dict(zip(its, full.split(self.config.batch_size)))
         return self.targets.pop(it)
 
@@ -383,7 +389,7 @@ class _Search(LoopState):
             noise, cond, seen = self.batch(it)
             gates = self.pruner.gates()
             self.net.use_gates(gates)
-            images = self.sampler(noise, cond, gradient=self.policy,
+            images = self.rollout(noise, cond, gradient=self.policy,
                                   generator=torch.Generator().manual_seed(cfg.seed + it))
             quality, figures = self.objective.loss(images, target, seen)
             keep_macs = (gates[..., KEEP].double() @ self.gamma).mean()  # mean_t sum_b gamma_b g_keep[t, b]
@@ -426,7 +432,8 @@ class _Search(LoopState):
 
         def images(reuse: torch.Tensor) -> torch.Tensor:
             self.net.use_table(reuse)
-            return self.sampler(noise, cond).clamp(0, 1)
+            out = self.rollout(noise, cond)
+            return out if self.objective.kind == "latent" else out.clamp(0, 1)
 
         full = images(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
         searched = result.schedule(cfg.ratio)
