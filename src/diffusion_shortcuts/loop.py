@@ -84,7 +84,8 @@ def run_loop(state: LoopState, iterations: int, checkpoint: Checkpoint, *, desc:
             completed = False
             break
         bar.set_postfix(state.postfix(record), refresh=False)
-        event = {"iteration": it, "elapsed": float(sum(state.history.get("seconds", []))), **record}
+        event = {"iteration": it, "elapsed": float(sum(state.history.get("seconds", []))), **record,
+                 "objects": state.objects()}
         stop = callback is not None and callback(event) is True
         state.after(it + 1, stop)
         if main_process and checkpoint.due(it + 1, iterations):
