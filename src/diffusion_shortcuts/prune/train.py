@@ -384,8 +384,8 @@ class _Search(LoopState):
 
     def step(self, it: int) -> dict:
         cfg = self.config
-        target = self.target(it)
-        with Timer() as timer:
+        with Timer() as timer:  # the full model's images made for this iteration count in its seconds
+            target = self.target(it)
             noise, cond, seen = self.batch(it)
             gates = self.pruner.gates()
             self.net.use_gates(gates)
