@@ -207,8 +207,8 @@ def refit_with(**settings):
     *[(lambda v=v: ds.prune.train_pruner(*unet_case(steps=3)[::2], 0.5, iterations=1, validation=v, progress=False),
        ValueError, f"validation must be a whole number >= 1, got {v}") for v in (0, -2)],
     (lambda: refit_with(validation=0), ValueError, "validation must be a whole number >= 1, got 0"),
-    (lambda: ds.prune.parse_objective(None), ValueError, "objective must be ssim, reward:SPEC or ssim+reward:SPEC:W "
-                                                         "(a string), got None"),
+    (lambda: ds.prune.parse_objective(None), ValueError,
+     "objective must be ssim, latent, reward:SPEC or ssim+reward:SPEC:W (a string), got None"),
 ])
 def test_library_errors_name_the_argument(call, error, needle):
     with pytest.raises(error) as info:
