@@ -14,7 +14,9 @@ weights, embeddings random) in bfloat16 under the stock FluxPipeline call, 28 st
 - SDO per iteration (``optimize_latents``, a brightness reward): Full, Checkpointed, Shortcut, and Shortcut on
   the rule table's rollout (``full_graph_steps=True``); seconds and peak memory (``max_memory_allocated``);
 - LoRA fine-tuning per iteration: Shortcut(step="random"), and on the rule table's rollout;
-- the pruner search (``train_pruner``, Checkpointed, batch 2): seconds per iteration, peak memory;
+- the pruner search (``train_pruner``, Checkpointed, batch 2): seconds per iteration and peak memory of today's
+  default and of each cheaper setting (a fixed training set, the latent objective, the search at 2/5 of the steps),
+  and the calibration's seconds (``ds.prune.calibrate``, also in generations of the same batch);
 - compile: our loop eager and with each gated block compiled (``fullgraph=True``), full and with the rule table,
   and the seconds the first compiled run spends compiling;
 - Flux (stock call): full, our rule table (``enable_cache``), diffusers' TaylorSeer hook on the same table
@@ -194,7 +196,7 @@ def sd_rows(bench: Bench, size: dict, tiny: bool, device, dtype) -> dict:
            "sampling_seconds": rows, "compile": compile_rows(bench, loop, noise, cond, rule, size)}
     out.update(gradient_rows(bench, sampler, noise, cond, rule, size, device))
     out.update(finetune_rows(bench, sampler, cond, rule, size))
-    out["search"] = search_row(bench, sampler, cond, size)
+    out["search"] = search_rows(bench, sampler, cond, size)
     return out
 
 
@@ -293,14 +295,34 @@ def finetune_rows(bench: Bench, sampler, cond, rule, size) -> dict:
     return {"finetune": rows}
 
 
-def search_row(bench: Bench, sampler, cond, size) -> dict:
-    def run():
-        result, peak = bench.peak_mb(lambda: ds.prune.train_pruner(
-            sampler, cond, 0.8, iterations=size["iterations"], batch_size=2, target_batch=size["iterations"],
-            validation=1, progress=False))
-        return {"seconds_per_iteration": float(result.history["seconds"][-1]), "peak_mb": peak,
-                "gradient": "checkpointed", "batch_size": 2}
-    return guarded(run)
+def search_rows(bench: Bench, sampler, cond, size) -> dict:
+    """The search's cost per iteration for today's default and each cheaper setting, and a calibration's seconds
+    (in generations of the same batch): what the search-cost issue's estimates on paper scale from."""
+    steps = sampler.num_inference_steps
+    settings = {"default (checkpointed, fresh targets)": {},
+                "training set 4 (targets made once)": dict(training_set=4),
+                "latent objective": dict(objective=ds.prune.Objective("latent")),
+                f"search at {steps * 2 // 5} steps": dict(search_steps=steps * 2 // 5)}
+    rows = {}
+    for name, extra in settings.items():
+        def run(extra=extra):
+            result, peak = bench.peak_mb(lambda: ds.prune.train_pruner(
+                sampler, cond, 0.8, iterations=size["iterations"], batch_size=2, target_batch=size["iterations"],
+                validation=1, progress=False, **extra))
+            return {"seconds_per_iteration": per_iteration(result.history), "peak_mb": peak,
+                    "gradient": "checkpointed", "batch_size": 2}
+        rows[name] = guarded(run)
+
+    def calibration():
+        schedule, peak = bench.peak_mb(lambda: ds.prune.calibrate(sampler, cond.expand(2, *cond.shape[1:]),
+                                                                  macs=0.2, batch_size=2))
+        noise = torch.randn(2, *sampler.sample_shape, device=cond.device)
+        with torch.no_grad():
+            generation = bench.seconds(lambda: sampler(noise, cond.expand(2, *cond.shape[1:])))
+        return {"seconds": schedule.info["seconds"], "generations": schedule.info["seconds"] / generation,
+                "peak_mb": peak, "batch_size": 2}
+    rows["calibration"] = guarded(calibration)
+    return rows
 
 
 # ---- Flux ------------------------------------------------------------------------------------------------
@@ -406,9 +428,12 @@ def table(out: dict) -> str:
         for name, row in out["sd"][group].items():
             lines.append(f"  {name:58s} " + (row if isinstance(row, str) else
                          f"{row['seconds_per_iteration']:8.3f} s/it  peak {megabytes(row['peak_mb'])}"))
-    search = out["sd"]["search"]
-    lines.append("SD-1.5 search " + (search if isinstance(search, str) else
-                 f"{search['seconds_per_iteration']:.3f} s/it, peak {megabytes(search['peak_mb'])}"))
+    lines.append("SD-1.5 search (batch 2)")
+    for name, row in out["sd"]["search"].items():
+        lines.append(f"  {name:58s} " + (row if isinstance(row, str) else
+                     f"{row['seconds']:8.3f} s ({row['generations']:.2f} generations)  peak "
+                     f"{megabytes(row['peak_mb'])}" if "generations" in row else
+                     f"{row['seconds_per_iteration']:8.3f} s/it  peak {megabytes(row['peak_mb'])}"))
     full = out["flux"]["flux_seconds"]["stock call, full"]
     lines.append(f"Flux (rule {out['flux']['flux_rule']}, MACs {out['flux']['flux_rule_macs_ratio']:.3f})")
     lines += [f"  {name:58s} " + (sec if isinstance(sec, str) else f"{sec:8.3f} s  {full / sec:5.2f}x")

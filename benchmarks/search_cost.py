@@ -1,21 +1,29 @@
-"""What the pruner search on digits-unet costs now, and whether it still finds what the shipped search found.
+"""Time to quality of a schedule: today's default search against the calibrated table and each of the search's tricks.
 
-    OMP_NUM_THREADS=2 python benchmarks/search_cost.py [--out RUN_DIR]      # about 10 minutes
+    OMP_NUM_THREADS=2 python benchmarks/search_cost.py [--samples 256] [--models ...] [--tiny]   # about 80 minutes
 
-Runs the command that made the zoo's shipped search (``diffusion-shortcuts prune --model digits-unet --ratio 0.8
---iterations 200 --batch-size 2 --gradient full``), then compares its schedule with the shipped one on the same 256
-seeds (SSIM to the full model's images, MACs with attention's products). Results:
-benchmarks/results/search_cost.json.
+On each zoo model (DDIM 50, its guidance, ratio 0.8 pruned, the ten labels), every variant's schedule is judged by
+SSIM to the full model's images on the same fixed seeds (``--samples``), against the wall-clock seconds it cost to
+make (snapshots of the gates taken during each search, judged after it; the judging is not counted):
+
+- ``rule``: the fixed-interval table nearest the ratio (TaylorSeer's every-N-th step after 3 warm-up steps; no cost);
+- ``default``: today's ``prune`` defaults (from the full model, copy, checkpointed gradient, batch 2, lr 0.01,
+  200 iterations, fresh samples and their full-model images every iteration: DiP-GO's recipe);
+- each trick alone, 100 iterations on today's defaults otherwise: ``training set`` (16 fixed samples, their full-model
+  images made once), ``latent`` (the latent objective: no decode or SSIM; the zoo's decoders are ``x / 2 + 0.5``,
+  so this measures the objective, not a saving), ``step+block`` (step-level gates for 50 iterations, then block-level
+  ones from that table), ``20 steps`` (the search at 20 steps, the schedule read at 50);
+- ``calibrated``: ``ds.prune.calibrate`` alone, one generation of 8 samples (no search);
+- ``combined``: a search started from the calibrated table with the fixed training set and the latent objective,
+  40 iterations, ended by the start validation on 8 fresh samples (the better of the two kept; the star).
+
+Results: benchmarks/results/search_cost.json and search_cost.png, written after every variant.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,49 +32,133 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, write_results  # noqa: E402
 
-COMMAND = ["prune", "--model", "digits-unet", "--ratio", "0.8", "--iterations", "200", "--batch-size", "2",
-           "--gradient", "full"]
+RATIO = 0.8
 
 
-def same_seeds(schedule_path: Path, samples: int = 256) -> dict:
+def run_model(name: str, samples: int, steps: int, iterations: int, trick: int, short: int, result: dict,
+              save) -> None:
+    """Fill ``result`` with every variant's points on zoo model ``name``, calling ``save`` after each."""
     import diffusion_shortcuts as ds
     from diffusion_shortcuts.metrics import ssim
-    from diffusion_shortcuts.prune import CacheSchedule
     from diffusion_shortcuts.prune.compare import generate
 
-    m = ds.zoo.load("digits-unet")
-    sampler = m.sampler(50)
-    sampler.progress = False
+    m = ds.zoo.load(name)
+    sampler = m.sampler(steps)
     labels = torch.arange(samples) % 10
     noise = m.noise(samples, torch.Generator().manual_seed(0))
+    conditions = m.encode(torch.arange(10))
     with torch.no_grad():
         full = generate(sampler, m.encode, labels, noise, batch_size=64)
-        out = {}
-        for name, schedule in (("shipped", m.dipgo().schedule(0.8)), ("new", CacheSchedule.load(schedule_path))):
+
+    def judged(schedule) -> float:
+        with torch.no_grad():
             images = generate(sampler, m.encode, labels, noise, batch_size=64, schedule=schedule)
-            out[name] = {"macs_ratio": schedule.macs_ratio, "ssim": float(ssim(images, full).mean())}
-    return out
+        return float(ssim(images, full).mean())
+
+    curves = result.setdefault("curves", {})
+
+    def record(label: str, points: list[dict]) -> None:
+        curves[label] = points
+        for point in points:
+            print(f"{name} {label}: {point}", flush=True)
+        save()
+
+    def search(label: str, count: int, snapshots: int, extra_seconds: float = 0.0, **settings):
+        """A search of ``count`` iterations whose gates are snapshotted ``snapshots`` times (with the wall-clock
+        seconds so far, plus ``extra_seconds``: a calibration before it), each judged after the search; where the
+        search had a start, also its validated result (the better of the start and the searched table)."""
+        every = max(1, count // snapshots)
+        taken, started = [], time.perf_counter()
+
+        def callback(event):
+            if (event["iteration"] + 1) % every == 0 or event["iteration"] + 1 == count:
+                state = {k: v.detach().clone() for k, v in event["objects"]["pruner"].state_dict().items()}
+                taken.append((event["iteration"] + 1, time.perf_counter() - started, state))
+
+        outcome = ds.prune.train_pruner(sampler, conditions, RATIO, iterations=count, batch_size=2, lr=0.01,
+                                        gradient="checkpointed", progress=False, callback=callback, **settings)
+        wall = time.perf_counter() - started
+        validated = outcome.history.get("validation")
+        final = {k: v.clone() for k, v in outcome.pruner.state_dict().items()}
+        points = []
+        for iteration, elapsed, state in taken:
+            outcome.pruner.load_state_dict(state)
+            schedule = outcome.schedule(RATIO)
+            points.append({"iteration": iteration, "seconds": elapsed + extra_seconds,
+                           "macs_ratio": schedule.macs_ratio, "ssim": judged(schedule)})
+        if validated is not None:
+            outcome.pruner.load_state_dict(final)
+            schedule = outcome.schedule(RATIO)
+            points.append({"iteration": count, "validated": True, "kept": validated["kept"],
+                           "seconds": wall + extra_seconds, "macs_ratio": schedule.macs_ratio,
+                           "ssim": judged(schedule)})
+        record(label, points)
+
+    example = torch.zeros(1, *sampler.sample_shape)
+    rule = ds.prune.CacheSchedule.every_for_ratio(sampler.timesteps, ds.prune.profile(sampler.model, example,
+                                                  conditions[:1]), RATIO)
+    record("rule", [{"iteration": 0, "seconds": 0.0, "macs_ratio": rule.macs_ratio, "ssim": judged(rule)}])
+    started = time.perf_counter()
+    calibrated = ds.prune.calibrate(sampler, conditions, macs=1 - RATIO, batch_size=8)
+    calibration_seconds = time.perf_counter() - started
+    result["calibration_seconds"] = calibration_seconds
+    record("calibrated", [{"iteration": 0, "seconds": calibration_seconds, "macs_ratio": calibrated.macs_ratio,
+                           "ssim": judged(calibrated)}])
+    search("combined", short, 2, calibration_seconds, training_set=16, start=calibrated, validation=8,
+           objective=ds.prune.Objective("latent"))
+    search("default", iterations, 4)
+    for label, settings in (("training set", dict(training_set=16)),
+                            ("latent", dict(objective=ds.prune.Objective("latent"))),
+                            ("step+block", dict(granularity="step+block")),
+                            (f"{steps * 2 // 5} steps", dict(search_steps=steps * 2 // 5))):
+        search(label, trick, 4, **settings)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (name, result) in zip(axes[0], results.items()):
+        for label, points in result["curves"].items():
+            if points and points[0]["seconds"] == 0.0:  # no cost: a level to compare with
+                ax.axhline(points[0]["ssim"], linestyle="--", color="gray", label=f"{label} (no cost)")
+                continue
+            shown = [p for p in points if not p.get("validated")]
+            line, = ax.plot([p["seconds"] for p in shown], [p["ssim"] for p in shown], marker="o", label=label)
+            for p in points:
+                if p.get("validated"):
+                    ax.scatter([p["seconds"]], [p["ssim"]], marker="*", s=160, color=line.get_color(),
+                               label=f"{label}, validated ({p['kept']} kept)")
+        ax.set_xscale("log")
+        ax.set_title(f"{name}, ratio {RATIO}")
+        ax.set_xlabel("seconds to make the schedule (log)")
+        ax.set_ylabel("SSIM to the full model")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--models", nargs="*", default=["digits-unet", "digits-dit"])
     args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp()) / "search"
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "diffusion_shortcuts.cli", *COMMAND, "--out", str(out)], check=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wall = time.perf_counter() - started
-    metrics = json.loads((out / "metrics.json").read_text())
-    shipped = json.loads((Path(__file__).parents[1] / "src/diffusion_shortcuts/zoo/digits-unet/dipgo/search.json"
-                          ).read_text())
-    result = {"prune_command": "diffusion-shortcuts " + " ".join(COMMAND), "search_seconds": metrics["search_seconds"],
-              "command_wall_seconds": wall, "macs_ratio": metrics["macs_ratio"], "ssim_1000": metrics["ssim"],
-              "fid_full": metrics["fid_full"], "fid_pruned": metrics["fid_pruned"], "speedup": metrics["speedup"],
-              "shipped_search_seconds_recorded": sum(shipped["seconds"]),
-              "same_seeds_256": same_seeds(out / "schedule.json")}
-    print(json.dumps(result, indent=1))
-    write_results(RESULTS / "search_cost.json", "search_cost", result)
+    samples, steps, iterations, trick, short = (16, 10, 8, 4, 4) if args.tiny else (args.samples, 50, 200, 100, 40)
+    out = RESULTS / ("search_cost_tiny.json" if args.tiny else "search_cost.json")
+    results: dict = {}
+
+    def save() -> None:
+        write_results(out, "search_cost", {"samples": samples, "steps": steps, "ratio": RATIO, "models": results})
+        plot(results, out.with_suffix(".png"))
+
+    for name in args.models:
+        results[name] = {}
+        run_model(name, samples, steps, iterations, trick, short, results[name], save)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ def test_the_gpu_benchmark_runs_its_tiny_mode_and_judges_every_target():
     assert all(seconds > 0 for seconds in sampling.values())
     assert set(out["sd"]["sdo_latents"]) == {"full", "checkpointed", "shortcut", "shortcut on the rule 0.2 rollout"}
     assert all(row["seconds_per_iteration"] > 0 for row in out["sd"]["sdo_latents"].values())
-    assert out["sd"]["search"]["seconds_per_iteration"] > 0 and len(out["sd"]["finetune"]) == 2
+    search = out["sd"]["search"]
+    assert all(row["seconds_per_iteration"] > 0 for name, row in search.items() if name != "calibration"), search
+    assert len(search) == 5 and search["calibration"]["generations"] > 0 and len(out["sd"]["finetune"]) == 2
     assert {"stock call, full", "stock call, our rule table"} <= set(out["flux"]["flux_seconds"])
     assert any("TaylorSeer" in name for name in out["flux"]["flux_seconds"])
     assert len(out["targets"]) == 8 and all(isinstance(v, bool) for v in out["targets"].values())

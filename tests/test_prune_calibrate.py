@@ -197,3 +197,83 @@ def test_the_latent_objective_searches_without_decoding():
     loss, figures = ds.prune.Objective("latent").loss(torch.ones(2, 3) * 2, torch.ones(2, 3), None)
     assert loss.item() == pytest.approx(1.0) and figures["latent_distance"].item() == pytest.approx(1.0)
     assert ds.prune.parse_objective("latent") == ("latent", None, 1.0)
+
+
+def test_step_gates_decide_whole_steps_and_the_schedule_reuses_whole_steps():
+    """``granularity="step"``: every step's hard gates are one decision for all its blocks (the mean of their
+    logits), during the search and in the frozen schedule."""
+    sampler, _, cond = dit_case(steps=6)
+    seen = []
+
+    def callback(event):
+        gates = event["objects"]["pruner"].gates(per_step=True).detach()
+        seen.append(gates)
+
+    result = ds.prune.train_pruner(sampler, cond, 0.5, iterations=4, batch_size=1, target_batch=2, gradient="full",
+                                   granularity="step", pruner_kwargs={"dim": 8, "heads": 2}, lr=0.5,
+                                   progress=False, callback=callback)
+    for gates in seen:
+        assert (gates == gates[:, :1]).all()
+    reuse = result.schedule(0.5).reuse
+    assert reuse.any(), "the search at ratio 0.5 reuses something"
+    assert all(bool(row.all()) or not bool(row.any()) for row in reuse)
+    logits = result.pruner()
+    assert torch.allclose(result.pruner(per_step=True)[:, 0], logits.mean(1))
+
+
+def test_step_then_block_restarts_the_block_gates_exactly_at_the_step_table(monkeypatch):
+    """``granularity="step+block"``: at half the iterations the block-level gates start from the step-level phase's
+    hard table exactly (heads reset to it, the optimizer's moments cleared), and the search goes on block by block."""
+    from diffusion_shortcuts.prune.train import _Search
+
+    sampler, _, cond = dit_case(steps=6)
+    tables, original = {}, _Search.refine_blocks
+
+    def watched(self):
+        tables["step"] = self.pruner.gates(per_step=True)[..., 0].detach() > 0.5
+        original(self)
+        tables["block"] = self.pruner.gates()[..., 0].detach() > 0.5
+        tables["optimizer"] = len(self.optimizer.state)
+
+    monkeypatch.setattr(_Search, "refine_blocks", watched)
+    result = ds.prune.train_pruner(sampler, cond, 0.5, iterations=4, batch_size=1, target_batch=2, gradient="full",
+                                   granularity="step+block", pruner_kwargs={"dim": 8, "heads": 2}, lr=0.5,
+                                   progress=False)
+    assert result.history["blocks_from"] == 2
+    assert torch.equal(tables["step"], tables["block"]) and tables["optimizer"] == 0
+    pruner = ds.prune.Pruner(3, 2, dim=8, heads=2)
+    with torch.no_grad():
+        pruner.head_weight.normal_()
+    table = torch.tensor([[False, False], [True, False], [True, True]])
+    assert torch.equal(pruner.restart_from(table).gates()[1:, :, 0] > 0.5, table[1:])
+
+
+def test_a_search_at_fewer_steps_gives_a_schedule_at_the_samplers_steps():
+    """``search_steps=N``: the search rolls out N steps (its pruner has N rows, a start is resampled to them), and the
+    schedule is read at the sampler's own timesteps, keeping the asked MACs."""
+    sampler, _, cond = dit_case(steps=8)
+    calls = []
+    result = ds.prune.train_pruner(sampler, cond, 0.5, iterations=2, batch_size=1, target_batch=2, gradient="full",
+                                   search_steps=4, pruner_kwargs={"dim": 8, "heads": 2}, progress=False,
+                                   callback=lambda event: calls.append(event["iteration"]))
+    assert len(result.timesteps) == 4 and result.pruner.config.num_steps == 4 and calls == [0, 1]
+    schedule = result.schedule(0.5)
+    assert schedule.num_steps == 8
+    schedule.check_timesteps(sampler.timesteps)
+    assert schedule.info["scores_resampled_from"] == 4 and result.history["settings"]["search_steps"] == 4
+    start = ds.prune.calibrate(sampler, cond, macs=0.5)
+    started = ds.prune.train_pruner(sampler, cond, 0.5, iterations=1, batch_size=1, gradient="full", start=start,
+                                    search_steps=4, validation=1, pruner_kwargs={"dim": 8, "heads": 2},
+                                    progress=False)
+    assert started.history["validation"]["kept"] in ("start", "searched")
+    assert started.schedule(0.5).num_steps == 8
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"granularity": "frame"}, "granularity must be one of block, step, step\\+block, got 'frame'"),
+    ({"search_steps": -1}, "search_steps must be a whole number >= 0"),
+])
+def test_bad_search_settings_are_named(kwargs, needle):
+    sampler, _, cond = dit_case(steps=4)
+    with pytest.raises(ValueError, match=needle):
+        ds.prune.train_pruner(sampler, cond, 0.5, iterations=1, progress=False, **kwargs)

@@ -143,6 +143,12 @@ FLAGS = {
     "training_set": dict(type=number(int, 0, 1_000_000), default=0,
                          help="a fixed set of N samples whose full-model images are made once and reused every "
                               "iteration (0: fresh samples and their full-model images every iteration, DiP-GO's)"),
+    "granularity": dict(choices=["block", "step", "step+block"], default="block",
+                        help="what one gate decides: a block at a step (DiP-GO's), a whole step, or whole steps for "
+                             "the first half of the iterations and blocks after"),
+    "search_steps": dict(type=number(int, 0, 10_000), default=0,
+                         help="search at this many steps (cheaper), the schedule read at --steps from the gates' "
+                              "keep scores (0: at --steps)"),
     "calibrate_only": dict(action="store_true", help="no search: build the table from full generations measured "
                            "once (a few seconds to minutes), at --ratio"),
     "calibration_batch": dict(type=number(int, 1, 4096), default=None,
@@ -164,7 +170,8 @@ NEEDS = {
 # flags that contradict another: given together, one would do nothing
 EXCLUDES = {
     "calibrate_only": (("iterations", "lr", "gradient", "start_every", "start_from", "objective", "validation",
-                        "resume", "checkpoint_every", "batch_size", "training_set"), "a calibration searches nothing"),
+                        "resume", "checkpoint_every", "batch_size", "training_set", "granularity",
+                        "search_steps"), "a calibration searches nothing"),
 }
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, true_cfg_scale=None, scheduler=None,
              height=None, width=None, device=None, dtype=None)
@@ -184,7 +191,8 @@ VERBS = {
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
                    start_every=None, start_from=None, objective=None, validation=None, lora=None, resume=None,
-                   training_set=None, calibrate_only=None, calibration_batch=None, calibration_generations=None,
+                   training_set=None, granularity=None, search_steps=None, calibrate_only=None, calibration_batch=None,
+                   calibration_generations=None,
                    compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",

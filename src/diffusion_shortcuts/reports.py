@@ -214,7 +214,8 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
                  guidance: float | None = None, reuse_mode: str = "copy", start_every: int | str | None = None,
                  start_from: str | None = None, objective: str = "ssim", validation: int = 8,
                  compile: bool = False, calibrate_only: bool = False, calibration_batch: int | None = None,
-                 calibration_generations: int = 1, training_set: int = 0) -> dict:
+                 calibration_generations: int = 1, training_set: int = 0, granularity: str = "block",
+                 search_steps: int = 0) -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
     ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
     the N whose table prunes nearest ``ratio``); ``compile``: the comparison (quality and speed) through compiled
@@ -246,7 +247,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
                                      batch_size=batch_size, lr=lr, gradient=gradient, seed=seed, resume=resume,
                                      checkpoint_every=checkpoint_every, reuse_mode=reuse_mode, start_every=start_every,
                                      start_from=start_from, goal=goal, validation=validation,
-                                     training_set=training_set)
+                                     training_set=training_set, granularity=granularity, search_steps=search_steps)
         if searched is None:  # under `accelerate launch` every process holds the same gates: the main one writes
             return {}
         schedule, figures = searched
@@ -270,7 +271,7 @@ def calibrated_schedule(sampler, conditions, ratio: float, mode: str, batch: int
 
 def searched_schedule(out: Path, subject, sampler, conditions, distinct, *, ratio, iterations, batch_size, lr,
                       gradient, seed, resume, checkpoint_every, reuse_mode, start_every, start_from, goal, validation,
-                      training_set=0):
+                      training_set=0, granularity="block", search_steps=0):
     """``prune``'s search: the schedule and its figures (None on the other processes of a launch)."""
     from .prune import CacheSchedule, SearchError, profile, train_pruner
 
@@ -291,7 +292,8 @@ def searched_schedule(out: Path, subject, sampler, conditions, distinct, *, rati
         result = train_pruner(sampler, conditions, ratio, iterations=iterations, batch_size=batch_size, lr=lr,
                               gradient=policy, seed=seed, checkpoint_dir=out, checkpoint_every=checkpoint_every,
                               reuse_mode=reuse_mode, start=start, resume=resume, objective=goal,
-                              reward_conditions=distinct, validation=validation, training_set=training_set)
+                              reward_conditions=distinct, validation=validation, training_set=training_set,
+                              granularity=granularity, search_steps=search_steps)
     except (SearchError, ValueError) as exc:
         raise UsageError(f"{exc} (checkpoint: {out / 'search_checkpoint.pt'})") from None
     search_memory = peak_memory_mb(subject.device)

@@ -47,19 +47,28 @@ class Pruner(ModelMixin, ConfigMixin):
         self.head_bias[..., KEEP] = torch.where(reuse, 0.0, bias)
         return self
 
-    def forward(self) -> torch.Tensor:
-        """Logits ``(T, N, 2)``: [..., 0] reuse, [..., 1] keep."""
+    @torch.no_grad()
+    def restart_from(self, reuse: torch.Tensor) -> "Pruner":
+        """:meth:`start_from` with the heads' weights zeroed too, so that the hard gates are exactly the table
+        whatever was learnt before (the block-level phase after a step-level one)."""
+        self.head_weight.zero_()
+        return self.start_from(reuse)
+
+    def forward(self, per_step: bool = False) -> torch.Tensor:
+        """Logits ``(T, N, 2)``: [..., 0] reuse, [..., 1] keep. ``per_step``: one decision per step, the mean of its
+        blocks' logits given to every block (a step-level search; the gradient reaches every block's head)."""
         h = self.encoder(self.queries)  # attention across the blocks of each step
         h = h + self.mlp(h)
-        return torch.einsum("tnd,tndk->tnk", h, self.head_weight) + self.head_bias
+        logits = torch.einsum("tnd,tndk->tnk", h, self.head_weight) + self.head_bias
+        return logits.mean(1, keepdim=True).expand_as(logits) if per_step else logits
 
-    def keep_scores(self) -> torch.Tensor:
+    def keep_scores(self, per_step: bool = False) -> torch.Tensor:
         """Softmax probability of "keep" per (step, block), the quantity post-processing thresholds."""
-        return self().softmax(-1)[..., KEEP]
+        return self(per_step).softmax(-1)[..., KEEP]
 
-    def gates(self) -> torch.Tensor:
+    def gates(self, per_step: bool = False) -> torch.Tensor:
         """Hard one-hot gates ``(T, N, 2)`` with straight-through gradients; step 0 always keeps."""
-        soft = self().softmax(-1)
+        soft = self(per_step).softmax(-1)
         hard = nn.functional.one_hot(soft.argmax(-1), 2).to(soft.dtype)
         gates = hard + soft - soft.detach()
         first = torch.zeros_like(gates[:1])

@@ -41,11 +41,12 @@ from ..families import adapter_id, unwrap
 from ..metrics import Timer
 from .blocks import BlockProfile, profile
 from .objective import Objective
-from .pruner import KEEP, Pruner
+from .pruner import KEEP, REUSE, Pruner
 from .schedule import TOLERANCE, CacheSchedule, handovers
 from .apply import gated
 
 CHECKPOINT = "search_checkpoint.pt"
+GRANULARITIES = ("block", "step", "step+block")
 
 
 class SearchError(RuntimeError):
@@ -60,6 +61,8 @@ class SearchResult:
     history: dict = field(default_factory=dict)
     reuse_mode: str = "copy"
     experts: dict | None = None  # the sampler's denoisers (Wan 2.2): the schedule's CacheSchedule.experts
+    # the sampler's own timesteps where the search ran at fewer steps (``search_steps``): the schedule's default
+    schedule_timesteps: list[float] | None = None
 
     @classmethod
     def load(cls, folder: str | Path, model, sample: torch.Tensor, cond=None) -> "SearchResult":
@@ -82,9 +85,11 @@ class SearchResult:
         schedule keeps the MACs fraction asked for (``CacheSchedule.resampled`` copies the nearest table rows
         instead, and its MACs follow).
         """
+        per_step = self.history.get("settings", {}).get("granularity") == "step"
         with torch.no_grad():
-            scores = self.pruner.keep_scores().double().cpu()
+            scores = self.pruner.keep_scores(per_step).double().cpu()
         steps = self.timesteps
+        timesteps = timesteps if timesteps is not None else self.schedule_timesteps
         if timesteps is not None:
             steps = [float(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
             scores = interpolate_scores(scores, self.timesteps, steps)
@@ -138,6 +143,13 @@ class SearchConfig:
             N > 0 fixes N (noise, condition) pairs drawn from ``seed``, makes the full model's targets for them
             once (``target_batch`` iterations' worth at a time), and draws every iteration's batch from them: an
             iteration then costs only the gated rollout and its backward. A resume makes the same set again.
+        granularity: what one gate decides: ``"block"`` (DiP-GO's: every (step, block) on its own), ``"step"``
+            (one decision per step for all its blocks: the mean of the blocks' logits, so the schedule reuses whole
+            steps) or ``"step+block"`` (step-level for the first half of the iterations, then block-level started
+            from the step-level table: whole steps first, refined block by block).
+        search_steps: 0 searches at the sampler's steps; N > 0 runs the search (its rollouts, targets and
+            validation) at N steps, a start table resampled to them, and the schedule's keep scores are read at the
+            sampler's timesteps (interpolated, :meth:`SearchResult.schedule`): an iteration costs about N / steps.
     """
 
     ratio: float = 0.8
@@ -157,6 +169,8 @@ class SearchConfig:
     reuse_mode: str = "copy"
     validation: int = 8
     training_set: int = 0
+    granularity: str = "block"
+    search_steps: int = 0
     sampler: dict = field(default_factory=dict, metadata={"derived": True})
     conditions: str = field(default="", metadata={"derived": True})
     # the table the gates start from ("": keep everything), as its method and a digest of its table
@@ -178,6 +192,11 @@ def _check_search_args(config: SearchConfig, conditions, shape) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if config.granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {config.granularity!r}")
+    steps = config.search_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"search_steps must be a whole number >= 0 (0: the sampler's steps), got {steps!r}")
     size = config.training_set
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValueError(f"training_set must be a whole number >= 0 (0: fresh noise every iteration), got {size!r}")
@@ -242,7 +261,12 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
         conditions=C.fingerprint(conditions), num_processes=distributed.num_processes(), objective=objective.name,
         reward_conditions="" if reward_conditions is None else C.fingerprint(reward_conditions),
         adapter=adapter_id(sampler.model) or "")
-    search = _Search(sampler, conditions, policy, config, start, objective,
+    searched_at = sampler
+    if config.search_steps and config.search_steps != sampler.num_inference_steps:
+        searched_at = copy.copy(sampler)
+        searched_at.num_inference_steps = config.search_steps
+        start = start.resampled(searched_at.timesteps) if start is not None else None
+    search = _Search(searched_at, conditions, policy, config, start, objective,
                      conditions if reward_conditions is None else reward_conditions)
     checkpoint = Checkpoint(checkpoint_dir, CHECKPOINT, settings_of(config), checkpoint_every, resume)
     with search.attached():
@@ -250,7 +274,8 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
                  map_location=search.device, main_process=distributed.is_main_process())
         experts = {"names": sampler.expert_names, "boundary": sampler.experts[0][1]} if sampler.experts else None
         result = SearchResult(search.pruner.eval(), search.profile, search.timesteps, search.history,
-                              config.reuse_mode, experts)
+                              config.reuse_mode, experts,
+                              None if searched_at is sampler else [float(t) for t in sampler.timesteps])
         if search.start is not None:
             search.keep_the_better(result)
     return result
@@ -387,7 +412,9 @@ class _Search(LoopState):
         with Timer() as timer:  # the full model's images made for this iteration count in its seconds
             target = self.target(it)
             noise, cond, seen = self.batch(it)
-            gates = self.pruner.gates()
+            if cfg.granularity == "step+block" and it == self.blocks_from:
+                self.refine_blocks()
+            gates = self.pruner.gates(per_step=self.per_step(it))
             self.net.use_gates(gates)
             images = self.rollout(noise, cond, gradient=self.policy,
                                   generator=torch.Generator().manual_seed(cfg.seed + it))
@@ -415,6 +442,24 @@ class _Search(LoopState):
             self.history[key].append(value)
         return record
 
+    @property
+    def blocks_from(self) -> int:
+        """The first iteration of the block-level phase of a ``step+block`` search."""
+        return self.config.iterations // 2
+
+    def per_step(self, iteration: int) -> bool:
+        granularity = self.config.granularity
+        return granularity == "step" or (granularity == "step+block" and iteration < self.blocks_from)
+
+    @torch.no_grad()
+    def refine_blocks(self) -> None:
+        """The step-level phase's hard table becomes the start of the block-level one: the gates are reset to it
+        exactly and the optimizer's moments cleared (they were those of the tied logits)."""
+        table = self.pruner.gates(per_step=True)[..., REUSE] > 0.5
+        self.pruner.restart_from(table)
+        self.optimizer.state.clear()
+        self.history["blocks_from"] = self.blocks_from
+
     @torch.no_grad()
     def keep_the_better(self, result: SearchResult) -> None:
         """Compare ``result``'s schedule with the start table on fresh samples by the search's objective (for SSIM:
@@ -436,7 +481,7 @@ class _Search(LoopState):
             return out if self.objective.kind == "latent" else out.clamp(0, 1)
 
         full = images(torch.zeros(len(self.timesteps), len(self.profile.blocks), dtype=torch.bool))
-        searched = result.schedule(cfg.ratio)
+        searched = result.schedule(cfg.ratio, timesteps=self.timesteps)
         loss_searched, searched_figures = self.objective.loss(images(searched.reuse), full, seen)
         loss_start, start_figures = self.objective.loss(images(self.start.reuse), full, seen)
         start_prunes_enough = self.start.pruned_fraction >= cfg.ratio - TOLERANCE
