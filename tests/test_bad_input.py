@@ -70,7 +70,7 @@ CASES = [
     (["finetune", "--model", "digits-dit", "--reward", "label", "--checkpoint-every", "-1"], "--checkpoint-every"),
     # flags that act only beside another
     (["prune", "--model", "digits-dit", "--start-from", "{tmp}/none.json"], "--start-from: "),
-    (["prune", "--model", "digits-dit", "--validation", "16"],
+    (["prune", "--model", "digits-dit", "--start-from", "full", "--validation", "16"],
      "--validation needs --start-every or --start-from: it compares the searched table with the table"),
     (["finetune", "--model", "digits-dit", "--reward", "label", "--refit-iterations", "5"],
      "--refit-iterations needs --schedule: it sets the search that refits"),
@@ -78,6 +78,8 @@ CASES = [
     (["prune", "--model", "digits-dit", "--calibrate-only", "--iterations", "5"],
      "--calibrate-only takes no --iterations: a calibration searches nothing"),
     (["prune", "--model", "digits-dit", "--calibration-batch", "4"], "--calibration-batch needs --calibrate-only"),
+    (["prune", "--model", "digits-dit", "--start-every", "3", "--start-from", "full"],
+     "--start-every takes no --start-from: both say where the search starts; give one"),
     (["prune", "--model", "digits-dit", "--calibrate-only", "--calibration-batch", "16"],
      "the calibration set has 10 conditions, fewer than the batch of 16"),
     # checkpoints

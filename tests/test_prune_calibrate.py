@@ -277,3 +277,17 @@ def test_bad_search_settings_are_named(kwargs, needle):
     sampler, _, cond = dit_case(steps=4)
     with pytest.raises(ValueError, match=needle):
         ds.prune.train_pruner(sampler, cond, 0.5, iterations=1, progress=False, **kwargs)
+
+
+def test_the_library_search_starts_from_the_calibrated_table_by_name():
+    """``train_pruner(..., start="calibrated")`` starts from the table ``calibrate`` makes at ``1 - ratio`` (the same
+    table, by its digest), and ends with the start validation; another string is refused naming it."""
+    sampler, _, cond = dit_case(steps=6)
+    result = ds.prune.train_pruner(sampler, cond, 0.5, iterations=1, batch_size=1, gradient="full",
+                                   start="calibrated", validation=1, pruner_kwargs={"dim": 8, "heads": 2},
+                                   progress=False)
+    table = ds.prune.calibrate(sampler, cond, macs=0.5)
+    assert result.history["settings"]["start"] == f"{table.info['method']}:{ds.conditions.fingerprint(table.reuse)}"
+    assert "validation" in result.history
+    with pytest.raises(ValueError, match="start must be a CacheSchedule, 'calibrated' or None, got 'rule'"):
+        ds.prune.train_pruner(sampler, cond, 0.5, iterations=1, start="rule", progress=False)

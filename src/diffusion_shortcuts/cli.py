@@ -91,22 +91,23 @@ FLAGS = {
                      "tuned model and ships it beside the adapter"),
     "refit_iterations": dict(type=number(int, 1), default=50,
                              help="iterations of the search that refits --schedule to the tuned model"),
-    "start_from": dict(default=None, help="start the search from this schedule (a file, a folder holding one, or zoo / "
-                       "zoo:RATIO): a refit, e.g. of the base model's schedule on a --lora; or `calibrated`: the "
-                       "table calibrated at --ratio on one full generation (as --calibrate-only makes it)"),
+    "start_from": dict(default=None, help="where the search starts: `calibrated` (the default), the table calibrated "
+                       "at --ratio on one full generation (as --calibrate-only makes it); `full`, the full model "
+                       "(DiP-GO's); or a schedule (a file, a folder holding one, or zoo / zoo:RATIO): a refit, e.g. "
+                       "of the base model's schedule on a --lora"),
     "objective": dict(default="ssim", help="what the gates keep: ssim (the full model's images, DiP-GO's), latent "
                       "(its final latents: no VAE decode in the search), reward:SPEC (the reward of the full model's "
                       "sample from the same noise, as a hinge on its drop) or ssim+reward:SPEC:W (both, the reward's "
                       "term weighted W)"),
     "validation": dict(type=number(int, 1, 100_000), default=8,
-                       help="fresh samples on which a search with a start (--start-every, --start-from) compares its "
-                            "table with the start and keeps the better; more for a reward's small differences"),
+                       help="fresh samples on which the search compares its table with the table it started from "
+                            "and keeps the better; more for a reward's small differences"),
     "lora": dict(default=None, help="a LoRA adapter loaded onto the denoiser first: `finetune`'s output folder (its "
                  "lora/ or adapter.safetensors)"),
     "strict_schedule": dict(action="store_true", help="refuse a schedule made for other timesteps"),
     "start_every": dict(type=_interval_or_auto, default=None,
                         help="start the search from the rule table that computes every block at the first 3 steps and "
-                             "every N-th step after (TaylorSeer's), instead of from the full model; auto: the N whose "
+                             "every N-th step after (TaylorSeer's), instead of the calibrated table; auto: the N whose "
                              "table prunes nearest --ratio"),
     "reuse_mode": dict(choices=["copy", "taylor1", "taylor2"], default="copy",
                        help="what a reused block returns: its cached work, or that work extrapolated (first or second "
@@ -158,6 +159,7 @@ FLAGS = {
     "compile": dict(action="store_true", help="compile each gated block of the denoiser (torch.compile, "
                     "fullgraph=True; a cache schedule decides outside the compiled regions)"),
 }
+NO_START = "full"  # --start-from full: the search starts from the full model, with no table to validate against
 # flags that act only beside another: given alone they would do nothing, so they are refused naming what they need
 NEEDS = {
     "validation": (("start_every", "start_from"), "it compares the searched table with the table the search starts "
@@ -169,6 +171,7 @@ NEEDS = {
 }
 # flags that contradict another: given together, one would do nothing
 EXCLUDES = {
+    "start_every": (("start_from",), "both say where the search starts; give one"),
     "calibrate_only": (("iterations", "lr", "gradient", "start_every", "start_from", "objective", "validation",
                         "resume", "checkpoint_every", "batch_size", "training_set", "granularity",
                         "search_steps"), "a calibration searches nothing"),
@@ -190,7 +193,7 @@ VERBS = {
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
               dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
-                   start_every=None, start_from=None, objective=None, validation=None, lora=None, resume=None,
+                   start_every=None, start_from="calibrated", objective=None, validation=None, lora=None, resume=None,
                    training_set=None, granularity=None, search_steps=None, calibrate_only=None, calibration_batch=None,
                    calibration_generations=None,
                    compile=None, out=None)),
@@ -243,7 +246,8 @@ def flag_without_its_partner(flags: dict, argv: list[str]) -> str | None:
         return "--" + name.replace("_", "-")
 
     for name, (partners, why) in NEEDS.items():
-        if name in flags and option(name) in typed and not any(flags.get(p) for p in partners):
+        if name in flags and option(name) in typed and not any(flags.get(p) not in (None, False, NO_START)
+                                                               for p in partners):
             return f"{option(name)} needs {' or '.join(option(p) for p in partners)}: {why}"
     for name, (others, why) in EXCLUDES.items():
         clash = [option(o) for o in others if option(o) in typed]

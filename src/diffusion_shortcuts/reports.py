@@ -219,8 +219,9 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
     ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
     the N whose table prunes nearest ``ratio``); ``compile``: the comparison (quality and speed) through compiled
-    blocks on both sides. ``start_from``: a schedule the search starts from (a refit); ``objective``: what the gates
-    keep (``ssim``, ``reward:SPEC``, ``ssim+reward:SPEC:W``; with a reward the comparison reports it for both sides);
+    blocks on both sides. ``start_from``: where the search starts (``"calibrated"``, the ``prune`` command's
+    default; None or ``"full"``: the full model; or a schedule, e.g. for a refit); ``objective``: what the gates keep
+    (``ssim``, ``reward:SPEC``, ``ssim+reward:SPEC:W``; with a reward the comparison reports it for both sides);
     ``validation``: the fresh samples on which the searched table is compared with the start. ``calibrate_only``:
     no search, the table calibrated on ``calibration_generations`` full generations of ``calibration_batch``
     samples (:func:`~diffusion_shortcuts.prune.calibrate`).
@@ -276,13 +277,12 @@ def searched_schedule(out: Path, subject, sampler, conditions, distinct, *, rati
     from .prune import CacheSchedule, SearchError, profile, train_pruner
 
     policy = parse_gradient(gradient)
-    if start_every is not None and start_from is not None:
-        raise UsageError("--start-every and --start-from both say where the search starts; give one")
     check_resume(resume, out, "search_checkpoint.pt")
-    if start_from == "calibrated":
+    start = None  # --start-from full (or none given through the library): DiP-GO's start, the full model
+    if start_every is None and start_from == "calibrated":
         start, _ = calibrated_schedule(sampler, conditions, ratio, reuse_mode, None, 1, seed)
-    else:
-        start = load_schedule(start_from, subject, sampler, True, "--start-from") if start_from is not None else None
+    elif start_every is None and start_from not in (None, "full"):
+        start = load_schedule(start_from, subject, sampler, True, "--start-from")
     if start_every is not None:
         example = torch.zeros(1, *sampler.sample_shape, device=subject.device)
         prof = profile(sampler.model, example, C.first(conditions))

@@ -223,7 +223,8 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
             third, as a position).
         start: a schedule the gates start from (e.g. ``CacheSchedule.every(...)``, a rule) instead of keeping
             every block, for this sampler's timesteps and blocks; the search then moves away from it where that
-            lowers the loss.
+            lowers the loss. ``"calibrated"``: the table :func:`~.calibrate.calibrate` makes at ``1 - ratio`` of the
+            MACs from one full generation of the conditions (the ``prune`` command's default start).
         validation: with a ``start``, the searched schedule and the start table (if it prunes as much, within
             the tolerance) are compared at the end on this many fresh samples (SSIM to the full model's images,
             as the loss); where the start is better the result is the pruner as it began (it gives the start
@@ -242,6 +243,11 @@ def train_pruner(sampler, conditions, ratio: float | None = None, config: Search
             the reward sees them (labels, prompts), default ``conditions`` themselves.
     """
     config = configured(SearchConfig, config, {**settings, **({"ratio": ratio} if ratio is not None else {})})
+    if isinstance(start, str):
+        if start != "calibrated":
+            raise ValueError(f"start must be a CacheSchedule, 'calibrated' or None, got {start!r}")
+        from .calibrate import calibrate
+        start = calibrate(sampler, conditions, macs=1.0 - config.ratio, mode=config.reuse_mode, seed=config.seed)
     objective = objective if objective is not None else Objective()
     if reward_conditions is not None and C.count(reward_conditions) != C.count(conditions):
         raise ValueError(f"reward_conditions has {C.count(reward_conditions)} rows, conditions "
