@@ -126,7 +126,7 @@ def test_search_refuses_a_resume_with_any_setting_changed(tmp_path):
     alternatives = dict(ratio=0.5, iterations=3, batch_size=2, lr=0.5, optimizer="sgd", momentum=0.5, alpha=0.5,
                         tau=0.3, gradient="full", blocks=["down_blocks.0", "up_blocks.1"], sample_shape=(1, 16, 16),
                         seed=1, target_batch=1, pruner_kwargs={"dim": 16, "heads": 2}, reuse_mode="taylor1",
-                        validation=4, training_set=4)
+                        validation=4, training_set=4, granularity="step+block", search_steps=2)
     changes = {name: (lambda folder, name=name, value=value: run(folder, True, **{name: value}))
                for name, value in alternatives.items()}
     changes["sampler"] = lambda folder: run(folder, True, sampler=unet_sampler(steps=4))
