@@ -15,7 +15,9 @@ make (snapshots of the gates taken during each search, judged after it; the judg
   ones from that table), ``20 steps`` (the search at 20 steps, the schedule read at 50);
 - ``calibrated``: ``ds.prune.calibrate`` alone, one generation of 8 samples (no search);
 - ``combined``: a search started from the calibrated table with the fixed training set and the latent objective,
-  40 iterations, ended by the start validation on 8 fresh samples (the better of the two kept; the star).
+  40 iterations, ended by the start validation on 8 fresh samples (the better of the two kept; the star);
+- ``new default``: ``prune``'s defaults now: from the calibrated table, ``step+block`` gates, 40 iterations, the
+  start validation (``--only "new default"`` runs one variant and adds it to the results file).
 
 Results: benchmarks/results/search_cost.json and search_cost.png, written after every variant.
 """
@@ -23,6 +25,7 @@ Results: benchmarks/results/search_cost.json and search_cost.png, written after 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -36,8 +39,9 @@ RATIO = 0.8
 
 
 def run_model(name: str, samples: int, steps: int, iterations: int, trick: int, short: int, result: dict,
-              save) -> None:
-    """Fill ``result`` with every variant's points on zoo model ``name``, calling ``save`` after each."""
+              save, only: list[str] | None = None) -> None:
+    """Fill ``result`` with every variant's points (or those in ``only``) on zoo model ``name``, calling ``save``
+    after each."""
     import diffusion_shortcuts as ds
     from diffusion_shortcuts.metrics import ssim
     from diffusion_shortcuts.prune.compare import generate
@@ -57,7 +61,12 @@ def run_model(name: str, samples: int, steps: int, iterations: int, trick: int, 
 
     curves = result.setdefault("curves", {})
 
+    def wanted(label: str) -> bool:
+        return only is None or label in only
+
     def record(label: str, points: list[dict]) -> None:
+        if not wanted(label):
+            return
         curves[label] = points
         for point in points:
             print(f"{name} {label}: {point}", flush=True)
@@ -67,6 +76,8 @@ def run_model(name: str, samples: int, steps: int, iterations: int, trick: int, 
         """A search of ``count`` iterations whose gates are snapshotted ``snapshots`` times (with the wall-clock
         seconds so far, plus ``extra_seconds``: a calibration before it), each judged after the search; where the
         search had a start, also its validated result (the better of the start and the searched table)."""
+        if not wanted(label):
+            return
         every = max(1, count // snapshots)
         taken, started = [], time.perf_counter()
 
@@ -97,13 +108,15 @@ def run_model(name: str, samples: int, steps: int, iterations: int, trick: int, 
     example = torch.zeros(1, *sampler.sample_shape)
     rule = ds.prune.CacheSchedule.every_for_ratio(sampler.timesteps, ds.prune.profile(sampler.model, example,
                                                   conditions[:1]), RATIO)
-    record("rule", [{"iteration": 0, "seconds": 0.0, "macs_ratio": rule.macs_ratio, "ssim": judged(rule)}])
+    if wanted("rule"):
+        record("rule", [{"iteration": 0, "seconds": 0.0, "macs_ratio": rule.macs_ratio, "ssim": judged(rule)}])
     started = time.perf_counter()
     calibrated = ds.prune.calibrate(sampler, conditions, macs=1 - RATIO, batch_size=8)
     calibration_seconds = time.perf_counter() - started
     result["calibration_seconds"] = calibration_seconds
-    record("calibrated", [{"iteration": 0, "seconds": calibration_seconds, "macs_ratio": calibrated.macs_ratio,
-                           "ssim": judged(calibrated)}])
+    if wanted("calibrated"):
+        record("calibrated", [{"iteration": 0, "seconds": calibration_seconds,
+                               "macs_ratio": calibrated.macs_ratio, "ssim": judged(calibrated)}])
     search("combined", short, 2, calibration_seconds, training_set=16, start=calibrated, validation=8,
            objective=ds.prune.Objective("latent"))
     search("default", iterations, 4)
@@ -112,6 +125,7 @@ def run_model(name: str, samples: int, steps: int, iterations: int, trick: int, 
                             ("step+block", dict(granularity="step+block")),
                             (f"{steps * 2 // 5} steps", dict(search_steps=steps * 2 // 5))):
         search(label, trick, 4, **settings)
+    search("new default", short, 2, calibration_seconds, start=calibrated, validation=8, granularity="step+block")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -147,18 +161,25 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--models", nargs="*", default=["digits-unet", "digits-dit"])
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run these variants only, added to the results file's other variants")
     args = parser.parse_args()
     samples, steps, iterations, trick, short = (16, 10, 8, 4, 4) if args.tiny else (args.samples, 50, 200, 100, 40)
     out = RESULTS / ("search_cost_tiny.json" if args.tiny else "search_cost.json")
     results: dict = {}
+    earlier: list[str] = []
+    if args.only and out.exists():
+        previous = json.loads(out.read_text())
+        results, earlier = previous["models"], previous.get("earlier_commands", []) + [previous["command"]]
 
     def save() -> None:
-        write_results(out, "search_cost", {"samples": samples, "steps": steps, "ratio": RATIO, "models": results})
+        write_results(out, "search_cost", {"samples": samples, "steps": steps, "ratio": RATIO, "models": results,
+                                           **({"earlier_commands": earlier} if earlier else {})})
         plot(results, out.with_suffix(".png"))
 
     for name in args.models:
-        results[name] = {}
-        run_model(name, samples, steps, iterations, trick, short, results[name], save)
+        results.setdefault(name, {})
+        run_model(name, samples, steps, iterations, trick, short, results[name], save, args.only)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ FLAGS = {
                               "iteration (0: fresh samples and their full-model images every iteration, DiP-GO's)"),
     "granularity": dict(choices=["block", "step", "step+block"], default="block",
                         help="what one gate decides: a block at a step (DiP-GO's), a whole step, or whole steps for "
-                             "the first half of the iterations and blocks after"),
+                             "the first half of the iterations and blocks after (prune's default)"),
     "search_steps": dict(type=number(int, 0, 10_000), default=0,
                          help="search at this many steps (cheaper), the schedule read at --steps from the gates' "
                               "keep scores (0: at --steps)"),
@@ -191,10 +191,10 @@ VERBS = {
                       seed=None, guidance=None, noise_prior=None, labels="null", schedule=None, strict_schedule=None,
                       compile=None, out=None)),
     "prune": ("learn a cache schedule (DiP-GO) and compare it with the full model",
-              dict(**MODEL, labels=None, ratio=None, iterations=200, batch_size=2, lr=0.01, gradient="checkpointed",
+              dict(**MODEL, labels=None, ratio=None, iterations=40, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
                    start_every=None, start_from="calibrated", objective=None, validation=None, lora=None, resume=None,
-                   training_set=None, granularity=None, search_steps=None, calibrate_only=None, calibration_batch=None,
+                   training_set=None, granularity="step+block", search_steps=None, calibrate_only=None, calibration_batch=None,
                    calibration_generations=None,
                    compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
