@@ -72,3 +72,12 @@ def diffusers_hooks(model, apply):
                     module._diffusers_hook.remove_hook(name, recurse=False)
             HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
     return context
+
+
+def finish_panel(ax, title: str, xlabel: str, ylabel: str = "SSIM to the full model") -> None:
+    """A curve panel's title, axis labels, grid and legend, as every benchmark figure draws them."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, diffusers_hooks, write_results  # noqa: E402
+from _common import RESULTS, diffusers_hooks, finish_panel, write_results  # noqa: E402
 
 INTERVALS = (3, 5, 7, 10)
 FBC_THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.4)
@@ -117,11 +117,7 @@ def plot(results: dict, path: Path) -> None:
         for method, points in sorted(by_method.items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-        ax.set_title(name)
-        ax.set_xlabel("MACs kept (of the full model)")
-        ax.set_ylabel("SSIM to the full model")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_panel(ax, name, "MACs kept (of the full model)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

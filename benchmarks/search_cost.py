@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, write_results  # noqa: E402
+from _common import RESULTS, finish_panel, write_results  # noqa: E402
 
 RATIO = 0.8
 
@@ -147,11 +147,7 @@ def plot(results: dict, path: Path) -> None:
                     ax.scatter([p["seconds"]], [p["ssim"]], marker="*", s=160, color=line.get_color(),
                                label=f"{label}, validated ({p['kept']} kept)")
         ax.set_xscale("log")
-        ax.set_title(f"{name}, ratio {RATIO}")
-        ax.set_xlabel("seconds to make the schedule (log)")
-        ax.set_ylabel("SSIM to the full model")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_panel(ax, f"{name}, ratio {RATIO}", "seconds to make the schedule (log)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
