@@ -133,6 +133,27 @@ def test_a_dead_worker_is_one_line_naming_the_checkpoint_and_resume(tmp_path):
                             "--resume to continue")
 
 
+def test_sigterm_from_the_launcher_is_one_line_naming_the_checkpoint(monkeypatch, tmp_path):
+    """torchrun's agent SIGTERMs the processes left when one exits, often before their next collective fails: under
+    a launch, SIGTERM raises LaunchStopped in the command (one line, what was kept), and the handler before it comes
+    back after; outside a launch SIGTERM is left alone."""
+    import signal
+
+    from diffusion_shortcuts.failures import explain
+
+    before = signal.getsignal(signal.SIGTERM)
+    with distributed.sigterm_stops_the_command():
+        assert signal.getsignal(signal.SIGTERM) is before  # not launched: untouched
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    with pytest.raises(distributed.LaunchStopped) as stopped:
+        with distributed.sigterm_stops_the_command():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+    assert signal.getsignal(signal.SIGTERM) is before
+    line, code = explain("prune", stopped.value, {"out": tmp_path}, {})
+    assert code == 1 and line.startswith("a process of the launch failed (the launcher stopped this one with SIGTERM")
+
+
 def processes_naming(text: str) -> list[int]:
     """The ids of the running processes whose command line holds ``text``."""
     found = []

@@ -194,9 +194,8 @@ VERBS = {
               dict(**MODEL, labels=None, ratio=None, iterations=40, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
                    start_every=None, start_from="calibrated", objective=None, validation=None, lora=None, resume=None,
-                   training_set=None, granularity="step+block", search_steps=None, calibrate_only=None, calibration_batch=None,
-                   calibration_generations=None,
-                   compile=None, out=None)),
+                   training_set=None, granularity="step+block", search_steps=None, calibrate_only=None,
+                   calibration_batch=None, calibration_generations=None, compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",
                       iterations=None, batch_size=None, lr=1e-3, steps=None, guidance=None, seed=None, ema=None,
@@ -320,7 +319,7 @@ def _main(argv: list[str] | None, interrupted: threading.Event) -> int:
         return _fail(args.verb, alone, 2)
     given = {**flags, "out": args.out}  # run_verb takes the model's flags out of ``flags``
     try:
-        with OutputFolder(args.out) as out:
+        with distributed.sigterm_stops_the_command(), OutputFolder(args.out) as out:
             metrics = run_verb(args.verb, flags, out, interrupted)
             if metrics:  # empty on the other processes of an `accelerate launch` run: the main one writes
                 write_metrics(out, metrics)

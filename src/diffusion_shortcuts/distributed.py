@@ -20,8 +20,10 @@ Two ways to share work, both deterministic whatever P is:
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
 import re
+import signal
 import threading
 import time
 
@@ -90,6 +92,29 @@ def watch_the_launcher(every: float = 1.0) -> None:
         _thread.interrupt_main()
 
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+class LaunchStopped(RuntimeError):
+    """The launcher sent this process SIGTERM: torchrun's agent does so to every process left when one exits (or
+    when it is stopped itself), often before the survivors' next collective would have told them."""
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_command():
+    """In a process of a multi-process launch, for the duration: SIGTERM raises :class:`LaunchStopped` in the main
+    thread, so that the command says in one line what was kept instead of dying silently."""
+    if not launched() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise LaunchStopped("the launcher stopped this process with SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def launcher_gone() -> bool:

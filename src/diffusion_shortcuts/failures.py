@@ -68,6 +68,9 @@ def explain(verb: str, exc: BaseException, flags: dict, verb_flags) -> tuple[str
     if isinstance(exc, KeyboardInterrupt):
         why = "the accelerate launcher of this process died" if distributed.launcher_gone() else "interrupted"
         return f"{why}; {what_was_kept(verb, out)}", 130
+    if isinstance(exc, distributed.LaunchStopped):
+        return (f"a process of the launch failed (the launcher stopped this one with SIGTERM, as it does when another "
+                f"exits or it is stopped itself); {what_was_kept(verb, out)}", 1)
     if distributed.peer_failed(exc):
         return f"a process of the launch failed ({distributed.peer_failure_reason(exc)}); {what_was_kept(verb, out)}", 1
     if type(exc).__name__ == "OutOfMemoryError":
