@@ -14,10 +14,13 @@ make (snapshots of the gates taken during each search, judged after it; the judg
   so this measures the objective, not a saving), ``step+block`` (step-level gates for 50 iterations, then block-level
   ones from that table), ``20 steps`` (the search at 20 steps, the schedule read at 50);
 - ``calibrated``: ``ds.prune.calibrate`` alone, one generation of 8 samples (no search);
-- ``combined``: a search started from the calibrated table with the fixed training set and the latent objective,
-  40 iterations, ended by the start validation on 8 fresh samples (the better of the two kept; the star);
-- ``new default``: ``prune``'s defaults now: from the calibrated table, ``step+block`` gates, 40 iterations, the
-  start validation (``--only "new default"`` runs one variant and adds it to the results file).
+- ``new default`` (``prune``'s defaults now): a search started from the calibrated table with the fixed training set
+  and the latent objective, 40 iterations, ended by the start validation on 8 fresh samples (the better of the two
+  kept; the star);
+- ``calibrated + step+block``: the same start with ``step+block`` gates instead, 40 iterations, the validation.
+
+``--only VARIANT ...`` runs those variants and adds them to the results file. (The committed results were made with
+these two named ``combined`` and ``new default``; ``labels_renamed`` in the JSON says so.)
 
 Results: benchmarks/results/search_cost.json and search_cost.png, written after every variant.
 """
@@ -117,7 +120,7 @@ def run_model(name: str, samples: int, steps: int, iterations: int, trick: int, 
     if wanted("calibrated"):
         record("calibrated", [{"iteration": 0, "seconds": calibration_seconds,
                                "macs_ratio": calibrated.macs_ratio, "ssim": judged(calibrated)}])
-    search("combined", short, 2, calibration_seconds, training_set=16, start=calibrated, validation=8,
+    search("new default", short, 2, calibration_seconds, training_set=16, start=calibrated, validation=8,
            objective=ds.prune.Objective("latent"))
     search("default", iterations, 4)
     for label, settings in (("training set", dict(training_set=16)),
@@ -125,7 +128,8 @@ def run_model(name: str, samples: int, steps: int, iterations: int, trick: int, 
                             ("step+block", dict(granularity="step+block")),
                             (f"{steps * 2 // 5} steps", dict(search_steps=steps * 2 // 5))):
         search(label, trick, 4, **settings)
-    search("new default", short, 2, calibration_seconds, start=calibrated, validation=8, granularity="step+block")
+    search("calibrated + step+block", short, 2, calibration_seconds, start=calibrated, validation=8,
+           granularity="step+block")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -135,13 +139,16 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    labels = list(dict.fromkeys(label for result in results.values() for label in result["curves"]))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour a variant in every panel
     for ax, (name, result) in zip(axes[0], results.items()):
         for label, points in result["curves"].items():
             if points and points[0]["seconds"] == 0.0:  # no cost: a level to compare with
                 ax.axhline(points[0]["ssim"], linestyle="--", color="gray", label=f"{label} (no cost)")
                 continue
             shown = [p for p in points if not p.get("validated")]
-            line, = ax.plot([p["seconds"] for p in shown], [p["ssim"] for p in shown], marker="o", label=label)
+            line, = ax.plot([p["seconds"] for p in shown], [p["ssim"] for p in shown], marker="o", label=label,
+                            color=colours[label])
             for p in points:
                 if p.get("validated"):
                     ax.scatter([p["seconds"]], [p["ssim"]], marker="*", s=160, color=line.get_color(),
