@@ -95,10 +95,10 @@ FLAGS = {
                        "at --ratio on one full generation (as --calibrate-only makes it); `full`, the full model "
                        "(DiP-GO's); or a schedule (a file, a folder holding one, or zoo / zoo:RATIO): a refit, e.g. "
                        "of the base model's schedule on a --lora"),
-    "objective": dict(default="ssim", help="what the gates keep: ssim (the full model's images, DiP-GO's), latent "
-                      "(its final latents: no VAE decode in the search), reward:SPEC (the reward of the full model's "
-                      "sample from the same noise, as a hinge on its drop) or ssim+reward:SPEC:W (both, the reward's "
-                      "term weighted W)"),
+    "objective": dict(default="latent", help="what the gates keep: latent (the full model's final latents, the "
+                      "default: no VAE decode in the search), ssim (its images, DiP-GO's), reward:SPEC (the reward "
+                      "of the full model's sample from the same noise, as a hinge on its drop) or ssim+reward:SPEC:W "
+                      "(both, the reward's term weighted W)"),
     "validation": dict(type=number(int, 1, 100_000), default=8,
                        help="fresh samples on which the search compares its table with the table it started from "
                             "and keeps the better; more for a reward's small differences"),
@@ -141,12 +141,13 @@ FLAGS = {
     "dtype": dict(choices=["float32", "bfloat16", "float16"], default="float32",
                   help="precision of the denoiser, text encoders and VAE; trained tensors stay float32"),
     "vae_checkpointing": dict(action="store_true", help="decode with VAE gradient checkpointing (less memory)"),
-    "training_set": dict(type=number(int, 0, 1_000_000), default=0,
+    "training_set": dict(type=number(int, 0, 1_000_000), default=None,
                          help="a fixed set of N samples whose full-model images are made once and reused every "
-                              "iteration (0: fresh samples and their full-model images every iteration, DiP-GO's)"),
+                              "iteration (default 16, or an iteration's batch where larger; 0: fresh samples and their "
+                              "full-model images every iteration, DiP-GO's)"),
     "granularity": dict(choices=["block", "step", "step+block"], default="block",
                         help="what one gate decides: a block at a step (DiP-GO's), a whole step, or whole steps for "
-                             "the first half of the iterations and blocks after (prune's default)"),
+                             "the first half of the iterations and blocks after"),
     "search_steps": dict(type=number(int, 0, 10_000), default=0,
                          help="search at this many steps (cheaper), the schedule read at --steps from the gates' "
                               "keep scores (0: at --steps)"),
@@ -194,7 +195,7 @@ VERBS = {
               dict(**MODEL, labels=None, ratio=None, iterations=40, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
                    start_every=None, start_from="calibrated", objective=None, validation=None, lora=None, resume=None,
-                   training_set=None, granularity="step+block", search_steps=None, calibrate_only=None,
+                   training_set=None, granularity=None, search_steps=None, calibrate_only=None,
                    calibration_batch=None, calibration_generations=None, compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",

@@ -21,6 +21,8 @@ from .metrics import FID_MIN_SAMPLES, Timer, accuracy, peak_memory_mb
 from .subjects import JUDGE
 from .usage import UsageError
 
+DEFAULT_TRAINING_SET = 16  # prune's fixed training set: what benchmarks/search_cost.py measured best with
+
 SDO_DEMO_MODEL = "digits-dit"
 
 
@@ -214,7 +216,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
                  guidance: float | None = None, reuse_mode: str = "copy", start_every: int | str | None = None,
                  start_from: str | None = None, objective: str = "ssim", validation: int = 8,
                  compile: bool = False, calibrate_only: bool = False, calibration_batch: int | None = None,
-                 calibration_generations: int = 1, training_set: int = 0, granularity: str = "block",
+                 calibration_generations: int = 1, training_set: int | None = 0, granularity: str = "block",
                  search_steps: int = 0) -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
     ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
@@ -278,6 +280,8 @@ def searched_schedule(out: Path, subject, sampler, conditions, distinct, *, rati
 
     policy = parse_gradient(gradient)
     check_resume(resume, out, "search_checkpoint.pt")
+    if training_set is None:  # prune's default: 16 samples, at least one iteration's global batch
+        training_set = max(DEFAULT_TRAINING_SET, batch_size * distributed.num_processes())
     start = None  # --start-from full (or none given through the library): DiP-GO's start, the full model
     if start_every is None and start_from == "calibrated":
         start, _ = calibrated_schedule(sampler, conditions, ratio, reuse_mode, None, 1, seed)
