@@ -6,8 +6,8 @@ On each zoo model (DDIM 50, its guidance, the ten labels), a spread of tables (t
 calibrated table by steps and by blocks at 0.15-0.4 of the MACs) is judged twice on the same seeds against the full
 model: by the search's latent objective (relative squared distance of the final latents, no decoding) and by SSIM of
 the decoded images. The agreement is Spearman's rank correlation of the two over the tables (distance ascending
-against SSIM descending) and the fraction of table pairs both order the same way. The zoo's decoders are
-``x / 2 + 0.5``: this measures the objective, not a VAE. Results: benchmarks/results/latent_objective.json.
+against SSIM descending) and the fraction of table pairs both order the same way (ties with ties). The zoo's
+decoders are ``x / 2 + 0.5``: this measures the objective, not a VAE. Results: benchmarks/results/latent_objective.json.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ from _common import RESULTS, write_results  # noqa: E402
 
 
 def ranks(values: list[float]) -> np.ndarray:
-    return np.argsort(np.argsort(values)).astype(float)
+    """Ranks from 0, ties sharing their mean rank (as Spearman's coefficient takes them)."""
+    values = np.asarray(values)
+    order = np.argsort(values, kind="stable")
+    out = np.empty(len(values))
+    out[order] = np.arange(len(values), dtype=float)
+    for value in np.unique(values):
+        tied = values == value
+        out[tied] = out[tied].mean()
+    return out
 
 
 def run_model(name: str, samples: int, steps: int) -> dict:
@@ -62,7 +70,7 @@ def run_model(name: str, samples: int, steps: int) -> dict:
     distance, quality = [r["latent_distance"] for r in rows], [-r["ssim"] for r in rows]
     spearman = float(np.corrcoef(ranks(distance), ranks(quality))[0, 1])
     pairs = list(itertools.combinations(range(len(rows)), 2))
-    same = sum((distance[i] - distance[j]) * (quality[i] - quality[j]) > 0 for i, j in pairs) / len(pairs)
+    same = sum(np.sign(distance[i] - distance[j]) == np.sign(quality[i] - quality[j]) for i, j in pairs) / len(pairs)
     return {"rows": rows, "spearman": spearman, "pairs_ordered_alike": same}
 
 
