@@ -39,6 +39,7 @@ from ..checkpoints import Checkpoint, configured, make_optimizer, settings_of
 from ..loop import LoopState, iteration_generator, run_loop
 from ..families import adapter_id, unwrap
 from ..metrics import Timer
+from ..usage import whole_number
 from .blocks import BlockProfile, profile
 from .objective import Objective
 from .pruner import KEEP, REUSE, Pruner
@@ -189,17 +190,11 @@ def _check_search_args(config: SearchConfig, conditions, shape) -> None:
     if not 0.0 < config.ratio < 1.0:
         raise ValueError(f"ratio must be in (0, 1), got {config.ratio}")
     for name in ("iterations", "batch_size", "target_batch", "validation"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        whole_number(name, getattr(config, name))
     if config.granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {config.granularity!r}")
-    steps = config.search_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"search_steps must be a whole number >= 0 (0: the sampler's steps), got {steps!r}")
-    size = config.training_set
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(f"training_set must be a whole number >= 0 (0: fresh noise every iteration), got {size!r}")
+    whole_number("search_steps", config.search_steps, 0, "0: the sampler's steps")
+    size = whole_number("training_set", config.training_set, 0, "0: fresh noise every iteration")
     if 0 < size < config.batch_size * distributed.num_processes():
         raise ValueError(f"training_set {size} is smaller than an iteration's batch of "
                          f"{config.batch_size * distributed.num_processes()}")
