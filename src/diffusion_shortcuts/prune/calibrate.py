@@ -27,6 +27,7 @@ import time
 import torch
 
 from .. import conditions as C
+from ..usage import whole_number
 from .blocks import profile
 from .forecast import FORECASTERS, REUSE_MODES
 from .schedule import TOLERANCE, CacheSchedule, handovers
@@ -156,22 +157,7 @@ def calibrate(sampler, conditions, macs: float = 0.3, *, generations: int = 1, b
         window: the farthest back (in steps) a reuse may reach.
     """
     sampler, conditions = _sampler_and_conditions(sampler, conditions, num_inference_steps, height, width)
-    if not isinstance(macs, (int, float)) or not 0.0 < macs <= 1.0:
-        raise CalibrationError(f"macs must be in (0, 1] (the fraction of the MACs kept), got {macs!r}")
-    if mode not in REUSE_MODES:
-        raise CalibrationError(f"mode must be one of {', '.join(REUSE_MODES)}, got {mode!r}")
-    if granularity not in GRANULARITIES:
-        raise CalibrationError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    for name, value, low in (("generations", generations, 1), ("warmup", warmup, 1), ("window", window, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise CalibrationError(f"{name} must be a whole number >= {low}, got {value!r}")
-    rows = C.count(conditions) if conditions is not None else 1
-    batch = min(rows, 8) if batch_size is None else batch_size
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise CalibrationError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    if conditions is not None and rows < batch:
-        raise CalibrationError(f"the calibration set has {rows} conditions, fewer than the batch of {batch}: give "
-                               "more conditions (prompts, labels) or a smaller batch")
+    batch = _checked_batch(conditions, macs, mode, granularity, generations, warmup, window, batch_size)
     from .apply import gated
 
     timesteps = [float(t) for t in sampler.timesteps]
@@ -189,12 +175,7 @@ def calibrate(sampler, conditions, macs: float = 0.3, *, generations: int = 1, b
     with torch.no_grad():
         net.attach()
         try:
-            for g in range(generations):
-                gen = torch.Generator().manual_seed(seed + g)
-                noise = torch.randn((batch, *sampler.sample_shape), generator=gen).to(device)
-                cond = C.take(conditions, torch.arange(g * batch, (g + 1) * batch) % rows) \
-                    if conditions is not None else None
-                sampler(noise, cond)
+            _generate(sampler, conditions, batch, generations, seed, device)
         finally:
             net.detach()
     table = errors.table()
@@ -206,16 +187,8 @@ def calibrate(sampler, conditions, macs: float = 0.3, *, generations: int = 1, b
         return CacheSchedule.from_table(reuse, timesteps, prof, method=f"calibrated({granularity})").with_mode(mode)
 
     finite = table[torch.isfinite(table)]
-    lo, hi = -1.0, float(finite.max()) + 1.0 if finite.numel() else 1.0  # keeps everything / reuses all it can
-    best = min((lo, hi), key=lambda th: abs(schedule(th).macs_ratio - macs))
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        kept = schedule(mid).macs_ratio
-        if abs(kept - macs) < abs(schedule(best).macs_ratio - macs):
-            best = mid
-        if abs(kept - macs) <= tolerance:
-            break
-        lo, hi = (mid, hi) if kept > macs else (lo, mid)
+    high = float(finite.max()) + 1.0 if finite.numel() else 1.0  # reuses all it can; -1 keeps everything
+    best = _bisected_threshold(lambda th: schedule(th).macs_ratio, -1.0, high, macs, tolerance)
     result = schedule(best)
     if boundary is not None:
         result = result.for_experts(sampler.expert_names, boundary)
@@ -223,3 +196,46 @@ def calibrate(sampler, conditions, macs: float = 0.3, *, generations: int = 1, b
                        generations=generations, batch=batch, warmup=warmup, window=window, granularity=granularity,
                        seconds=time.perf_counter() - started)
     return result
+
+
+def _checked_batch(conditions, macs, mode: str, granularity: str, generations, warmup, window, batch_size) -> int:
+    """The calibration's batch (default: one per condition, at most 8), every argument checked first."""
+    if not isinstance(macs, (int, float)) or not 0.0 < macs <= 1.0:
+        raise CalibrationError(f"macs must be in (0, 1] (the fraction of the MACs kept), got {macs!r}")
+    if mode not in REUSE_MODES:
+        raise CalibrationError(f"mode must be one of {', '.join(REUSE_MODES)}, got {mode!r}")
+    if granularity not in GRANULARITIES:
+        raise CalibrationError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    for name, value in (("generations", generations), ("warmup", warmup), ("window", window)):
+        whole_number(name, value, 1, error=CalibrationError)
+    rows = C.count(conditions) if conditions is not None else 1
+    batch = whole_number("batch_size", min(rows, 8) if batch_size is None else batch_size, 1, error=CalibrationError)
+    if conditions is not None and rows < batch:
+        raise CalibrationError(f"the calibration set has {rows} conditions, fewer than the batch of {batch}: give "
+                               "more conditions (prompts, labels) or a smaller batch")
+    return batch
+
+
+def _generate(sampler, conditions, batch: int, generations: int, seed: int, device) -> None:
+    """``generations`` full generations of ``batch`` samples (noise from ``seed + g``, conditions cycled), for the
+    observer to measure."""
+    rows = C.count(conditions) if conditions is not None else 1
+    for g in range(generations):
+        noise = torch.randn((batch, *sampler.sample_shape), generator=torch.Generator().manual_seed(seed + g))
+        cond = C.take(conditions, torch.arange(g * batch, (g + 1) * batch) % rows) if conditions is not None else None
+        sampler(noise.to(device), cond)
+
+
+def _bisected_threshold(kept_at, low: float, high: float, macs: float, tolerance: float) -> float:
+    """The threshold whose table keeps the MACs fraction nearest ``macs`` (``kept_at(threshold)``, falling as the
+    threshold rises), bisected between ``low`` (keeps everything) and ``high`` until within ``tolerance``."""
+    best, best_gap = min(((th, abs(kept_at(th) - macs)) for th in (low, high)), key=lambda pair: pair[1])
+    for _ in range(60):
+        mid = (low + high) / 2
+        kept = kept_at(mid)
+        if abs(kept - macs) < best_gap:
+            best, best_gap = mid, abs(kept - macs)
+        if abs(kept - macs) <= tolerance:
+            break
+        low, high = (mid, high) if kept > macs else (low, mid)
+    return best
