@@ -90,16 +90,17 @@ def searched_schedule(out: Path, subject, sampler, conditions, distinct, *, rati
     check_resume(resume, out, "search_checkpoint.pt")
     if training_set is None:  # prune's default: 16 samples, at least one iteration's global batch
         training_set = max(DEFAULT_TRAINING_SET, batch_size * distributed.num_processes())
-    start = None  # --start-from full (or none given through the library): DiP-GO's start, the full model
-    if start_every is None and start_from == "calibrated":
-        start, _ = calibrated_schedule(sampler, conditions, ratio, reuse_mode, None, 1, seed)
-    elif start_every is None and start_from not in (None, "full"):
-        start = load_schedule(start_from, subject, sampler, True, "--start-from")
     if start_every is not None:
         example = torch.zeros(1, *sampler.sample_shape, device=subject.device)
         prof = profile(sampler.model, example, C.first(conditions))
         start = (CacheSchedule.every_for_ratio(sampler.timesteps, prof, ratio) if start_every == "auto" else
                  CacheSchedule.every(sampler.timesteps, prof, start_every))
+    elif start_from in (None, "full"):  # DiP-GO's start, the full model (None: through the library)
+        start = None
+    elif start_from == "calibrated":  # train_pruner calibrates at the search's ratio, mode and seed
+        start = "calibrated"
+    else:
+        start = load_schedule(start_from, subject, sampler, True, "--start-from")
     try:
         result = train_pruner(sampler, conditions, ratio, iterations=iterations, batch_size=batch_size, lr=lr,
                               gradient=policy, seed=seed, checkpoint_dir=out, checkpoint_every=checkpoint_every,
