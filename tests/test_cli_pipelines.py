@@ -354,7 +354,8 @@ def test_finetune_refits_a_schedule_ships_it_beside_the_lora_and_prune_refits_on
 def test_the_stock_calls_guidance_arguments_carry_over_and_a_video_pipeline_is_refused_in_one_line(folders, tmp_path,
                                                                                                 capsys):
     """Flux with true CFG from the command line as from the stock call (--true-cfg-scale with --negative-prompt); the
-    flag refused where it does nothing; a video pipeline named, not a traceback."""
+    flag refused where it does nothing; video flags refused on an image model, a frame count the VAE cannot take named
+    with the counts it can."""
     flux = ["sample", "--model", folders / "flux", *PROMPTS, "--height", "16", "--width", "16", "--steps", "2",
             "--n", "2", "--negative-prompt", "blue sky"]
     code, err = run([*flux, "--true-cfg-scale", "2.5", "--out", tmp_path / "f"], capsys)
@@ -366,7 +367,11 @@ def test_the_stock_calls_guidance_arguments_carry_over_and_a_video_pipeline_is_r
          "--true-cfg-scale: sd-unet has no classifier-free guidance of its own; use --guidance"),
         (["sample", "--model", "digits-dit", "--true-cfg-scale", "2"],
          "--true-cfg-scale: digits-dit has no classifier-free guidance of its own"),
-        (["sample", "--model", folders / "wan", *PROMPTS], "a wan video pipeline; the command line's verbs take image"),
+        (["sample", "--model", folders / "wan", *PROMPTS, "--frames", "10"],
+         "--frames 10: wan's VAE takes 4k + 1 frames (such as 5, 9, 13, 17)"),
+        (["sample", "--model", folders / "sd", *PROMPTS, "--frames", "9"],
+         "--frames: StableDiffusionPipeline (sd-unet) makes images, not videos"),
+        (["sample", "--model", "digits-dit", "--fps", "8"], "--fps: digits-dit makes images, not videos"),
     ]
     for argv, needle in refusals:
         code, err = run([*argv, "--out", tmp_path / "refused"], capsys)

@@ -137,6 +137,10 @@ FLAGS = {
                       help="a diffusers scheduler made from the pipeline's scheduler config (default: the pipeline's)"),
     "height": dict(type=number(int, 8, 8192), default=None, help="image height in pixels (default: the model's)"),
     "width": dict(type=number(int, 8, 8192), default=None, help="image width in pixels (default: the model's)"),
+    "frames": dict(type=number(int, 1, 100_000), default=None,
+                   help="frames of each video, for a video pipeline (default: the model's; Wan's VAE takes 4k + 1)"),
+    "fps": dict(type=number(int, 1, 240), default=None,
+                help="frame rate of the MP4s a video pipeline's videos are written as (default: the model card's)"),
     "device": dict(choices=["auto", "cpu", "cuda"], default="auto"),
     "dtype": dict(choices=["float32", "bfloat16", "float16"], default="float32",
                   help="precision of the denoiser, text encoders and VAE; trained tensors stay float32"),
@@ -178,7 +182,7 @@ EXCLUDES = {
                         "search_steps"), "a calibration searches nothing"),
 }
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, true_cfg_scale=None, scheduler=None,
-             height=None, width=None, device=None, dtype=None)
+             height=None, width=None, frames=None, fps=None, device=None, dtype=None)
 TRAIN = dict(vae_checkpointing=None)  # for the verbs that backpropagate through the decoder
 
 VERBS = {

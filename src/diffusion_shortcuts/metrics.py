@@ -77,9 +77,68 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5,
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """PSNR in dB per image, shape (B,)."""
+    """PSNR in dB per image, shape (B,). Videos ``(B, C, F, H, W)``: the mean of their frames' PSNR."""
+    if a.shape != b.shape:
+        raise ValueError(f"psnr needs two tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.ndim == 5:
+        return frame_psnr(a, b, data_range).mean(1)
     mse = (a - b).flatten(1).square().mean(1).clamp(min=1e-12)
     return 10 * torch.log10(data_range ** 2 / mse)
+
+
+def _check_videos(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape or a.ndim != 5:
+        raise ValueError(f"{name} needs two (B, C, F, H, W) videos of one shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+
+
+def _frames(video: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B * F, C, H, W), the frames of each video in order."""
+    return video.transpose(1, 2).flatten(0, 1)
+
+
+def frame_ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SSIM of each frame of two batches of videos, shape (B, F)."""
+    _check_videos("frame_ssim", a, b)
+    return ssim(_frames(a), _frames(b)).view(a.shape[0], a.shape[2])
+
+
+def frame_psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """PSNR in dB of each frame of two batches of videos, shape (B, F)."""
+    _check_videos("frame_psnr", a, b)
+    return psnr(_frames(a), _frames(b), data_range).view(a.shape[0], a.shape[2])
+
+
+def temporal_error(video: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """How differently a video moves from its reference, per video (B,): the mean absolute difference of their
+    frame-to-frame changes, ``mean |(v[f+1] - v[f]) - (r[f+1] - r[f])|``, in the pixels' units. 0 when the video
+    changes from frame to frame exactly as the reference does, whatever each frame's own error (which SSIM and PSNR
+    measure); a cache that freezes or jitters frames raises it."""
+    _check_videos("temporal_error", video, reference)
+    if video.shape[2] < 2:
+        raise ValueError(f"temporal_error needs videos of at least 2 frames, got {video.shape[2]}")
+    change, reference_change = video.diff(dim=2), reference.diff(dim=2)
+    return (change - reference_change).abs().flatten(1).mean(1)
+
+
+def latent_distance(latents: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The relative squared distance of final latents to a reference's, per sample (B,): ``|z - z_ref|^2 /
+    |z_ref|^2``; no decode, so the same figure for images and videos, and the search's ``latent`` objective."""
+    if latents.shape != reference.shape:
+        raise ValueError(f"latent_distance needs two tensors of one shape, got {tuple(latents.shape)} and "
+                         f"{tuple(reference.shape)}")
+    return (latents - reference).flatten(1).square().sum(1) / reference.flatten(1).square().sum(1).clamp_min(1e-12)
+
+
+def quality_to(samples: torch.Tensor, reference: torch.Tensor) -> dict:
+    """What a schedule (or any change) keeps of a reference's samples, as figures: mean SSIM and PSNR (of the frames,
+    for videos), and for videos the per-frame SSIM (the mean over the batch, frame by frame) and the temporal error."""
+    figures = {"ssim": float(ssim(samples, reference).mean()), "psnr": float(psnr(samples, reference).mean())}
+    if samples.ndim == 5:
+        figures["ssim_per_frame"] = [round(float(v), 5) for v in frame_ssim(samples, reference).mean(0)]
+        if samples.shape[2] > 1:
+            figures["temporal_error"] = float(temporal_error(samples, reference).mean())
+    return figures
 
 
 @torch.library.custom_op("diffusion_shortcuts::attention", mutates_args=())

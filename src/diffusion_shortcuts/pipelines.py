@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .families import TEXT, UnknownModelError, denoiser_of, family_of, vae_scale
+from .families import TEXT, UnknownModelError, denoiser_of, family_of, latent_frames, vae_scale, vae_time_scale
 from .loading import quiet_loading
 from .sampling import Sampler
 
@@ -74,6 +74,23 @@ class PipelineModel:
     negative_prompt: str | None = None
     sample_size: tuple[int, int] | None = None   # (height, width) of the images, None: the model's default
     true_cfg_scale: float | None = None          # the stock call's, None: its default (with a negative prompt)
+    frames: int | None = None                    # frames of a video pipeline's videos, None: the model's default
+    fps: int | None = None                       # their frame rate in the MP4s, None: the family's
+
+    @property
+    def video(self) -> bool:
+        return self.family.latent_layout != "CHW"
+
+    @property
+    def num_frames(self) -> int | None:
+        """Frames of each video (the decoded count), None for an image pipeline."""
+        if not self.video:
+            return None
+        return self.frames if self.frames is not None else self.family.default_video[0]
+
+    @property
+    def frame_rate(self) -> int | None:
+        return None if not self.video else self.fps or self.family.default_fps
 
     @property
     def name(self) -> str:
@@ -92,22 +109,27 @@ class PipelineModel:
         return self.family.conditioning == TEXT
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        channels, h, w = self.family.latent_shape(self.model)
-        if self.sample_size is None:
-            return channels, h, w
-        factor = vae_scale(self.pipe)
-        height, width = self.sample_size
-        multiple = factor * self.family.spatial_multiple(self.model)
-        if height % multiple or width % multiple:
-            raise ValueError(f"--height/--width {height}x{width}: must be multiples of {multiple} for "
-                             f"{self.family.name}")
-        return channels, height // factor, width // factor
+    def sample_shape(self) -> tuple[int, ...]:
+        """One latent's shape in the family's layout: ``(C, H, W)``, or with a frame axis for a video pipeline."""
+        layout = self.family.latent_layout
+        sizes = dict(zip(layout, self.family.latent_shape(self.model)))
+        if self.sample_size is not None:
+            factor = vae_scale(self.pipe)
+            height, width = self.sample_size
+            multiple = factor * self.family.spatial_multiple(self.model)
+            if height % multiple or width % multiple:
+                raise ValueError(f"--height/--width {height}x{width}: must be multiples of {multiple} for "
+                                 f"{self.family.name}")
+            sizes["H"], sizes["W"] = height // factor, width // factor
+        if self.frames is not None:
+            sizes["F"] = latent_frames(self.frames, vae_time_scale(self.pipe))
+        return tuple(sizes[axis] for axis in layout)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the decoded images: RGB at the latents' size times the VAE's downsampling."""
-        _, h, w = self.sample_shape
+        """(C, H, W) of the decoded images (of each frame, for a video pipeline): RGB at the latents' size times the
+        VAE's downsampling."""
+        h, w = self.sample_shape[-2:]
         factor = vae_scale(self.pipe)
         return 3, h * factor, w * factor
 
@@ -130,8 +152,12 @@ class PipelineModel:
 
 def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32", scheduler: str | None = None,
                   negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
-                  vae_checkpointing: bool = False, true_cfg_scale: float | None = None) -> PipelineModel:
+                  vae_checkpointing: bool = False, true_cfg_scale: float | None = None, frames: int | None = None,
+                  fps: int | None = None) -> PipelineModel:
     """A local pipeline folder, frozen, on ``device`` in ``dtype`` (see the module docstring).
+
+    ``frames`` and ``fps``: a video pipeline's frame count (what its VAE takes: ``4k + 1`` for Wan's) and the frame
+    rate its MP4s are written at; an image pipeline takes neither.
 
     ``vae_checkpointing``: decode through the VAE with gradient checkpointing (diffusers' own), so that the
     reward's gradient through a large decoder keeps the memory of one block; same gradient, more time.
@@ -160,9 +186,7 @@ def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32"
         family.check_pipeline(pipe)
     except (UnknownModelError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from None
-    if family.latent_layout != "CHW":
-        raise ValueError(f"{path}: a {family.name} video pipeline; the command line's verbs take image pipelines so "
-                         "far (in Python: ds.Sampler.from_pipeline(pipe) samples, steers and prunes it)")
+    check_frames(pipe, family, frames, fps)
     if true_cfg_scale is not None and not family.true_cfg:
         raise ValueError(f"--true-cfg-scale: {family.name} has no classifier-free guidance of its own; use --guidance")
     if true_cfg_scale is not None and true_cfg_scale != 1.0 and negative_prompt is None:
@@ -185,7 +209,22 @@ def load_pipeline(path: str | Path, device: str = "auto", dtype: str = "float32"
     if height is not None or width is not None:
         default = vae_scale(pipe) * family_of(model).latent_shape(model)[1]
         size = (height or default, width or default)
-    return PipelineModel(path, pipe, torch_device, DTYPES[dtype], negative_prompt, size, true_cfg_scale)
+    return PipelineModel(path, pipe, torch_device, DTYPES[dtype], negative_prompt, size, true_cfg_scale, frames, fps)
+
+
+def check_frames(pipe, family, frames: int | None, fps: int | None) -> None:
+    """One line naming ``--frames`` or ``--fps`` where the pipeline cannot take them: either on an image pipeline, or a
+    frame count its causal VAE cannot make (the first frame, then whole groups of ``time_scale``)."""
+    if family.latent_layout == "CHW":
+        for flag, value in (("--frames", frames), ("--fps", fps)):
+            if value is not None:
+                raise ValueError(f"{flag}: {type(pipe).__name__} ({family.name}) makes images, not videos")
+        return
+    scale = vae_time_scale(pipe)
+    if frames is not None and (frames < 1 or (frames - 1) % scale):
+        near = [n for n in range(max(1, frames - 2 * scale), frames + 2 * scale + 1) if (n - 1) % scale == 0]
+        raise ValueError(f"--frames {frames}: {family.name}'s VAE takes {scale}k + 1 frames (such as "
+                         f"{', '.join(map(str, near))})")
 
 
 def save_lora(pipe, folder: str | Path) -> Path:

@@ -41,6 +41,8 @@ class Subject(Protocol):
     default_guidance: float
     accuracy_judge: str | None       # the classifier behind judge()'s accuracy, None where there is none
     adapter: str | None              # the adapter (--lora) loaded onto the denoiser, None where there is none
+    num_frames: int | None           # frames of each video, None where the subject makes images
+    fps: int | None                  # the frame rate its videos are written at
 
     def conditions(self, n: int) -> Any: ...
     def distinct_conditions(self) -> Any: ...
@@ -60,6 +62,8 @@ class ZooSubject:
     """A zoo generator (or a DDPM/DiT folder): class labels, judged by the evaluation classifier."""
 
     adapter: str | None = None
+    num_frames: int | None = None
+    fps: int | None = None
 
     def __init__(self, model: zoo.ZooModel, labels: str = "0-9"):
         self.m, self.labels_text = model, labels
@@ -138,6 +142,7 @@ class PipelineSubject:
         self.default_guidance, self.conditional, self.device = model.family.default_guidance, True, model.device
         self.text = True
         self.accuracy_judge = None
+        self.num_frames, self.fps = model.num_frames, model.frame_rate
 
     def conditions(self, n: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
@@ -164,7 +169,7 @@ class PipelineSubject:
         return list(conditions)
 
     def reward_context(self) -> SpecContext:
-        return SpecContext(self.m.image_shape, True, str(self.device))
+        return SpecContext(self.m.image_shape, True, str(self.device), self.num_frames)
 
     def shipped_schedule(self, ratio: float):
         raise ValueError(f"{self.name} ships no schedule: pass a schedule file")
@@ -270,12 +275,12 @@ def load_adapter_file(model, path: Path, name: str) -> None:
 
 def load_subject(model: str, *, labels: str = "0-9", prompt=None, prompts=None, negative_prompt=None,
                  true_cfg_scale=None, scheduler=None, height=None, width=None, device="auto", dtype="float32",
-                 vae_checkpointing=False, lora=None):
+                 vae_checkpointing=False, lora=None, frames=None, fps=None):
     """A zoo name or a folder: a pipeline folder of a text family becomes a :class:`PipelineSubject`; ``lora``: an
-    adapter loaded onto its denoiser (``finetune``'s output)."""
+    adapter loaded onto its denoiser (``finetune``'s output); ``frames`` and ``fps``: a video pipeline's."""
     subject = _load_subject(model, labels=labels, prompt=prompt, prompts=prompts, negative_prompt=negative_prompt,
                             true_cfg_scale=true_cfg_scale, scheduler=scheduler, height=height, width=width,
-                            device=device, dtype=dtype, vae_checkpointing=vae_checkpointing)
+                            device=device, dtype=dtype, vae_checkpointing=vae_checkpointing, frames=frames, fps=fps)
     if lora is not None:
         subject.load_adapter(Path(lora))
         subject.adapter = str(lora)
@@ -283,11 +288,11 @@ def load_subject(model: str, *, labels: str = "0-9", prompt=None, prompts=None, 
 
 
 def _load_subject(model: str, *, labels, prompt, prompts, negative_prompt, true_cfg_scale, scheduler, height, width,
-                  device, dtype, vae_checkpointing):
+                  device, dtype, vae_checkpointing, frames, fps):
     texts = read_prompts(prompt, prompts)
     if is_pipeline_folder(model):
         pipeline = load_pipeline(model, device, dtype, scheduler, negative_prompt, height, width, vae_checkpointing,
-                                 true_cfg_scale)
+                                 true_cfg_scale, frames, fps)
         if pipeline.text:
             return PipelineSubject(pipeline, texts)
         if pipeline.family.conditioning == CLASS_NAMES and getattr(pipeline.pipe, "vae", None) is not None:
@@ -304,4 +309,7 @@ def _load_subject(model: str, *, labels, prompt, prompts, negative_prompt, true_
         raise SubjectError(f"--prompt: {model} takes class labels (--labels), not prompts")
     if true_cfg_scale is not None:
         raise SubjectError(f"--true-cfg-scale: {model} has no classifier-free guidance of its own; use --guidance")
+    for flag, value in (("--frames", frames), ("--fps", fps)):
+        if value is not None:
+            raise SubjectError(f"{flag}: {model} makes images, not videos")
     return ZooSubject(generator, labels)

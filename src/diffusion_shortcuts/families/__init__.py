@@ -20,7 +20,9 @@ import pkgutil
 from .base import (BATCHED, CFG, CLASS_NAMES, COND, EMBEDDED, LABELS, NONE, OUTPUT, RESIDUAL, SEPARATE, TEXT, UNCOND,
                    Family, TransformerFamily, UnknownModelError, VideoFamily, as_kwargs, output_of,
                    unwrap)
-from .registry import FAMILIES, adapter_id, denoiser_of, family_of, model_id, register, sample_shape, vae_scale
+from .base import decoded_frames, latent_frames
+from .registry import (FAMILIES, adapter_id, denoiser_of, family_of, model_id, register, sample_shape, vae_scale,
+                       vae_time_scale)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # each family module registers itself
     importlib.import_module(f"{__name__}.{_module}")
@@ -30,4 +32,4 @@ from .flux import flux_image_ids, pack_latents, unpack_latents  # noqa: E402
 __all__ = ["BATCHED", "CFG", "CLASS_NAMES", "COND", "EMBEDDED", "LABELS", "NONE", "OUTPUT", "RESIDUAL", "SEPARATE",
            "TEXT", "UNCOND", "Family", "TransformerFamily", "VideoFamily", "UnknownModelError", "as_kwargs",
            "output_of", "unwrap", "FAMILIES", "adapter_id", "denoiser_of", "family_of", "model_id", "register",
-           "sample_shape", "vae_scale", "flux_image_ids", "pack_latents", "unpack_latents"]
+           "sample_shape", "vae_scale", "vae_time_scale", "latent_frames", "decoded_frames", "flux_image_ids", "pack_latents", "unpack_latents"]

@@ -191,12 +191,29 @@ class VideoFamily(TransformerFamily):
     latent_layout = "CFHW"
     default_video: tuple[int, int, int] = (81, 480, 832)
     compression: tuple[int, int] = (4, 8)
+    default_fps: int = 16                 # the frame rate its videos are written at (the model card's)
+    prefix_decode: bool = False           # a prefix of latent frames decodes to the whole video's first frames
 
     def latent_shape(self, model) -> tuple[int, int, int, int]:
         (frames, height, width), (in_time, in_space) = self.default_video, self.compression
-        sizes = {"C": unwrap(model).config.in_channels, "F": (frames - 1) // in_time + 1, "H": height // in_space,
+        sizes = {"C": unwrap(model).config.in_channels, "F": latent_frames(frames, in_time), "H": height // in_space,
                  "W": width // in_space}
         return tuple(sizes[axis] for axis in self.latent_layout)
+
+    def frame_axis(self) -> int:
+        """The frame axis of a batch of latents (2 for ``CFHW``, 1 for CogVideoX's ``FCHW``)."""
+        return 1 + self.latent_layout.index("F")
+
+
+def latent_frames(frames: int, time_scale: int) -> int:
+    """Latent frames of a video of ``frames`` frames through a causal video VAE that compresses time ``time_scale``x:
+    the first frame alone, then one latent frame per ``time_scale`` frames (Wan, HunyuanVideo, LTX, CogVideoX)."""
+    return (frames - 1) // time_scale + 1
+
+
+def decoded_frames(latent_count: int, time_scale: int) -> int:
+    """Frames decoded from ``latent_count`` latent frames: the inverse of :func:`latent_frames`."""
+    return (latent_count - 1) * time_scale + 1
 
 
 # ---- helpers the families' calls share ---------------------------------------------------------------

@@ -39,6 +39,7 @@ class CogVideoX(VideoFamily):
     conditioning = TEXT
     latent_layout = "FCHW"
     default_video = (49, 480, 720)  # CogVideoXPipeline's frames, height and width
+    default_fps = 8                  # its model cards' export_to_video(fps=8)
 
     def forward(self, model, x, timestep, cond, guidance):
         return output_of(model(hidden_states=x, timestep=timestep, image_rotary_emb=self.rotary(model, x),

@@ -26,6 +26,7 @@ class HunyuanVideo(VideoFamily):
     default_guidance = 6.0
     conditioning = TEXT
     default_video = (129, 720, 1280)  # HunyuanVideoPipeline's frames, height and width
+    default_fps = 15                  # its model card's export_to_video(fps=15)
 
     def forward(self, model, x, timestep, cond, guidance):
         embedded = torch.full((x.shape[0],), float(guidance), device=x.device, dtype=x.dtype) * 1000.0 \

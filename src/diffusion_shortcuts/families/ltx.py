@@ -40,6 +40,7 @@ class LTXVideo(VideoFamily):
     conditioning = TEXT
     default_video = (161, 512, 704)  # LTXPipeline's frames, height and width
     compression = (8, 32)            # its VAE's, in time and in space
+    default_fps = 24                 # its model card's export_to_video(fps=24)
 
     def forward(self, model, x, timestep, cond, guidance):
         config = unwrap(model).config

@@ -104,3 +104,12 @@ def vae_scale(pipe) -> int:
         return 1
     factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
     return int(factor) if factor is not None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_time_scale(pipe) -> int:
+    """Frames per latent frame of a video pipeline's VAE, as the pipeline states it (``vae_scale_factor_temporal``,
+    LTX's ``vae_temporal_compression_ratio``), else its family's."""
+    for name in ("vae_scale_factor_temporal", "vae_temporal_compression_ratio"):
+        if getattr(pipe, name, None) is not None:
+            return int(getattr(pipe, name))
+    return int(family_of(denoiser_of(pipe)[1]).compression[0])

@@ -29,11 +29,11 @@ class Wan(VideoFamily):
     default_guidance = 5.0
     conditioning = TEXT
     default_video = (81, 480, 832)  # WanPipeline's frames, height and width
+    default_fps = 16                 # the Wan model cards' export_to_video(fps=16)
+    prefix_decode = True             # a causal VAE with a frame cache: the first k latent frames decode alone
 
     def forward(self, model, x, timestep, cond, guidance):
         return output_of(model(hidden_states=x, timestep=timestep, **as_kwargs(cond, "encoder_hidden_states")))
-
-
 
     def codec(self, pipe):
         return normalized_codec(pipe.vae)

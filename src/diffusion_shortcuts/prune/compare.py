@@ -1,6 +1,7 @@
 """A cache schedule against the full model: the same noise and conditions, quality and wall-clock.
 
-SSIM and PSNR of the scheduled samples to the full model's, whatever a ``judge(images, conditions)``
+SSIM and PSNR of the scheduled samples to the full model's (of their frames, with the temporal error, for videos:
+:func:`~diffusion_shortcuts.metrics.quality_to`), whatever a ``judge(images, conditions)``
 reports for both (the zoo's: accuracy and FID), and the speedup of sampling one batch with and without
 the schedule, timed alternately in one process (this machine is shared and noisy).
 """
@@ -14,16 +15,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import conditions as C
-from ..metrics import psnr, ssim, timed_pair
+from ..metrics import quality_to, timed_pair
 from .apply import apply
 from .blocks import profile
 from .schedule import CacheSchedule
 
 
 def generate(sampler, encode: Callable, conditions, noise: torch.Tensor, batch_size: int = 100, schedule=None,
-             progress: bool = False, desc: str = "", compile: bool = False) -> torch.Tensor:
-    """Images in [0, 1] for ``noise`` and ``conditions`` (None, labels or prompts), ``batch_size`` at a time;
-    ``compile``: the gated blocks compiled (:func:`~diffusion_shortcuts.prune.apply`), with or without a schedule."""
+             progress: bool = False, desc: str = "", compile: bool = False,
+             finished: Callable | None = None) -> torch.Tensor:
+    """Images (or videos) in [0, 1] for ``noise`` and ``conditions`` (None, labels or prompts), ``batch_size`` at a
+    time; ``compile``: the gated blocks compiled (:func:`~diffusion_shortcuts.prune.apply`), with or without a
+    schedule; ``finished(rows, images)``: called with each batch as it is made (to write it before the next)."""
     out = []
     schedule = sampling_table(sampler, schedule, compile, encode, conditions, noise)
     with apply(sampler.model, schedule, sampler, compile=compile) if schedule is not None else nullcontext():
@@ -31,6 +34,8 @@ def generate(sampler, encode: Callable, conditions, noise: torch.Tensor, batch_s
             rows = torch.arange(i, min(i + batch_size, len(noise)))
             cond = encode(C.take(conditions, rows)) if conditions is not None else None
             out.append(sampler(noise[i:i + batch_size], cond).clamp(0, 1))
+            if finished is not None:
+                finished(rows, out[-1])
     return torch.cat(out)
 
 
@@ -74,8 +79,7 @@ def compare_schedule(sampler, schedule, encode: Callable, conditions, noise: tor
                                compile=compile)
     pruned = generate(sampler, encode, conditions, noise, batch_size, schedule, progress, desc="with schedule",
                       compile=compile)
-    metrics = {"samples": len(noise), "macs_ratio": schedule.macs_ratio,
-               "ssim": float(ssim(pruned, full_images).mean()), "psnr": float(psnr(pruned, full_images).mean())}
+    metrics = {"samples": len(noise), "macs_ratio": schedule.macs_ratio, **quality_to(pruned, full_images)}
     if judge is not None:
         full_q, pruned_q = judge(full_images, conditions), judge(pruned, conditions)
         metrics.update({f"{k}_full": v for k, v in full_q.items()})

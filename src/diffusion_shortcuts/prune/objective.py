@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from ..metrics import ssim
+from ..metrics import latent_distance, ssim
 from ..rewards.base import check_reward_output, reward_name
 
 KINDS = ("ssim", "reward", "ssim+reward", "latent")
@@ -87,8 +87,7 @@ class Objective:
         model's ``target`` images from the same noise (final latents, for ``latent``); ``cond`` as the reward sees
         them (labels, prompts)."""
         if self.kind == "latent":
-            distance = ((images - target).flatten(1).square().sum(1) /
-                        target.flatten(1).square().sum(1).clamp_min(1e-12)).mean()
+            distance = latent_distance(images, target).mean()
             return distance, {"latent_distance": distance.detach()}
         similarity = ssim(images, target).mean()
         figures = {"ssim": similarity.detach()}

@@ -23,7 +23,7 @@ def subject_from(flags: dict):
     from ..subjects import load_subject
 
     names = ("labels", "prompt", "prompts", "negative_prompt", "true_cfg_scale", "scheduler", "height", "width",
-             "device", "dtype", "vae_checkpointing", "lora")
+             "device", "dtype", "vae_checkpointing", "lora", "frames", "fps")
     options = {k: flags.pop(k) for k in names if k in flags}
     options = {k: v for k, v in options.items() if v is not None}
     try:
@@ -150,8 +150,26 @@ def captioned_grid(images: torch.Tensor, captions: list[str] | None, path: Path)
     return path.name
 
 
-# ---- the verbs ------------------------------------------------------------------------------------------
+def sheet_or_grid(images: torch.Tensor, captions: list[str] | None, path: Path) -> str:
+    """Images as a :func:`captioned_grid`; videos as a contact sheet (a few frames of each, one row each)."""
+    from ..videos import contact_sheet, is_video
 
+    if not is_video(images):
+        return captioned_grid(images, captions, path)
+    contact_sheet(images, captions).save(path)
+    return path.name
+
+
+def side_by_side_sheets(panels: dict[str, torch.Tensor], path: Path, captions: list[str] | None = None) -> str:
+    """Titled panels side by side (before and after, full and scheduled): grids of images or contact sheets of
+    videos."""
+    from ..images import side_by_side
+    from ..videos import contact_sheet, is_video
+
+    pictures = [labelled(contact_sheet(x, captions) if is_video(x) else grid(x, nrow=len(x)), title)
+                for title, x in panels.items()]
+    side_by_side(pictures).save(path)
+    return path.name
 
 
 def summed(parts: list[dict]) -> dict:
