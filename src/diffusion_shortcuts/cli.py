@@ -145,6 +145,12 @@ FLAGS = {
     "dtype": dict(choices=["float32", "bfloat16", "float16"], default="float32",
                   help="precision of the denoiser, text encoders and VAE; trained tensors stay float32"),
     "vae_checkpointing": dict(action="store_true", help="decode with VAE gradient checkpointing (less memory)"),
+    "block_checkpointing": dict(action="store_true", help="recompute each denoiser block in the backward pass "
+                                "(diffusers' gradient checkpointing): the graph step holds one block's activations "
+                                "at a time"),
+    "reward_frames": dict(default=None, help="a video pipeline's frames the reward scores: `first`, or K drawn "
+                          "afresh each iteration (an estimate of the mean over all frames; decoded alone where the VAE allows: "
+                          "Wan's); default: every frame"),
     "training_set": dict(type=number(int, 0, 1_000_000), default=None,
                          help="a fixed set of N samples whose full-model images are made once and reused every "
                               "iteration (default 16, or an iteration's batch where larger; 0: fresh samples and their "
@@ -183,7 +189,8 @@ EXCLUDES = {
 }
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, true_cfg_scale=None, scheduler=None,
              height=None, width=None, frames=None, fps=None, device=None, dtype=None)
-TRAIN = dict(vae_checkpointing=None)  # for the verbs that backpropagate through the decoder
+TRAIN = dict(vae_checkpointing=None, block_checkpointing=None, reward_frames=None)  # the verbs that backpropagate
+#                                                                                     through a reward
 
 VERBS = {
     "demo": ("both shortcuts on the embedded zoo, with a report",

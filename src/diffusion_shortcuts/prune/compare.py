@@ -1,9 +1,9 @@
 """A cache schedule against the full model: the same noise and conditions, quality and wall-clock.
 
 SSIM and PSNR of the scheduled samples to the full model's (of their frames, with the temporal error, for videos:
-:func:`~diffusion_shortcuts.metrics.quality_to`), whatever a ``judge(images, conditions)``
-reports for both (the zoo's: accuracy and FID), and the speedup of sampling one batch with and without
-the schedule, timed alternately in one process (this machine is shared and noisy).
+:func:`~diffusion_shortcuts.metrics.quality_to`), the distance of their final latents, whatever a
+``judge(images, conditions)`` reports for both (the zoo's: accuracy and FID), and the speedup of sampling one batch
+with and without the schedule, timed alternately in one process (this machine is shared and noisy).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import conditions as C
-from ..metrics import quality_to, timed_pair
+from ..metrics import latent_distance, quality_to, timed_pair
 from .apply import apply
 from .blocks import profile
 from .schedule import CacheSchedule
@@ -23,17 +23,21 @@ from .schedule import CacheSchedule
 
 def generate(sampler, encode: Callable, conditions, noise: torch.Tensor, batch_size: int = 100, schedule=None,
              progress: bool = False, desc: str = "", compile: bool = False,
-             finished: Callable | None = None) -> torch.Tensor:
+             finished: Callable | None = None, latents: list | None = None) -> torch.Tensor:
     """Images (or videos) in [0, 1] for ``noise`` and ``conditions`` (None, labels or prompts), ``batch_size`` at a
     time; ``compile``: the gated blocks compiled (:func:`~diffusion_shortcuts.prune.apply`), with or without a
-    schedule; ``finished(rows, images)``: called with each batch as it is made (to write it before the next)."""
+    schedule; ``finished(rows, images)``: called with each batch as it is made (to write it before the next);
+    ``latents``: a list the final latents are appended to, batch by batch."""
     out = []
     schedule = sampling_table(sampler, schedule, compile, encode, conditions, noise)
     with apply(sampler.model, schedule, sampler, compile=compile) if schedule is not None else nullcontext():
         for i in tqdm(range(0, len(noise), batch_size), desc=desc, disable=not progress, leave=False):
             rows = torch.arange(i, min(i + batch_size, len(noise)))
             cond = encode(C.take(conditions, rows)) if conditions is not None else None
-            out.append(sampler(noise[i:i + batch_size], cond).clamp(0, 1))
+            images, final = sampler(noise[i:i + batch_size], cond, return_latents=True)
+            out.append(images.clamp(0, 1))
+            if latents is not None:
+                latents.append(final)
             if finished is not None:
                 finished(rows, out[-1])
     return torch.cat(out)
@@ -74,12 +78,15 @@ def compare_schedule(sampler, schedule, encode: Callable, conditions, noise: tor
     """(metrics, full images, scheduled images) from the same ``noise`` and ``conditions``; pass
     ``full_images`` made earlier from the same inputs to skip regenerating them. ``compile``: both sides with
     compiled blocks (quality and speed)."""
+    full_latents, pruned_latents = [], []
     if full_images is None:
         full_images = generate(sampler, encode, conditions, noise, batch_size, progress=progress, desc="full model",
-                               compile=compile)
+                               compile=compile, latents=full_latents)
     pruned = generate(sampler, encode, conditions, noise, batch_size, schedule, progress, desc="with schedule",
-                      compile=compile)
+                      compile=compile, latents=pruned_latents)
     metrics = {"samples": len(noise), "macs_ratio": schedule.macs_ratio, **quality_to(pruned, full_images)}
+    if full_latents:  # not when the full model's images were given
+        metrics["latent_distance"] = float(latent_distance(torch.cat(pruned_latents), torch.cat(full_latents)).mean())
     if judge is not None:
         full_q, pruned_q = judge(full_images, conditions), judge(pruned, conditions)
         metrics.update({f"{k}_full": v for k, v in full_q.items()})

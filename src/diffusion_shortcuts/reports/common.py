@@ -40,10 +40,42 @@ def parse_gradient(text: str):
 
 
 def parse_reward(text: str, subject):
+    """The reward a spec names, for ``subject``: on a video subject it scores every frame (the mean of its frames';
+    :func:`scored_frames` narrows that)."""
+    from ..rewards.frames import ByFrames
+
     try:
-        return rewards.from_spec(text, subject.reward_context())
+        reward = rewards.from_spec(text, subject.reward_context())
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
+    return ByFrames(reward) if subject.num_frames is not None else reward
+
+
+def scored_frames(subject, sampler, reward, frames: str | None, seed: int):
+    """``(reward, sampler)`` scoring the frames ``--reward-frames`` names (``first``, K drawn per iteration, or all),
+    the sampler decoding only those while the gradient flows where its VAE allows
+    (:class:`~diffusion_shortcuts.rewards.frames.FrameScoring`); unchanged for a subject that makes images."""
+    from ..rewards.frames import FrameScoring, parse_frames
+
+    try:
+        pick = parse_frames(frames, subject.num_frames)
+    except ValueError as exc:
+        raise UsageError(f"{exc} ({subject.name})" if subject.num_frames is None else str(exc)) from None
+    if subject.num_frames is None:
+        return reward, sampler
+    scoring = FrameScoring.for_sampler(sampler, pick, subject.num_frames, seed)
+    return scoring.reward(reward), scoring.sampler(sampler)
+
+
+def checkpointed_blocks(subject, enabled: bool) -> None:
+    """``--block-checkpointing``: the denoiser recomputes each block in the backward pass (diffusers' gradient
+    checkpointing), so that the one graph step holds one block's activations at a time; same gradient, more time."""
+    if not enabled:
+        return
+    model = subject.model
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise UsageError(f"--block-checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    model.enable_gradient_checkpointing()
 
 
 def parse_search_objective(text: str, subject):
@@ -54,6 +86,10 @@ def parse_search_objective(text: str, subject):
     try:
         kind, spec, weight = parse_objective(text)
         reward = rewards.from_spec(spec, subject.reward_context()) if spec is not None else None
+        if reward is not None and subject.num_frames is not None:
+            from ..rewards.frames import ByFrames
+
+            reward = ByFrames(reward)
     except ValueError as exc:
         raise UsageError(f"--objective {text}: {exc}") from None
     return Objective(kind, reward, weight)

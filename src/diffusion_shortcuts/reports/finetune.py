@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from ..images import grid, labelled, side_by_side
 from ..metrics import peak_memory_mb
 from ..usage import UsageError
-from .common import (check_resume, load_schedule, parse_gradient, parse_reward)
+from .common import (check_resume, checkpointed_blocks, load_schedule, parse_gradient, parse_reward, scored_frames,
+                     side_by_side_sheets)
 
 
 def _heldout_set(subject, samples: int, every: int, seed: int):
@@ -33,12 +33,14 @@ def _heldout_set(subject, samples: int, every: int, seed: int):
 def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, gradient: str, iterations: int,
                     batch_size: int, lr: float, steps: int, guidance: float | None, seed: int, ema: float | None,
                     base_weight: float, warmup: int, eval_every: int, eval_samples: int, checkpoint_every: int,
-                    resume: bool, schedule: str | None = None, refit_iterations: int = 50) -> dict:
+                    resume: bool, schedule: str | None = None, refit_iterations: int = 50,
+                    reward_frames: str | None = None, block_checkpointing: bool = False) -> dict:
     """Fine-tune a LoRA adapter (or all weights) against a reward; resumable; judged on a held-out set (the
     zoo's by the eval classifier), with the diversity of each condition's samples. With ``schedule`` (checked against
     the model before training, and resampled to ``steps`` where it was made for another step count, as ``sample`` and
     ``optimize`` resample it), the schedule is refit to the tuned model afterwards and written
-    beside the adapter, with what it and the refit keep of the tuned model in the metrics."""
+    beside the adapter, with what it and the refit keep of the tuned model in the metrics. On a video pipeline the
+    reward scores ``reward_frames`` (``first``, K drawn per iteration, or every frame; a resumed run draws afresh)."""
     from ..optimize import FinetuneError, add_lora, finetune
     from ..plots import heldout_curves, reward_curves
 
@@ -49,6 +51,8 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
     check_resume(resume, out, "finetune_checkpoint.pt")
     sampler = subject.sampler(steps, guidance)
     cache = load_schedule(schedule, subject, sampler) if schedule is not None else None  # resampled to --steps
+    scored_reward, scored_sampler = scored_frames(subject, sampler, reward_fn, reward_frames, seed)
+    checkpointed_blocks(subject, block_checkpointing)
     heldout, (show_noise, show_conditions) = _heldout_set(subject, eval_samples, eval_every, seed)
     encode = subject.encode if subject.conditional else None
 
@@ -60,8 +64,9 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
     if params == "lora":
         add_lora(subject.model, rank=rank, seed=seed)
     try:
-        result = finetune(sampler, reward_fn, subject.distinct_conditions(), noise_shape=subject.sample_shape,
-                          params=params, gradient=policy, iterations=iterations, batch_size=batch_size, lr=lr,
+        result = finetune(scored_sampler, scored_reward, subject.distinct_conditions(),
+                          noise_shape=subject.sample_shape, params=params, gradient=policy, iterations=iterations,
+                          batch_size=batch_size, lr=lr,
                           seed=seed, encode=encode, ema=ema, base_weight=base_weight, warmup=warmup, heldout=heldout,
                           checkpoint_dir=out, checkpoint_every=checkpoint_every, resume=resume)
     except (FinetuneError, ValueError) as exc:
@@ -82,8 +87,7 @@ def finetune_report(out: Path, subject, *, reward: str, params: str, rank: int, 
         refit_figures = {"schedule": (where / "schedule.json").relative_to(out).as_posix(),
                          "schedule_refit": refitted.info["refit"], "schedule_macs_ratio": refitted.macs_ratio,
                          "schedule_resampled_from": cache.info.get("resampled_from")}
-    side_by_side([labelled(grid(before, nrow=10), "base model"), labelled(grid(samples(), nrow=10), "fine-tuned")]
-                 ).save(out / "before_after.png")
+    side_by_side_sheets({"base model": before, "fine-tuned": samples()}, out / "before_after.png")
     reward_curves({gradient: result.history}, out / "curve.png", title=f"{subject.name}, {reward}")
     heldout_curves(result.history["eval"], out / "heldout.png", title=f"{subject.name}, {reward}, held out")
     return {"model": subject.name, "reward_spec": reward, "rank": rank, "gradient_policy": policy.spec,

@@ -10,10 +10,10 @@ import torch
 
 from .. import conditions as C
 from .. import distributed
-from ..images import grid, labelled, side_by_side
 from ..metrics import FID_MIN_SAMPLES, peak_memory_mb
 from ..usage import UsageError
-from .common import (check_resume, load_schedule, mean_reward, parse_gradient, parse_search_objective)
+from .common import (check_resume, load_schedule, mean_reward, parse_gradient, parse_search_objective,
+                     side_by_side_sheets)
 
 
 DEFAULT_TRAINING_SET = 16  # prune's fixed training set: what benchmarks/search_cost.py measured best with
@@ -144,10 +144,15 @@ def compared(out: Path, subject, sampler, schedule, ratio: float, samples: int, 
     if goal is not None and goal.reward is not None:  # the reward the gates were trained on, for both sides
         metrics.update(reward_full=mean_reward(goal.reward, full, conditions, subject.device),
                        reward_pruned=mean_reward(goal.reward, pruned, conditions, subject.device))
-    show = slice(0, min(20, samples))
-    side_by_side([labelled(grid(full[show], nrow=10), "full model"),
-                  labelled(grid(pruned[show], nrow=10), f"schedule: {metrics['speedup']:.1f}x faster")]).save(
-        out / "full_vs_pruned.png")
+    show = slice(0, min(4 if subject.num_frames else 20, samples))
+    captions = subject.captions(C.take(conditions, torch.arange(samples)[show])) if conditions is not None else None
+    side_by_side_sheets({"full model": full[show], f"schedule: {metrics['speedup']:.1f}x faster": pruned[show]},
+                        out / "full_vs_pruned.png", captions if subject.num_frames else None)
+    if subject.num_frames:  # each video beside its scheduled one, one MP4 each
+        from ..videos import save_videos
+
+        metrics["videos"] = [p.relative_to(out).as_posix() for p in save_videos(
+            torch.cat([full[show], pruned[show]], dim=-1), out / "videos", subject.fps, stem="full_vs_pruned")]
     warnings = [] if schedule.info["within_tolerance"] else [
         f"the schedule prunes {1 - schedule.macs_ratio:.3f} of the MACs, not the {ratio} asked for: no threshold "
         "lands closer (more --iterations, or another --ratio)"]
