@@ -149,8 +149,8 @@ FLAGS = {
                                 "(diffusers' gradient checkpointing): the graph step holds one block's activations "
                                 "at a time"),
     "reward_frames": dict(default=None, help="a video pipeline's frames the reward scores: `first`, or K drawn "
-                          "afresh each iteration (an estimate of the mean over all frames; decoded alone where the VAE allows: "
-                          "Wan's); default: every frame"),
+                          "afresh each iteration (an estimate of the mean over all frames; decoded alone where the "
+                          "VAE allows: Wan's); default: every frame"),
     "training_set": dict(type=number(int, 0, 1_000_000), default=None,
                          help="a fixed set of N samples whose full-model images are made once and reused every "
                               "iteration (default 16, or an iteration's batch where larger; 0: fresh samples and their "
