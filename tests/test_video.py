@@ -103,7 +103,10 @@ def wan_float64(steps: int = 3):
     cond, uncond = sampler.encode_prompt(PROMPTS[:1]), sampler.uncond
     pipe.to(torch.float64)
     decode, _ = family_of(pipe.transformer).codec(pipe)
-    to64 = (lambda c: C.tree_map(lambda t: t.double() if t.is_floating_point() else t, c))
+
+    def to64(c):
+        return C.tree_map(lambda t: t.double() if t.is_floating_point() else t, c)
+
     sampler = ds.Sampler(pipe.transformer, flow_euler(pipe), steps, 3.0, decode=decode, uncond=to64(uncond),
                          sample_shape=(16, 3, 2, 2))
     noise = torch.randn(1, 16, 3, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
