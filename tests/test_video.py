@@ -15,6 +15,7 @@ import diffusion_shortcuts as ds
 from diffusion_shortcuts import cli
 from diffusion_shortcuts import conditions as C
 from diffusion_shortcuts.families import family_of
+from diffusion_shortcuts.pipelines import load_pipeline
 from diffusion_shortcuts.metrics import frame_psnr, frame_ssim, latent_distance, psnr, quality_to, ssim, temporal_error
 from diffusion_shortcuts.rewards.frames import ByFrames, FrameScoring, parse_frames
 from diffusion_shortcuts.videos import contact_sheet, read_video, save_video, shown_frames
@@ -275,6 +276,30 @@ def test_optimize_finetune_and_prune_run_on_a_video_pipeline(folders, tmp_path, 
 
 
 PROMPTS_FLAGS = ["--prompt", "a red car"]
+
+
+def test_a_search_at_fewer_frames_gives_a_schedule_priced_and_compared_at_the_sampled_frames(folders, tmp_path,
+                                                                                                capsys):
+    code, err = run(["prune", "--model", folders / "wan", *PROMPTS_FLAGS, "--height", "16", "--width", "16",
+                     "--steps", "3", "--frames", "13", "--search-frames", "5", "--iterations", "2", "--samples", "2",
+                     "--ratio", "0.5", "--out", tmp_path / "p"], capsys)
+    assert code == 0, err
+    metrics = metrics_of(tmp_path / "p")
+    assert metrics["search_frames"] == 5 and metrics["frames"] == 13 and len(metrics["ssim_per_frame"]) == 13
+    schedule = ds.prune.CacheSchedule.load(tmp_path / "p" / "schedule.json")
+    pipe = load_pipeline(folders / "wan", height=16, width=16, frames=13)
+    cond = pipe.sampler(3).encode_prompt(["a red car"])
+    sampled = ds.prune.profile(pipe.model, torch.zeros(1, *pipe.sample_shape), cond)  # 4 latent frames, not 2
+    assert schedule.total_macs == sampled.total_macs
+    assert metrics["macs_ratio"] == pytest.approx(schedule.macs_ratio) and schedule.macs_ratio < 1  # priced there
+
+    for argv, needle in ((["--frames", "13", "--search-frames", "6"], "--search-frames 6: wan's VAE takes 4k + 1"),):
+        code, err = run(["prune", "--model", folders / "wan", *PROMPTS_FLAGS, "--height", "16", "--width", "16",
+                         *argv, "--out", tmp_path / "refused"], capsys)
+        assert code == 2 and needle in err, err
+    code, err = run(["prune", "--model", "digits-dit", "--search-frames", "5", "--out", tmp_path / "refused"], capsys)
+    assert code == 2 and "--search-frames: digits-dit makes images, not videos" in err, err
+    assert not (tmp_path / "refused").exists()
 
 
 def test_video_flags_on_what_cannot_take_them_are_one_line_and_write_nothing(folders, tmp_path, capsys):

@@ -161,6 +161,9 @@ FLAGS = {
     "search_steps": dict(type=number(int, 0, 10_000), default=0,
                          help="search at this many steps (cheaper), the schedule read at --steps from the gates' "
                               "keep scores (0: at --steps)"),
+    "search_frames": dict(type=number(int, 1, 100_000), default=None,
+                          help="a video pipeline's search at this many frames (cheaper; its VAE's 4k + 1), the "
+                               "schedule thresholded on the MACs at --frames and compared there"),
     "calibrate_only": dict(action="store_true", help="no search: build the table from full generations measured "
                            "once (a few seconds to minutes), at --ratio"),
     "calibration_batch": dict(type=number(int, 1, 4096), default=None,
@@ -185,7 +188,7 @@ EXCLUDES = {
     "start_every": (("start_from",), "both say where the search starts; give one"),
     "calibrate_only": (("iterations", "lr", "gradient", "start_every", "start_from", "objective", "validation",
                         "resume", "checkpoint_every", "batch_size", "training_set", "granularity",
-                        "search_steps"), "a calibration searches nothing"),
+                        "search_steps", "search_frames"), "a calibration searches nothing"),
 }
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, true_cfg_scale=None, scheduler=None,
              height=None, width=None, frames=None, fps=None, device=None, dtype=None)
@@ -206,7 +209,7 @@ VERBS = {
               dict(**MODEL, labels=None, ratio=None, iterations=40, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
                    start_every=None, start_from="calibrated", objective=None, validation=None, lora=None, resume=None,
-                   training_set=None, granularity=None, search_steps=None, calibrate_only=None,
+                   training_set=None, granularity=None, search_steps=None, search_frames=None, calibrate_only=None,
                    calibration_batch=None, calibration_generations=None, compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",

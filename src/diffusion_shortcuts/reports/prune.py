@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
                  start_from: str | None = None, objective: str = "ssim", validation: int = 8,
                  compile: bool = False, calibrate_only: bool = False, calibration_batch: int | None = None,
                  calibration_generations: int = 1, training_set: int | None = 0, granularity: str = "block",
-                 search_steps: int = 0) -> dict:
+                 search_steps: int = 0, search_frames: int | None = None) -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
     ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
     the N whose table prunes nearest ``ratio``); ``compile``: the comparison (quality and speed) through compiled
@@ -34,7 +35,9 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     (``ssim``, ``reward:SPEC``, ``ssim+reward:SPEC:W``; with a reward the comparison reports it for both sides);
     ``validation``: the fresh samples on which the searched table is compared with the start. ``calibrate_only``:
     no search, the table calibrated on ``calibration_generations`` full generations of ``calibration_batch``
-    samples (:func:`~diffusion_shortcuts.prune.calibrate`).
+    samples (:func:`~diffusion_shortcuts.prune.calibrate`). ``search_frames``: a video pipeline's search (its start,
+    rollouts and validation) at this many frames, the schedule thresholded on the MACs at the sampled frames and
+    compared there.
     Under ``accelerate launch`` the search is data parallel (``--batch-size`` per process) and the main process
     alone writes and makes the comparison."""
     from ..prune.compiling import compile_options
@@ -54,7 +57,8 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
         goal = None
     else:
         goal = parse_search_objective(objective, subject)
-        searched = searched_schedule(out, subject, sampler, conditions, distinct, ratio=ratio, iterations=iterations,
+        searched = searched_schedule(out, subject, sampler_at_frames(subject, sampler, search_frames), conditions,
+                                     distinct, ratio=ratio, iterations=iterations,
                                      batch_size=batch_size, lr=lr, gradient=gradient, seed=seed, resume=resume,
                                      checkpoint_every=checkpoint_every, reuse_mode=reuse_mode, start_every=start_every,
                                      start_from=start_from, goal=goal, validation=validation,
@@ -62,7 +66,29 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
         if searched is None:  # under `accelerate launch` every process holds the same gates: the main one writes
             return {}
         schedule, figures = searched
+        if search_frames is not None:
+            figures.update(search_frames=search_frames, frames=subject.num_frames)
     return compared(out, subject, sampler, schedule, ratio, samples, seed, compile, goal, figures)
+
+
+def sampler_at_frames(subject, sampler, frames: int | None):
+    """``sampler`` for videos of ``frames`` frames (``--search-frames``; itself where None)."""
+    from ..families import latent_frames, vae_time_scale
+    from ..pipelines import check_frames
+
+    if frames is None:
+        return sampler
+    try:
+        if subject.num_frames is None:
+            raise ValueError(f"--search-frames: {subject.name} makes images, not videos")
+        check_frames(sampler.pipeline, sampler.family, frames, None)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("--frames", "--search-frames")) from None
+    shape = dict(zip(sampler.family.latent_layout, sampler.sample_shape))
+    shape["F"] = latent_frames(frames, vae_time_scale(sampler.pipeline))
+    searching = copy.copy(sampler)
+    searching.sample_shape = tuple(shape[axis] for axis in sampler.family.latent_layout)
+    return searching
 
 
 def calibrated_schedule(sampler, conditions, ratio: float, mode: str, batch: int | None, generations: int,
@@ -112,6 +138,9 @@ def searched_schedule(out: Path, subject, sampler, conditions, distinct, *, rati
     search_memory = peak_memory_mb(subject.device)
     if not distributed.is_main_process():
         return None
+    if tuple(sampler.sample_shape) != tuple(subject.sample_shape):  # searched at fewer frames: the MACs sampled
+        example = torch.zeros(1, *subject.sample_shape, device=subject.device)
+        result.profile = profile(sampler.model, example, C.first(conditions))
     schedule = result.schedule(ratio)
     result.pruner.save_pretrained(out / "pruner")
     (out / "search.json").write_text(json.dumps(result.history) + "\n")
