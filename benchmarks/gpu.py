@@ -21,7 +21,9 @@ weights, embeddings random) in bfloat16 under the stock FluxPipeline call, 28 st
   and the seconds the first compiled run spends compiling;
 - Flux (stock call): full, our rule table (``enable_cache``), diffusers' TaylorSeer hook on the same table
   (``cache_interval`` = the rule's interval, ``disable_cache_before_step=3``), diffusers' FirstBlockCache at its
-  default threshold, and cache-dit's DBCache at its defaults where cache-dit is installed.
+  default threshold, and cache-dit's DBCache at its defaults where cache-dit is installed;
+- Wan2.1-1.3B (video, 480x832 x 33 frames): the stock call with our rule table and diffusers' caches, SDO and LoRA
+  against VADER's last step, the search against one generation (:mod:`gpu_wan`).
 
 Every time is the median of repeated runs after a warm-up, with the GPU synchronised around each. Writes
 benchmarks/results/gpu.json (``--tiny``: gpu_tiny.json) with the command and the GPU's name, and prints a table
@@ -42,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, write_results  # noqa: E402
+from gpu_wan import wan_rows, wan_targets  # noqa: E402
 
 import diffusion_shortcuts as ds  # noqa: E402
 from diffusion_shortcuts.prune import CacheSchedule  # noqa: E402
@@ -438,8 +441,20 @@ def table(out: dict) -> str:
     lines.append(f"Flux (rule {out['flux']['flux_rule']}, MACs {out['flux']['flux_rule_macs_ratio']:.3f})")
     lines += [f"  {name:58s} " + (sec if isinstance(sec, str) else f"{sec:8.3f} s  {full / sec:5.2f}x")
               for name, sec in out["flux"]["flux_seconds"].items()]
+    wan = out["wan"]
+    full = wan["wan_seconds"]["stock call, full"]
+    lines.append(f"Wan2.1-1.3B, {wan['wan_frames']} frames (rule {wan['wan_rule']}, MACs "
+                 f"{wan['wan_rule_macs_ratio']:.3f})")
+    lines += [f"  {name:58s} " + (sec if isinstance(sec, str) else f"{sec:8.3f} s  {full / sec:5.2f}x")
+              for name, sec in wan["wan_seconds"].items()]
+    for name, row in {**wan["wan_sdo"], **wan["wan_finetune"], **wan["wan_search"]}.items():
+        lines.append(f"  {name:58s} " + (row if isinstance(row, str) else
+                     (f"{row['seconds_per_iteration']:8.3f} s/it  " if "seconds_per_iteration" in row else "") +
+                     f"peak {megabytes(row['peak_mb'])}" +
+                     (f"  graph {row['graph_mb']:.1f} MB" if "graph_mb" in row else "")))
     lines.append("targets")
-    lines += [f"  {'met   ' if ok else 'MISSED'} {name}" for name, ok in out["targets"].items()]
+    verdicts = {True: "met   ", False: "MISSED", None: "n/a   "}
+    lines += [f"  {verdicts[ok]} {name}" for name, ok in out["targets"].items()]
     return "\n".join(lines)
 
 
@@ -454,7 +469,8 @@ def main(tiny: bool) -> dict:
            "dtype": "bfloat16", "tiny": tiny, "sizes": size}
     out["sd"] = sd_rows(bench, size, tiny, device, dtype)
     out["flux"] = flux_rows(Bench(device, size["flux_repeats"]), size, tiny, device, dtype)
-    out["targets"] = targets(out)
+    out["wan"] = wan_rows(Bench(device, 1), tiny, device, dtype, enabled, guarded, per_iteration, cachedit_seconds)
+    out["targets"] = {**targets(out), **wan_targets(out["wan"])}
     return out
 
 

@@ -28,7 +28,14 @@ def test_the_gpu_benchmark_runs_its_tiny_mode_and_judges_every_target():
     assert len(search) == 5 and search["calibration"]["generations"] > 0 and len(out["sd"]["finetune"]) == 2
     assert {"stock call, full", "stock call, our rule table"} <= set(out["flux"]["flux_seconds"])
     assert any("TaylorSeer" in name for name in out["flux"]["flux_seconds"])
-    assert len(out["targets"]) == 8 and all(isinstance(v, bool) for v in out["targets"].values())
+    assert len(out["targets"]) == 11 and all(isinstance(v, bool) for k, v in out["targets"].items()
+                                                 if "peak memory" not in k)  # peak memory: a GPU's only
+    wan = out["wan"]
+    assert {"stock call, full", "stock call, our rule table"} <= set(wan["wan_seconds"]) and \
+        sum("diffusers" in name for name in wan["wan_seconds"]) == 3
+    assert wan["wan_sdo"]["shortcut"]["noise_moved"] > 0 and wan["wan_sdo"]["truncated:1"]["noise_moved"] == 0
+    assert len(wan["wan_finetune"]) == 2 and wan["wan_search"]["search (latent objective, batch 1)"][
+        "seconds_per_iteration"] > 0
     assert set(out["sd"]["compile"]["loop_seconds"]) == {"eager, full", "compiled, full", "eager, rule 0.2",
                                                           "compiled, rule 0.2"}
     assert out["sd"]["rule_macs_ratio"] < 1 and out["flux"]["flux_rule_macs_ratio"] < 1

@@ -198,6 +198,26 @@ def test_sdo_on_video_shortcut_equals_its_closed_form_and_full_equals_finite_dif
         pipe.transformer.disable_gradient_checkpointing()
 
 
+def test_on_wans_unipc_sampler_shortcut_moves_the_noise_and_vaders_last_step_cannot():
+    """Truncated(K) cuts the latent before the last K steps; UniPC's corrector mixes the previous sample into the
+    step after the cut, and the cut must hold there too (it did not: the stored sample carried the gradient past it,
+    0.79 at most into the noise under truncated:2)."""
+    pipe = wan_pipeline()
+    sampler = ds.Sampler.from_pipeline(pipe, num_inference_steps=6, guidance_scale=3.0, sample_shape=(16, 3, 2, 2),
+                                       prompt_options={"max_sequence_length": 12})
+    cond = sampler.encode_prompt(PROMPTS[:1])
+    scoring = FrameScoring("first", 9, 4, prefix_decode=True)
+    scored, reward = scoring.sampler(sampler), scoring.reward(frame_reward)
+    noise = torch.randn(1, 16, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for spec in ("shortcut", "truncated:1", "truncated:2"):
+        x = noise.clone().requires_grad_(True)
+        value = reward(scored(x, cond, gradient=spec), None).sum()
+        grads[spec] = torch.autograd.grad(value, x, allow_unused=True)[0]
+    assert grads["truncated:1"] is None and grads["truncated:2"] is None  # no path to the noise at all
+    assert float(grads["shortcut"].abs().max()) > 0
+
+
 def test_a_few_sdo_iterations_on_the_first_frame_raise_the_reward():
     pipe, sampler, cond, noise = wan_float64()
     scoring = FrameScoring("first", 9, 4, prefix_decode=True)

@@ -37,6 +37,7 @@ from .families import (BATCHED, CFG, CLASS_NAMES, COND, EMBEDDED, TEXT, UNCOND, 
 
 __all__ = ["PrecisionError", "Sampler", "SamplingStep", "call_denoiser", "current_step", "sample_shape", "unwrap"]
 _STATE_LISTS = ("model_outputs",)  # multistep schedulers' stored model outputs (DPM-Solver, UniPC)
+_STATE_SAMPLES = ("last_sample",)  # stored samples (UniPC's corrector mixes the previous step's sample in)
 
 
 class SamplingStep(NamedTuple):
@@ -452,6 +453,13 @@ class Sampler:
 
     @staticmethod
     def _detach_state(sched, last_only: bool) -> None:
+        """Cut the scheduler's stored tensors from the graph: the latest model output (``last_only``, after a step
+        without gradient), or everything it stored, samples too (where a policy detaches the latent: UniPC's
+        corrector would otherwise carry the gradient past the cut through its previous sample)."""
+        if not last_only:
+            for name in _STATE_SAMPLES:
+                if isinstance(getattr(sched, name, None), torch.Tensor):
+                    setattr(sched, name, getattr(sched, name).detach())
         for name in _STATE_LISTS:
             stored = getattr(sched, name, None)
             if not stored:
