@@ -228,6 +228,23 @@ def test_a_few_sdo_iterations_on_the_first_frame_raise_the_reward():
     assert result.images.shape[2] == 9  # the result is decoded whole
 
 
+def test_the_search_with_checkpointed_blocks_computes_what_it_computes_without():
+    pipe = wan_pipeline()
+    sampler = ds.Sampler.from_pipeline(pipe, num_inference_steps=4, guidance_scale=3.0, sample_shape=(16, 3, 2, 2),
+                                       prompt_options={"max_sequence_length": 12})
+    cond = sampler.encode_prompt(PROMPTS)
+    searches = []
+    for checkpointed in (False, True):
+        if checkpointed:
+            pipe.transformer.enable_gradient_checkpointing()
+        result = ds.prune.train_pruner(sampler, cond, 0.5, iterations=3, batch_size=2, training_set=2, target_batch=2,
+                                       validation=1, objective=ds.prune.Objective("latent"), progress=False)
+        searches.append((result.history["loss"], result.pruner.keep_scores(False).detach()))
+    (plain_loss, plain_scores), (checkpointed_loss, checkpointed_scores) = searches
+    assert np.allclose(plain_loss, checkpointed_loss, rtol=1e-6)
+    assert torch.allclose(plain_scores, checkpointed_scores, atol=1e-3)  # Adam magnifies float32 recompute noise
+
+
 def test_parse_frames_names_what_is_wrong():
     assert parse_frames(None, 9) is None and parse_frames("first", 9) == "first" and parse_frames("3", 9) == 3
     for text, num_frames, needle in (("20", 9, "the videos have 9 frames"), ("0", 9, "give 1 to 9"),
@@ -287,7 +304,7 @@ def test_optimize_finetune_and_prune_run_on_a_video_pipeline(folders, tmp_path, 
     assert (tmp_path / "f" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
     code, err = run(["prune", "--model", folders / "wan", *PROMPTS_FLAGS, *SMALL, "--iterations", "2",
-                     "--samples", "2", "--ratio", "0.5", "--out", tmp_path / "p"], capsys)
+                     "--samples", "2", "--ratio", "0.5", "--block-checkpointing", "--out", tmp_path / "p"], capsys)
     assert code == 0, err
     metrics = metrics_of(tmp_path / "p")
     assert metrics["objective"] == "latent" and len(metrics["ssim_per_frame"]) == 9

@@ -188,7 +188,7 @@ EXCLUDES = {
     "start_every": (("start_from",), "both say where the search starts; give one"),
     "calibrate_only": (("iterations", "lr", "gradient", "start_every", "start_from", "objective", "validation",
                         "resume", "checkpoint_every", "batch_size", "training_set", "granularity",
-                        "search_steps", "search_frames"), "a calibration searches nothing"),
+                        "search_steps", "search_frames", "block_checkpointing"), "a calibration searches nothing"),
 }
 MODEL = dict(model=None, prompt=None, prompts=None, negative_prompt=None, true_cfg_scale=None, scheduler=None,
              height=None, width=None, frames=None, fps=None, device=None, dtype=None)
@@ -209,7 +209,8 @@ VERBS = {
               dict(**MODEL, labels=None, ratio=None, iterations=40, batch_size=2, lr=0.01, gradient="checkpointed",
                    steps=None, guidance=None, samples=None, seed=None, checkpoint_every=25, reuse_mode=None,
                    start_every=None, start_from="calibrated", objective=None, validation=None, lora=None, resume=None,
-                   training_set=None, granularity=None, search_steps=None, search_frames=None, calibrate_only=None,
+                   training_set=None, granularity=None, search_steps=None, search_frames=None, block_checkpointing=None,
+                   calibrate_only=None,
                    calibration_batch=None, calibration_generations=None, compile=None, out=None)),
     "finetune": ("fine-tune LoRA or all weights against a reward (SDO by default)",
                  dict(**MODEL, **TRAIN, labels=None, reward=None, params=None, rank=None, gradient="shortcut:random",

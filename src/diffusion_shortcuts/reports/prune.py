@@ -13,8 +13,8 @@ from .. import conditions as C
 from .. import distributed
 from ..metrics import FID_MIN_SAMPLES, peak_memory_mb
 from ..usage import UsageError
-from .common import (check_resume, load_schedule, mean_reward, parse_gradient, parse_search_objective,
-                     side_by_side_sheets)
+from .common import (check_resume, checkpointed_blocks, load_schedule, mean_reward, parse_gradient,
+                     parse_search_objective, side_by_side_sheets)
 
 
 DEFAULT_TRAINING_SET = 16  # prune's fixed training set: what benchmarks/search_cost.py measured best with
@@ -26,7 +26,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
                  start_from: str | None = None, objective: str = "ssim", validation: int = 8,
                  compile: bool = False, calibrate_only: bool = False, calibration_batch: int | None = None,
                  calibration_generations: int = 1, training_set: int | None = 0, granularity: str = "block",
-                 search_steps: int = 0, search_frames: int | None = None) -> dict:
+                 search_steps: int = 0, search_frames: int | None = None, block_checkpointing: bool = False) -> dict:
     """DiP-GO: search a cache schedule at ``ratio`` over the conditions, compare it with the full model; with
     ``start_every`` N the search starts from the rule table that computes every block every N-th step (``"auto"``:
     the N whose table prunes nearest ``ratio``); ``compile``: the comparison (quality and speed) through compiled
@@ -37,7 +37,8 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
     no search, the table calibrated on ``calibration_generations`` full generations of ``calibration_batch``
     samples (:func:`~diffusion_shortcuts.prune.calibrate`). ``search_frames``: a video pipeline's search (its start,
     rollouts and validation) at this many frames, the schedule thresholded on the MACs at the sampled frames and
-    compared there.
+    compared there; ``block_checkpointing``: the search recomputes each block in its backward pass (one block's
+    activations at a time, the memory of a video model's search near one generation's).
     Under ``accelerate launch`` the search is data parallel (``--batch-size`` per process) and the main process
     alone writes and makes the comparison."""
     from ..prune.compiling import compile_options
@@ -57,6 +58,7 @@ def prune_report(out: Path, subject, *, ratio: float, iterations: int, batch_siz
         goal = None
     else:
         goal = parse_search_objective(objective, subject)
+        checkpointed_blocks(subject, block_checkpointing)
         searched = searched_schedule(out, subject, sampler_at_frames(subject, sampler, search_frames), conditions,
                                      distinct, ratio=ratio, iterations=iterations,
                                      batch_size=batch_size, lr=lr, gradient=gradient, seed=seed, resume=resume,
