@@ -7,7 +7,8 @@ one line, not a traceback).
 
 import importlib
 
-_SUBMODULES = ("conditions", "families", "gradients", "optimize", "prune", "rewards", "sampling", "zoo")
+_SUBMODULES = ("conditions", "families", "gradients", "metrics", "optimize", "prune", "rewards", "sampling", "videos",
+               "zoo")
 _NAMES = {
     "Sampler": "sampling", "PrecisionError": "sampling", "call_denoiser": "sampling",
     "optimize_latents": "optimize", "OptimizeResult": "optimize", "OptimizationError": "optimize",
@@ -15,9 +16,9 @@ _NAMES = {
     "HeldOut": "optimize",
 }
 
-__all__ = ["Sampler", "PrecisionError", "call_denoiser", "conditions", "families", "gradients", "prune", "rewards",
-           "zoo", "optimize_latents", "OptimizeResult", "OptimizationError", "finetune", "add_lora", "FinetuneResult",
-           "FinetuneError", "HeldOut"]
+__all__ = ["Sampler", "PrecisionError", "call_denoiser", "conditions", "families", "gradients", "metrics", "prune",
+           "rewards", "videos", "zoo", "optimize_latents", "OptimizeResult", "OptimizationError", "finetune",
+           "add_lora", "FinetuneResult", "FinetuneError", "HeldOut"]
 __version__ = "0.1.0"
 
 
