@@ -11,7 +11,8 @@ part is what a random model can say (how much of the full model's output a sched
 
 - ``memory``: each configuration in a fresh process: the peak resident memory it adds over the loaded model (this
   process's high-water mark minus its memory before the work), the graph's saved tensors per iteration (SDO), seconds
-  per iteration, and whether the initial noise moved. SDO (``optimize_latents``, a brightness reward): Shortcut,
+  per iteration, and the norm of the initial noise's gradient. SDO (one reward gradient with respect to a rank-4 LoRA
+  and the initial noise, a brightness reward): Shortcut,
   ``truncated:1`` (VADER's last step), Checkpointed and Full, scoring the first frame (one latent frame decoded) or
   every frame, with the blocks checkpointed, and Shortcut without; the search (``train_pruner``, latent objective, a
   training set of one, batch 1, Checkpointed) with and without checkpointed blocks, against one generation with the
@@ -106,13 +107,19 @@ def child(config: dict) -> dict:
         result = ds.prune.train_pruner(sampler, cond, 0.7, iterations=2, batch_size=1, training_set=1, target_batch=1,
                                        validation=1, objective=ds.prune.Objective("latent"), progress=False)
         return {"added_peak_mb": peak_rss_mb() - before, "seconds_per_iteration": result.history["seconds"][-1]}
-    scoring = FrameScoring(config["frames"], FRAMES, 4, prefix_decode=True)
+    return sdo_iteration(sampler, cond, noise, config["policy"], config["frames"])
+
+
+def sdo_iteration(sampler, cond, noise, policy: str, frames) -> dict:
+    """One reward gradient (with respect to a rank-4 LoRA and, where the policy reaches it, the noise), as gpu.py's
+    Wan rows take it, with this process's added peak memory."""
+    from gpu_wan import reward_gradient
+
+    ds.add_lora(sampler.model, rank=4)
+    scoring = FrameScoring(frames, FRAMES, 4, prefix_decode=True)
     before = current_rss_mb()
-    result = ds.optimize_latents(scoring.sampler(sampler), scoring.reward(brightness), noise, cond, iterations=2,
-                                 lr=0.05, gradient=config["policy"], noise_prior=None, progress=False)
-    return {"added_peak_mb": peak_rss_mb() - before, "seconds_per_iteration": result.history["seconds"][-1],
-            "graph_mb": result.history["graph_mb"][-1], "noise_moved": float((result.latents - noise).abs().max()),
-            "decoded_latent_frames": scoring.decoded_latent_frames}
+    figures = reward_gradient(scoring.sampler(sampler), scoring.reward(brightness), cond, noise, policy)
+    return {"added_peak_mb": peak_rss_mb() - before, **figures, "decoded_latent_frames": scoring.decoded_latent_frames}
 
 
 MEMORY = {

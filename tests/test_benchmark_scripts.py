@@ -33,7 +33,7 @@ def test_the_gpu_benchmark_runs_its_tiny_mode_and_judges_every_target():
     wan = out["wan"]
     assert {"stock call, full", "stock call, our rule table"} <= set(wan["wan_seconds"]) and \
         sum("diffusers" in name for name in wan["wan_seconds"]) == 3
-    assert wan["wan_sdo"]["shortcut"]["noise_moved"] > 0 and wan["wan_sdo"]["truncated:1"]["noise_moved"] == 0
+    assert wan["wan_sdo"]["shortcut"]["noise_gradient"] > 0 and wan["wan_sdo"]["truncated:1"]["noise_gradient"] == 0
     assert len(wan["wan_finetune"]) == 2 and wan["wan_search"]["search (latent objective, batch 1)"][
         "seconds_per_iteration"] > 0
     assert set(out["sd"]["compile"]["loop_seconds"]) == {"eager, full", "compiled, full", "eager, rule 0.2",

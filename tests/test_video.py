@@ -216,6 +216,8 @@ def test_on_wans_unipc_sampler_shortcut_moves_the_noise_and_vaders_last_step_can
         grads[spec] = torch.autograd.grad(value, x, allow_unused=True)[0]
     assert grads["truncated:1"] is None and grads["truncated:2"] is None  # no path to the noise at all
     assert float(grads["shortcut"].abs().max()) > 0
+    with pytest.raises(ValueError, match="gradient truncated:2 gives the latents no gradient"):
+        ds.optimize_latents(scored, reward, noise, cond, iterations=1, gradient="truncated:2", progress=False)
 
 
 def test_a_few_sdo_iterations_on_the_first_frame_raise_the_reward():

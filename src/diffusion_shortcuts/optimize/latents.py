@@ -233,6 +233,9 @@ class _LatentRun(LoopState):
             values = check_reward_output(self.reward(images, self.c), x.shape[0], reward_name(self.reward))
         if not torch.isfinite(values).all():
             raise OptimizationError(f"non-finite reward at iteration {it}: {values.detach().tolist()}", result)
+        if not values.requires_grad and not images.requires_grad:
+            raise ValueError(f"gradient {self.policy.spec} gives the latents no gradient (it cuts them off before the "
+                             "steps it keeps): it cannot steer them; use shortcut, checkpointed or full")
         if not values.requires_grad:
             raise ValueError(f"reward {reward_name(self.reward)} does not depend on the images (its value carries no "
                              "gradient): it cannot steer them")
