@@ -223,6 +223,10 @@ class _LatentRun(LoopState):
         self.history["final_reward"], self.history["final_reward_per_sample"] = mean, values.detach().tolist()
         self.history["final_shell_drift"] = shell_drift(self.result.latents)
 
+    def _no_path(self) -> str:
+        return (f"gradient {self.policy.spec} gives the latents no gradient (it cuts them off before the steps it "
+                "keeps): it cannot steer them; use shortcut, checkpointed or full")
+
     def step(self, it: int) -> dict:
         cfg, x, result = self.config, self.x, self.result
         start = time.perf_counter()
@@ -234,8 +238,7 @@ class _LatentRun(LoopState):
         if not torch.isfinite(values).all():
             raise OptimizationError(f"non-finite reward at iteration {it}: {values.detach().tolist()}", result)
         if not values.requires_grad and not images.requires_grad:
-            raise ValueError(f"gradient {self.policy.spec} gives the latents no gradient (it cuts them off before the "
-                             "steps it keeps): it cannot steer them; use shortcut, checkpointed or full")
+            raise ValueError(self._no_path())
         if not values.requires_grad:
             raise ValueError(f"reward {reward_name(self.reward)} does not depend on the images (its value carries no "
                              "gradient): it cannot steer them")
@@ -245,6 +248,9 @@ class _LatentRun(LoopState):
         self.opt.zero_grad()
         loss.backward()
         for p in self.params:
+            if p.grad is None and p is x and self.policy.plan(len(self.sampler.timesteps) - cfg.start_step,
+                                                              torch.Generator().manual_seed(0)).detach_before:
+                raise ValueError(self._no_path())
             if p.grad is None or not torch.isfinite(p.grad).all():
                 raise OptimizationError(f"non-finite or missing gradient at iteration {it} (policy {self.policy!r})",
                                         result)
