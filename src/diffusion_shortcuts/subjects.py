@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import conditions as C
 from . import zoo
 from .families import CLASS_NAMES
 from .labels import cycled_labels, parse_labels
@@ -85,7 +86,9 @@ class ZooSubject:
         return torch.arange(self.m.num_classes) if self.conditional else None
 
     def encode(self, conditions):
-        return self.m.encode(conditions).detach() if conditions is not None else None
+        if conditions is None:
+            return None
+        return C.tree_map(lambda t: t.detach(), self.m.encode(conditions))  # a tensor, or a dict (digits-flux)
 
     def sampler(self, steps: int, guidance: float | None = None):
         unconditional = self.labels_text == "null"  # the null label in both branches: guidance changes nothing
