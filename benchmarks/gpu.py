@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, write_results  # noqa: E402
-from gpu_wan import wan_rows, wan_targets  # noqa: E402
+from gpu_wan import wan_rows, wan_targets, with_caches  # noqa: E402
 
 import diffusion_shortcuts as ds  # noqa: E402
 from diffusion_shortcuts.prune import CacheSchedule  # noqa: E402
@@ -353,17 +353,10 @@ def flux_rows(bench: Bench, size: dict, tiny: bool, device, dtype) -> dict:
     rows = {"stock call, full": bench.seconds(stock)}
     with enabled(model, rule):
         rows["stock call, our rule table"] = bench.seconds(stock)
-    for name, config in {f"stock call, diffusers TaylorSeer (interval {interval}, warm-up 3)":
-                         TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=3),
-                         "stock call, diffusers FirstBlockCache (threshold 0.05)": FirstBlockCacheConfig()}.items():
-        model.enable_cache(config)
-        try:
-            rows[name] = bench.seconds(stock)
-        finally:
-            model.disable_cache()
-    cachedit = cachedit_seconds(bench, pipe, stock)
-    if cachedit is not None:
-        rows["stock call, cache-dit DBCache (defaults)"] = cachedit
+    rows.update(with_caches(bench, model, pipe, stock, {
+        f"stock call, diffusers TaylorSeer (interval {interval}, warm-up 3)":
+            TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=3),
+        "stock call, diffusers FirstBlockCache (threshold 0.05)": FirstBlockCacheConfig()}, cachedit_seconds))
     return {"flux_rule_macs_ratio": rule.macs_ratio, "flux_rule": rule.info.get("method"), "flux_seconds": rows}
 
 

@@ -81,6 +81,22 @@ def magcache_ratios(model, run, steps: int) -> list[float]:
     return [float(v) for v in ast.literal_eval(lists[-1])]
 
 
+def with_caches(bench, model, pipe, stock, configs: dict, cachedit_seconds) -> dict:
+    """Seconds of ``stock()`` under each of diffusers' cache configurations (``model.enable_cache``), and under
+    cache-dit's DBCache where cache-dit is installed."""
+    rows = {}
+    for name, config in configs.items():
+        model.enable_cache(config)
+        try:
+            rows[name] = bench.seconds(stock)
+        finally:
+            model.disable_cache()
+    peer = cachedit_seconds(bench, pipe, stock)
+    if peer is not None:
+        rows["stock call, cache-dit DBCache (defaults)"] = peer
+    return rows
+
+
 def wan_rows(bench, tiny: bool, device, dtype, enabled, guarded, per_iteration, cachedit_seconds) -> dict:
     """Every video row; ``bench`` and the helpers are gpu.py's, so that both halves time and fail alike."""
     from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
@@ -118,15 +134,7 @@ def wan_rows(bench, tiny: bool, device, dtype, enabled, guarded, per_iteration, 
             mag_ratios=ratios, num_inference_steps=steps)
     except Exception as exc:  # a peer's failure is a row of the table
         rows["stock call, diffusers MagCache"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    for name, config in peers.items():
-        model.enable_cache(config)
-        try:
-            rows[name] = bench.seconds(stock)
-        finally:
-            model.disable_cache()
-    peer = cachedit_seconds(bench, pipe, stock)
-    if peer is not None:
-        rows["stock call, cache-dit DBCache (defaults)"] = peer
+    rows.update(with_caches(bench, model, pipe, stock, peers, cachedit_seconds))
 
     model.enable_gradient_checkpointing()  # every policy's graph step recomputes its blocks in the backward
     try:

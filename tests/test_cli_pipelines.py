@@ -10,10 +10,10 @@ from tiny.sd import sd_pipeline
 from tiny.flux import flux_pipeline
 from tiny.sdxl import sdxl_pipeline
 from tiny.wan import wan_pipeline
+from cli_runs import metrics_of, run
 from tiny_pipelines import clip_model_folder
 
 import diffusion_shortcuts as ds
-from diffusion_shortcuts import cli
 from diffusion_shortcuts.checkpoints import load_checkpoint
 from diffusion_shortcuts.pipelines import load_pipeline
 
@@ -31,16 +31,6 @@ def folders(tmp_path_factory):
     (root / "clip").mkdir()
     clip_model_folder(root / "clip")
     return root
-
-
-def run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.err
-
-
-def metrics_of(folder):
-    return json.loads((folder / "metrics.json").read_text())
 
 
 def test_sample_and_steer_a_stable_diffusion_folder_with_prompts(folders, tmp_path, capsys):

@@ -2,17 +2,15 @@
 frames with the partial decode (which VAEs allow it, and the gradient through it), SDO's gradients on video, and the
 three verbs on a Wan pipeline folder from the command line, bad input included."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from tiny import MAIN
 from tiny.wan import flow_euler, wan_pipeline
+from cli_runs import metrics_of, run
 from tiny_pipelines import PROMPTS, clip_model_folder
 
 import diffusion_shortcuts as ds
-from diffusion_shortcuts import cli
 from diffusion_shortcuts import conditions as C
 from diffusion_shortcuts.families import family_of
 from diffusion_shortcuts.pipelines import load_pipeline
@@ -264,15 +262,6 @@ def folders(tmp_path_factory):
     (root / "clip").mkdir()
     clip_model_folder(root / "clip")
     return root
-
-
-def run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
-def metrics_of(folder):
-    return json.loads((folder / "metrics.json").read_text())
 
 
 def test_sample_writes_playable_videos_and_a_contact_sheet(folders, tmp_path, capsys):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL
+from diffusion_shortcuts.zoo.flux import word_tokenizer
 from tiny_models import ddim
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config,
                           T5EncoderModel)
 
@@ -20,17 +20,9 @@ SIZE = 16  # image pixels; the tiny VAEs halve it to 8x8 latents
 
 
 def tokenizer(max_length: int = 12, clip: bool = True) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: CLIP-style (start and end tokens, padded with the end token) or T5-style
-    (end token, padded with <pad>). Unknown words map to <unk>."""
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + list(WORDS))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    template = "<s> $A </s>" if clip else "$A </s>"
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 2), ("</s>", 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>" if clip else "<pad>", model_max_length=max_length)
+    """A word-level tokenizer over :data:`WORDS`: CLIP-style (start and end tokens, padded with the end token) or
+    T5-style (end token, padded with <pad>); the zoo's digits-flux is made with the same one."""
+    return word_tokenizer(WORDS, max_length, clip)
 
 
 def clip_encoder(hidden: int = 32, projection: int | None = None, seed: int = 0, positions: int = 16):

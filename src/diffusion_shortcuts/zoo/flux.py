@@ -54,20 +54,26 @@ def prompt_for(digit: int, template: int = 4) -> str:
 
 
 def tokenizer(clip: bool):
-    """A word-level tokenizer over :data:`VOCAB`: CLIP-style (start and end tokens, padded with the end token) or
-    T5-style (an end token, padded with ``<pad>``); lower case; an unknown word is ``<unk>``."""
+    """The word-level tokenizer over :data:`VOCAB` (:func:`word_tokenizer`) at :data:`TEXT_LENGTH` tokens."""
+    return word_tokenizer(VOCAB, TEXT_LENGTH, clip)
+
+
+def word_tokenizer(words, max_length: int, clip: bool):
+    """A word-level tokenizer over ``words``: CLIP-style (start and end tokens, padded with the end token) or
+    T5-style (an end token, padded with ``<pad>``); lower case; an unknown word is ``<unk>``. Ids 0-3 are ``<pad>``,
+    ``<unk>``, ``<s>``, ``</s>``; the words follow in order."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + VOCAB)}
+    vocab = {w: i for i, w in enumerate(specials + list(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     template = "<s> $A </s>" if clip else "$A </s>"
     tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 2), ("</s>", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>" if clip else "<pad>", model_max_length=TEXT_LENGTH)
+                                   pad_token="</s>" if clip else "<pad>", model_max_length=max_length)
 
 
 def text_encoders(seed: int = 0):
