@@ -13,14 +13,15 @@ pipeline (shift 3), guidance 5 in two calls a step, random 512 x 4096 text embed
   (reaches the initial noise), ``truncated:1`` (VADER's last step: no path to the noise) and Checkpointed; seconds,
   peak memory, the graph's saved tensors and the noise's gradient norm;
 - LoRA fine-tuning per iteration, Shortcut(random) against ``truncated:1``;
-- the search (``train_pruner``: latent objective, a training set of one, Checkpointed, batch 1): seconds and peak
-  memory per iteration against one generation with the rule table.
+- the search (``train_pruner``: latent objective, a training set of one, Checkpointed, batch 1, the blocks
+  checkpointed): seconds and peak memory per iteration against one generation with the rule table (latents out).
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import io
 import time
 
@@ -136,12 +137,12 @@ def wan_rows(bench, tiny: bool, device, dtype, enabled, guarded, per_iteration, 
         rows["stock call, diffusers MagCache"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     rows.update(with_caches(bench, model, pipe, stock, peers, cachedit_seconds))
 
-    model.enable_gradient_checkpointing()  # every policy's graph step recomputes its blocks in the backward
+    model.enable_gradient_checkpointing()  # every graph step (SDO's, the search's) recomputes its blocks backward
     try:
         sdo, lora = sdo_rows(bench, sampler, cond, latents, size, guarded, per_iteration)
+        search = search_rows(bench, sampler, cond, rule, latents, size, guarded, per_iteration)
     finally:
         model.disable_gradient_checkpointing()
-    search = search_rows(bench, sampler, cond, rule, latents, size, guarded, per_iteration)
     return {"wan_rule_macs_ratio": rule.macs_ratio, "wan_rule": rule.info.get("method"), "wan_shape": list(shape),
             "wan_frames": size["frames"], "wan_seconds": rows, "wan_sdo": sdo, "wan_finetune": lora,
             "wan_search": search}
@@ -204,9 +205,11 @@ def search_rows(bench, sampler, cond, rule, latents, size, guarded, per_iteratio
             validation=1, objective=ds.prune.Objective("latent"), progress=False))
         return {"seconds_per_iteration": per_iteration(result.history), "peak_mb": peak, "batch_size": 1}
 
-    def rollout():
+    def rollout():  # latents out: the denoising loop, as the latent objective's search runs it
+        loop = copy.copy(sampler)
+        loop.decode = None
         with apply(sampler.model, rule, sampler), torch.no_grad():
-            _, peak = bench.peak_mb(lambda: sampler(latents, cond))
+            _, peak = bench.peak_mb(lambda: loop(latents, cond))
         return {"peak_mb": peak}
     return {"search (latent objective, batch 1)": guarded(search), "one generation, rule table": guarded(rollout)}
 
