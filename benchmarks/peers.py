@@ -1,8 +1,9 @@
 """Our cache schedules against diffusers' rule-based caches (TaylorSeer, MagCache) at equal MACs.
 
-    OMP_NUM_THREADS=2 python benchmarks/peers.py [--models digits-dit digits-unet] [--searched NAME=RUN_DIR ...]
+    OMP_NUM_THREADS=2 python benchmarks/peers.py [--models digits-dit digits-unet digits-flux] [--searched NAME=RUN_DIR]
 
-For each model: DDIM 50, the model's guidance (3), 64 samples (same noise and labels for every variant). The
+For each model: 50 steps (DDIM; digits-flux: its flow-matching Euler), the model's guidance (3; digits-flux: none, its
+true CFG off as in its stock call), 64 samples (same noise and labels for every variant). The
 reference is the full model's images; every variant is judged by SSIM and PSNR to them, by FID on
 digits-classifier features against the held-out digits and by digits-classifier-eval's accuracy.
 
@@ -25,9 +26,10 @@ Variants:
   first order, the documented warm-up (``disable_cache_before_step=3``), Taylor factors
   in float32 (the docs: higher precision improves accuracy), ``cache_interval`` swept from 2 to 10 (and second
   order, ``max_order=2``, at 5, 7 and 10);
+- ``firstblockcache``: ``diffusers.hooks.FirstBlockCacheConfig`` (Flux only here), threshold swept;
 - ``magcache``: ``diffusers.hooks.MagCacheConfig`` calibrated on this model and sampler as its docs say (one run
   with ``calibrate=True``; the printed ratios passed back), ``num_inference_steps=50``, the documented
-  ``max_skip_steps=3`` and ``retention_ratio=0.2``, threshold swept (DiT only: it hooks transformer blocks).
+  ``max_skip_steps=3`` and ``retention_ratio=0.2``, threshold swept (DiT and Flux: it hooks transformer blocks).
 
 The comparison the issue asks for: for each of our rows, the best SSIM a peer reaches at MACs no higher than
 ours (plus 0.005). Results: benchmarks/results/peers.json.
@@ -51,10 +53,11 @@ RATIOS = (0.5, 0.7, 0.8, 0.85)
 # the modules diffusers' TaylorSeer caches, per family: a DiT's transformer blocks; on a UNet its hooks need modules
 # that return one tensor (a down block returns a tuple with its residuals, an attention a 1-tuple that the hook
 # unwraps), so each resnet, sampler and attention's transformer block (proj_in / proj_out stay computed)
-BLOCK_PATTERNS = {"dit": r"transformer_blocks\.\d+",
+BLOCK_PATTERNS = {"dit": r"transformer_blocks\.\d+", "flux": r"(single_)?transformer_blocks\.\d+",
                   "sd-unet": r"(down_blocks\.\d+\.|up_blocks\.\d+\.|mid_block\.)(resnets\.\d+|downsamplers\.\d+|"
                              r"upsamplers\.\d+|attentions\.\d+\.transformer_blocks\.\d+)"}
-MAGCACHE_FAMILIES = ("dit",)  # MagCache measures one residual stream from its first to its last block
+PEERS = ("taylorseer", "magcache", "firstblockcache")
+MAGCACHE_FAMILIES = ("dit", "flux")  # MagCache measures one residual stream from its first to its last block
 
 
 def diffusers_cache(model, config):
@@ -163,6 +166,13 @@ def run_model(name: str, samples: int, searched: list[tuple[str, Path]], own_rat
         config = TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=3, max_order=2,
                                        taylor_factors_dtype=torch.float32, cache_identifiers=[pattern])
         measure("taylorseer order 2", diffusers_cache(m.model, config), cache_interval=interval)
+    if family == "flux":  # FirstBlockCache hooks a Flux's double and single blocks
+        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+        for threshold in (0.02, 0.05, 0.1, 0.2, 0.4):
+            config = FirstBlockCacheConfig(threshold=threshold)
+            measure("firstblockcache", diffusers_hooks(m.model, lambda c=config: apply_first_block_cache(m.model, c)),
+                    threshold=threshold)
     if family not in MAGCACHE_FAMILIES:
         return rows
     ratios = calibrate_magcache(m.model, sampler, noise16, cond16)
@@ -175,11 +185,11 @@ def run_model(name: str, samples: int, searched: list[tuple[str, Path]], own_rat
 
 def frontier(rows: list[dict], slack: float = 0.005) -> list[dict]:
     """For each of our rows, the best peer at no more MACs (plus ``slack``): the issue's comparison."""
-    ours = [r for r in rows if r["method"].split()[0] not in ("taylorseer", "magcache", "rule")]
-    peers = [r for r in rows if r["method"].split()[0] in ("taylorseer", "magcache")]
+    ours = [r for r in rows if r["method"].split()[0] not in (*PEERS, "rule")]
+    peers = [r for r in rows if r["method"].split()[0] in PEERS]
     out = []
     for row in ours:
-        for peer_name in ("taylorseer", "magcache"):
+        for peer_name in PEERS:
             candidates = [p for p in peers if p["model"] == row["model"] and p["method"].split()[0] == peer_name
                           and p["macs_ratio"] <= row["macs_ratio"] + slack]
             if not candidates:
