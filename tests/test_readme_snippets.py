@@ -22,7 +22,7 @@ SHRINK = [("num_inference_steps=50", "num_inference_steps=4"), ("m.sampler(50,",
           ("ratio=0.8)", "ratio=0.8, iterations=2, batch_size=1, target_batch=2)"), ("iterations=100", "iterations=2"),
           ("iterations=50)", "iterations=2, batch_size=1, validation=2)")]
 # which session each snippet continues, in README order; the last one (a family written from scratch) runs alone
-SESSIONS = ["zoo", "pipeline", "zoo", "zoo", "zoo", "pipeline", "family"]
+SESSIONS = ["zoo", "zoo", "pipeline", "zoo", "zoo", "zoo", "pipeline", "family"]
 
 
 def snippets() -> list[str]:

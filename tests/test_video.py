@@ -277,6 +277,27 @@ def test_sample_writes_playable_videos_and_a_contact_sheet(folders, tmp_path, ca
     assert (tmp_path / "s" / "sheet.png").is_file()
 
 
+def test_an_interrupted_sample_keeps_the_videos_it_finished(folders, tmp_path, capsys, monkeypatch):
+    import diffusion_shortcuts.videos as videos
+
+    written = videos.save_videos
+    calls = []
+
+    def interrupted_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return written(*args, **kwargs)
+
+    monkeypatch.setattr(videos, "save_videos", interrupted_at_the_second_batch)
+    code, err = run(["sample", "--model", folders / "wan", *PROMPTS_FLAGS, *SMALL, "--n", "8", "--out",
+                     tmp_path / "s"], capsys)
+    assert code == 130, err
+    kept = sorted(p.name for p in (tmp_path / "s" / "videos").iterdir())
+    assert kept == [f"video_{i:03d}.mp4" for i in range(4)]  # the first batch of 4, whole
+    assert all(read_video(tmp_path / "s" / "videos" / name).shape[1] == 9 for name in kept)
+
+
 def test_optimize_finetune_and_prune_run_on_a_video_pipeline(folders, tmp_path, capsys):
     reward = ["--reward", f"clip:{folders / 'clip'}"]
     code, err = run(["optimize", "--model", folders / "wan", *PROMPTS_FLAGS, *SMALL, *reward, "--n", "2",
