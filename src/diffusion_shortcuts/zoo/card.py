@@ -84,8 +84,8 @@ ARCHITECTURES = {
                     "word-level vocabulary of the prompts' words, an `AutoencoderKL` in Flux's style (16x16 RGB <-> "
                     "4x8x8, shift and scale measured), `FlowMatchEulerDiscreteScheduler` (shift 1). Prompts: \"a "
                     "handwritten seven\", \"the digit 7\", \"7\", ...; sample with `height=16, width=16, "
-                    "max_sequence_length=16`. Guidance: true CFG (`true_cfg_scale=2.0` with `negative_prompt=\"\"`, the zoo's "
-                    "default; the stock call's default, none, draws the prompted digit less often)."),
+                    "max_sequence_length=16`. Guidance: true CFG (`true_cfg_scale=2.0` with `negative_prompt=\"\"`, "
+                    "the zoo's default; the stock call's default, none, draws the prompted digit less often)."),
     "digits-classifier": "CNN `DigitClassifier(arch='cnn')`: 2 stages of two 3x3 convs + max-pool, 128-wide head. "
                          "Used as a reward (`log_prob`) and as the FID feature extractor (`features`).",
     "digits-classifier-eval": "CNN `DigitClassifier(arch='cnn5')`: 5x5 convs, GroupNorm, average pooling, other seed. "

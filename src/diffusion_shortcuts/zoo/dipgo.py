@@ -1,5 +1,6 @@
 """Ship DiP-GO searches into the zoo:
-``python -m diffusion_shortcuts.zoo.dipgo NAME RUN_DIR [RUN_DIR ...] [--search RUN_DIR]``.
+``python -m diffusion_shortcuts.zoo.dipgo NAME RUN_DIR [RUN_DIR ...] [--search RUN_DIR]``
+(``--calibrated``: the folders are ``prune --calibrate-only`` runs, shipped as tables with no search).
 
 Each ``RUN_DIR`` is the ``--out`` of ``diffusion-shortcuts prune --model NAME --ratio R``, one per ratio. Every
 run's schedule is shipped as ``zoo/NAME/dipgo/schedule-R.json`` (what ``m.cache_schedule(R)`` loads), with its
@@ -118,6 +119,46 @@ def ship(name: str, run_dirs: list[Path], search: Path | None = None, zoo_dir: P
     return dest
 
 
+def ship_calibrated(name: str, run_dirs: list[Path], zoo_dir: Path = ZOO_DIR) -> Path:
+    """Ship calibrated tables (``prune --calibrate-only`` output folders, one per ratio) as ``schedule-R.json`` for a
+    model that ships no search (``m.cache_schedule(r)`` loads them; ``m.dipgo()`` stays unavailable)."""
+    dest = Path(zoo_dir) / name / "dipgo"
+    runs = []
+    for run_dir in run_dirs:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if metrics.get("method") != "calibrated":
+            raise ValueError(f"{run_dir}: not a `prune --calibrate-only` output folder (method "
+                             f"{metrics.get('method')!r})")
+        runs.append((run_dir, CacheSchedule.load(run_dir / "schedule.json"), metrics))
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    ratios = sorted(m["ratio"] for _, _, m in runs)
+    lines = [f"# Cache schedules for {name}", "",
+             f"Shipped with `python -m diffusion_shortcuts.zoo.dipgo {name} RUN ... --calibrated`: calibrated tables "
+             "(`ds.prune.calibrate`, one full generation measured; no search), one per ratio, "
+             f"r = {', '.join(f'{r:g}' for r in ratios)} (`m.cache_schedule(r)`). No searched pruner ships for this "
+             "model (`m.dipgo()`): a search iteration here costs 30-40 s on the development machine's CPU.", ""]
+    for run_dir, schedule, metrics in sorted(runs, key=lambda run: run[2]["ratio"]):
+        ratio = metrics["ratio"]
+        schedule.save(dest / f"schedule-{ratio:g}.json")
+        record = dest / "runs" / f"{ratio:g}"
+        record.mkdir(parents=True)
+        for file in ("metrics.json", "heatmap.png"):
+            shutil.copy(run_dir / file, record / file)
+        lines += [f"### Ratio {ratio:g}", "",
+                  f"`diffusion-shortcuts prune --model {name} --calibrate-only --ratio {ratio:g} "
+                  f"--samples {metrics['samples']} --out RUN` ({metrics['calibration_seconds']:.1f} s)", "",
+                  f"- schedule-{ratio:g}.json: {schedule.summary()}", "",
+                  "| MACs of full | speedup (batch 16) | SSIM to full | PSNR | accuracy full / pruned | "
+                  "FID full / pruned |", "|---|---|---|---|---|---|",
+                  f"| {metrics['macs_ratio']:.3f} | {metrics['speedup']:.2f}x | {metrics['ssim']:.3f} | "
+                  f"{metrics['psnr']:.1f} | {metrics['accuracy_full']:.3f} / {metrics['accuracy_pruned']:.3f} | "
+                  f"{metrics['fid_full']:.1f} / {metrics['fid_pruned']:.1f} |", "",
+                  f"![schedule at {ratio:g}](runs/{ratio:g}/heatmap.png)", ""]
+    (dest / "README.md").write_text("\n".join(lines))
+    return dest
+
+
 def _read_run(run_dir: Path):
     """A finished ``prune`` output folder: (folder, schedule, search history, comparison metrics)."""
     for needed in ("schedule.json", "search.json", "pruner", "heatmap.png"):
@@ -135,8 +176,11 @@ def main() -> None:
     parser.add_argument("run_dirs", type=Path, nargs="+", help="prune output folders, one per ratio")
     parser.add_argument("--search", type=Path, default=None,
                         help="a prune output folder whose pruner replaces the shipped one (m.dipgo())")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="the folders are `prune --calibrate-only` runs: ship their tables, no search")
     args = parser.parse_args()
-    print(ship(args.name, args.run_dirs, args.search))
+    print(ship_calibrated(args.name, args.run_dirs) if args.calibrated else
+          ship(args.name, args.run_dirs, args.search))
 
 
 if __name__ == "__main__":
