@@ -132,7 +132,8 @@ def write_card(name: str, folder: Path, figures: dict) -> None:
 def shipped_schedules_line(folder: Path) -> str:
     """The card's sentence about the DiP-GO schedules shipped in ``folder/dipgo``."""
     ratios = shipped_schedule_ratios(folder / "dipgo")
-    return (f"DiP-GO cache schedules searched at ratios {', '.join(f'{r:g}' for r in ratios)} ship beside it: "
+    made = "searched" if (folder / "dipgo" / "pruner").is_dir() else "calibrated (no search)"
+    return (f"Cache schedules {made} at ratios {', '.join(f'{r:g}' for r in ratios)} ship beside it: "
             "[dipgo/README.md](dipgo/README.md) (`m.cache_schedule(0.8)`, "
             "`diffusion-shortcuts sample --schedule zoo`).")
 

@@ -126,7 +126,7 @@ def ship_calibrated(name: str, run_dirs: list[Path], zoo_dir: Path = ZOO_DIR) ->
     runs = []
     for run_dir in run_dirs:
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        if metrics.get("method") != "calibrated":
+        if not str(metrics.get("method")).startswith("calibrated"):
             raise ValueError(f"{run_dir}: not a `prune --calibrate-only` output folder (method "
                              f"{metrics.get('method')!r})")
         runs.append((run_dir, CacheSchedule.load(run_dir / "schedule.json"), metrics))
