@@ -32,7 +32,7 @@ Variants:
   ``max_skip_steps=3`` and ``retention_ratio=0.2``, threshold swept (DiT and Flux: it hooks transformer blocks).
 
 The comparison the issue asks for: for each of our rows, the best SSIM a peer reaches at MACs no higher than
-ours (plus 0.005). Results: benchmarks/results/peers.json.
+ours (plus 0.005). Results: benchmarks/results/peers.json (other --models: peers_NAMES.json, e.g. peers_flux.json).
 """
 
 from __future__ import annotations
@@ -235,7 +235,9 @@ def main() -> None:
               f"{c['peer_method']} at MACs <= : {c['peer_macs_ratio']:.3f} SSIM {c['peer_ssim']:.4f} "
               f"({c['peer_setting']})"
               f" -> {'at least' if c['ssim_at_least_peer'] else 'below'}")
-    write_results(RESULTS / "peers.json", "peers", {"samples": args.samples, "rows": rows, "comparison": comparison})
+    name = "peers" if args.models == ["digits-dit", "digits-unet"] else "peers_" + "_".join(
+        model.removeprefix("digits-") for model in args.models)  # the default run's file is not overwritten
+    write_results(RESULTS / f"{name}.json", "peers", {"samples": args.samples, "rows": rows, "comparison": comparison})
 
 
 if __name__ == "__main__":
