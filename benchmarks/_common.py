@@ -44,10 +44,12 @@ def diffusers_hooks(model, apply):
     """A context factory: ``apply()`` puts diffusers cache hooks on ``model`` (``apply_first_block_cache``,
     ``apply_taylorseer_cache``, ...) for the duration of the context, and every hook it added is removed after.
 
-    The zoo's denoisers are not ``CacheMixin`` models, so the cache context diffusers' pipelines set around each
-    denoiser call is set through diffusers' private ``_set_cache_context`` (imported here, so that a diffusers
+    The UNet and DiT of the zoo are not ``CacheMixin`` models, so the cache context diffusers' pipelines set around
+    each denoiser call is set through diffusers' private ``_set_cache_context`` (imported here, so that a diffusers
     change fails loudly rather than silently measuring the uncached model), before every call: a generation's
-    reset of the stateful hooks clears it. One context name: both guidance branches are one batched call.
+    reset of the stateful hooks clears it. One context name: both guidance branches are one batched call. A
+    ``CacheMixin`` model (digits-flux's Flux) gets none here: the Sampler names each call's context itself, one per
+    guidance branch (forcing one name on both would mix the branches' caches).
     """
     import contextlib
 
@@ -62,11 +64,13 @@ def diffusers_hooks(model, apply):
         before = {id(module): names(module) for module in model.modules()}
         apply()
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
-        handle = model.register_forward_pre_hook(lambda *_: _set_cache_context(model, CacheContext("cond")))
+        handle = None if hasattr(model, "cache_context") else model.register_forward_pre_hook(
+            lambda *_: _set_cache_context(model, CacheContext("cond")))
         try:
             yield
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
             for module in model.modules():
                 for name in names(module) - before.get(id(module), set()):
                     module._diffusers_hook.remove_hook(name, recurse=False)
