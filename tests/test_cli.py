@@ -65,9 +65,9 @@ def test_demo_writes_report(tmp_path, capsys):
     code, _, err = run(["demo", "--n", "10", "--steps", "50", "--iterations", "1", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"digits-unet", "digits-dit", "digits-unet (schedule 0.8)",
-                                      "digits-dit (schedule 0.8)"}
-    for name in ("digits-unet", "digits-dit"):
+    generators = ("digits-unet", "digits-dit", "digits-flux")  # the flow-matching MMDiT beside the two others
+    assert set(metrics["models"]) == {*generators, *(f"{name} (schedule 0.8)" for name in generators)}
+    for name in generators:
         pruned = metrics["models"][f"{name} (schedule 0.8)"]
         assert pruned["macs_ratio"] < 0.25 and pruned["speedup"] > 0
     for picture in ("demo.png", "demo_pruned.png", "report.md", "before_after_sdo_pruned.png"):
