@@ -215,6 +215,26 @@ def frontier(rows: list[dict], slack: float = 0.005) -> list[dict]:
     return out
 
 
+def pareto_plot(rows: list[dict], path: Path) -> None:
+    """MACs against SSIM to the full model, one panel per model, one series per method (ours and each peer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from _common import finish_panel
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model):
+            points = sorted((r["macs_ratio"], r["ssim"]) for r in rows if r["model"] == model and r["method"] == method)
+            ax.plot(*zip(*points), marker="o", ms=3, label=method)
+        finish_panel(ax, model, "MACs (counted) / full model's")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["digits-dit", "digits-unet"])
@@ -238,6 +258,7 @@ def main() -> None:
     name = "peers" if args.models == ["digits-dit", "digits-unet"] else "peers_" + "_".join(
         model.removeprefix("digits-") for model in args.models)  # the default run's file is not overwritten
     write_results(RESULTS / f"{name}.json", "peers", {"samples": args.samples, "rows": rows, "comparison": comparison})
+    pareto_plot(rows, RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":
