@@ -172,7 +172,7 @@ class PipelineSubject:
         return list(conditions)
 
     def reward_context(self) -> SpecContext:
-        return SpecContext(self.m.image_shape, True, str(self.device), self.num_frames)
+        return SpecContext(self.m.image_shape, True, str(self.device))
 
     def shipped_schedule(self, ratio: float):
         raise ValueError(f"{self.name} ships no schedule: pass a schedule file")

@@ -20,7 +20,7 @@ import pkgutil
 from .base import (BATCHED, CFG, CLASS_NAMES, COND, EMBEDDED, LABELS, NONE, OUTPUT, RESIDUAL, SEPARATE, TEXT, UNCOND,
                    Family, TransformerFamily, UnknownModelError, VideoFamily, as_kwargs, output_of,
                    unwrap)
-from .base import decoded_frames, latent_frames
+from .base import latent_frames
 from .registry import (FAMILIES, adapter_id, denoiser_of, family_of, model_id, register, sample_shape, vae_scale,
                        vae_time_scale)
 
@@ -32,5 +32,5 @@ from .flux import flux_image_ids, pack_latents, unpack_latents  # noqa: E402
 __all__ = ["BATCHED", "CFG", "CLASS_NAMES", "COND", "EMBEDDED", "LABELS", "NONE", "OUTPUT", "RESIDUAL", "SEPARATE",
            "TEXT", "UNCOND", "Family", "TransformerFamily", "VideoFamily", "UnknownModelError", "as_kwargs",
            "output_of", "unwrap", "FAMILIES", "adapter_id", "denoiser_of", "family_of", "model_id", "register",
-           "sample_shape", "vae_scale", "vae_time_scale", "latent_frames", "decoded_frames", "flux_image_ids",
+           "sample_shape", "vae_scale", "vae_time_scale", "latent_frames", "flux_image_ids",
            "pack_latents", "unpack_latents"]

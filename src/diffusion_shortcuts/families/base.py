@@ -211,11 +211,6 @@ def latent_frames(frames: int, time_scale: int) -> int:
     return (frames - 1) // time_scale + 1
 
 
-def decoded_frames(latent_count: int, time_scale: int) -> int:
-    """Frames decoded from ``latent_count`` latent frames: the inverse of :func:`latent_frames`."""
-    return (latent_count - 1) * time_scale + 1
-
-
 # ---- helpers the families' calls share ---------------------------------------------------------------
 
 def output_of(out) -> torch.Tensor:

@@ -20,7 +20,6 @@ class SpecContext:
     sample_shape: tuple[int, int, int] | None = None   # (C, H, W) of the images (a video's frames) the reward sees
     conditional: bool = True                            # the model takes class labels
     device: str = "cpu"                                 # where a reward model should run
-    frames: int | None = None                           # frames of each video, None where the model makes images
 
 
 SPECS: dict[str, tuple[Callable[[str | None, SpecContext], Any], str, str]] = {}

@@ -61,8 +61,7 @@ class FrameScoring:
         self.pick, self.num_frames, self.time_scale = pick, int(num_frames), int(time_scale)
         self.prefix_decode, self.frame_axis = bool(prefix_decode), frame_axis
         self.generator = torch.Generator().manual_seed(seed)
-        self.drawn: list[int] | None = None   # the frames of the latest partial decode
-        self.decoded_latent_frames: int | None = None  # how many latent frames it decoded
+        self.decoded_latent_frames: int | None = None  # how many latent frames the latest partial decode decoded
 
     @classmethod
     def for_sampler(cls, sampler, pick, num_frames: int, seed: int = 0) -> "FrameScoring":
@@ -95,7 +94,7 @@ class FrameScoring:
             if scoring.prefix_decode:
                 latent_count = min(latent_count, scoring.latent_frames_needed(max(frames)))
                 z = z.narrow(scoring.frame_axis, 0, latent_count)
-            scoring.drawn, scoring.decoded_latent_frames = frames, latent_count
+            scoring.decoded_latent_frames = latent_count
             video = decode(z)
             return video[:, :, frames]
 
