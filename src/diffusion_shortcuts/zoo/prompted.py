@@ -11,6 +11,7 @@ negative one): the model was trained with 10% of its prompts dropped to the empt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,18 @@ class PromptZooModel(ZooModel):
         return ["" if int(label) == self.null_label else self.prompt.format(d=int(label))
                 for label in self.check_labels(labels)]
 
+    @cached_property
+    def _encoder(self):
+        """An unguided sampler kept for encoding prompts through the pipeline's text encoders (every ``encode``)."""
+        from ..sampling import Sampler
+
+        return Sampler.from_pipeline(self.pipe, 1, true_cfg_scale=1.0, sample_shape=self.sample_shape,
+                                     prompt_options=dict(self.prompt_options))
+
     def encode(self, labels) -> Any:
         if not self.conditional:
             return None
-        return self._sampler(1, 1.0).encode_prompt(self.prompts(labels))
+        return self._encoder.encode_prompt(self.prompts(labels))
 
     def _sampler(self, steps: int, guidance: float, **kwargs):
         from ..sampling import Sampler
@@ -56,11 +65,7 @@ class PromptZooModel(ZooModel):
         return sampler
 
     def _null(self):
-        from ..sampling import Sampler
-
-        plain = Sampler.from_pipeline(self.pipe, 1, true_cfg_scale=1.0, sample_shape=self.sample_shape,
-                                      prompt_options=dict(self.prompt_options))
-        return plain.encode_prompt([""])
+        return self._encoder.encode_prompt([""])
 
     def null_cond(self) -> Any:
         return self._null() if self.conditional else None
