@@ -154,15 +154,21 @@ def _resolve(name_or_path: str | Path) -> Path:
     if str(name_or_path) in NAMES:
         path = ZOO_DIR / str(name_or_path)
         if not path.exists():
-            script = "flux" if str(name_or_path) == "digits-flux" else f"train {name_or_path}"
             raise FileNotFoundError(f"zoo model {name_or_path!r} has no weights at {path}; train it with "
-                                    f"python -m diffusion_shortcuts.zoo.{script} --out {path}")
+                                    f"{training_command(str(name_or_path))} --out {path}")
         return path
     path = Path(name_or_path)
     if not path.is_dir():
         raise ValueError(f"unknown model {str(name_or_path)!r}: not a zoo name ({', '.join(NAMES)}) "
                          "and not a local folder")
     return path
+
+
+def training_command(name: str) -> str:
+    """The command that trains a zoo model (``--out DIR`` and its options follow)."""
+    if name == "digits-flux":
+        return "python -m diffusion_shortcuts.zoo.flux"
+    return f"python -m diffusion_shortcuts.zoo.train {name}"
 
 
 def path(name: str) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import GENERATORS, ZOO_DIR, ZooModel, load, shipped_schedule_ratios
+from . import GENERATORS, ZOO_DIR, ZooModel, load, shipped_schedule_ratios, training_command
 from .architectures import dit_config, unet_config
 from .data import load_digits
 from .judge import DigitJudge
@@ -93,9 +93,6 @@ ARCHITECTURES = {
 }
 
 
-TRAINING = {"digits-flux": "python -m diffusion_shortcuts.zoo.flux"}
-
-
 def write_card(name: str, folder: Path, figures: dict) -> None:
     log = json.loads((folder / "train_log.json").read_text())
     figures = {"measured": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
@@ -107,7 +104,7 @@ def write_card(name: str, folder: Path, figures: dict) -> None:
              "100 images per class held out (never trained on) as the reference set for every metric "
              "(`diffusion_shortcuts.zoo.data`).", "",
              f"**Architecture**: {ARCHITECTURES[name]}", "",
-             f"**Training**: `{TRAINING.get(name, 'python -m diffusion_shortcuts.zoo.train ' + name)} --out DIR "
+             f"**Training**: `{training_command(name)} --out DIR "
              f"--seed {log['seed']}` (defaults as in the script; settings: `{json.dumps(settings)}`). Wall-clock "
              "training time on the "
              f"2-core CPU development machine: {log['seconds'] / 60:.1f} min (shared with other work at the time).", "",

@@ -58,13 +58,17 @@ def _describe(name: str, schedule: CacheSchedule, history: dict, metrics: dict) 
              f"- schedule-{history['settings']['ratio']:g}.json: {schedule.summary()}"]
     if metrics:
         lines += ["", f"Measured by the same command on {metrics.get('samples')} samples (same seeds as the full "
-                      "model):", "",
-                  "| MACs of full | speedup (batch 16) | SSIM to full | PSNR | accuracy full / pruned | "
-                  "FID full / pruned |", "|---|---|---|---|---|---|",
-                  f"| {metrics['macs_ratio']:.3f} | {metrics['speedup']:.2f}x | {metrics['ssim']:.3f} | "
-                  f"{metrics['psnr']:.1f} | {metrics['accuracy_full']:.3f} / {metrics['accuracy_pruned']:.3f} | "
-                  f"{metrics['fid_full']:.1f} / {metrics['fid_pruned']:.1f} |"]
+                      "model):", "", *_figures_table(metrics)]
     return lines + [""]
+
+
+def _figures_table(metrics: dict) -> list[str]:
+    """A ``prune`` run's comparison with the full model, as a markdown table."""
+    return ["| MACs of full | speedup (batch 16) | SSIM to full | PSNR | accuracy full / pruned | "
+            "FID full / pruned |", "|---|---|---|---|---|---|",
+            f"| {metrics['macs_ratio']:.3f} | {metrics['speedup']:.2f}x | {metrics['ssim']:.3f} | "
+            f"{metrics['psnr']:.1f} | {metrics['accuracy_full']:.3f} / {metrics['accuracy_pruned']:.3f} | "
+            f"{metrics['fid_full']:.1f} / {metrics['fid_pruned']:.1f} |"]
 
 
 def ship(name: str, run_dirs: list[Path], search: Path | None = None, zoo_dir: Path = ZOO_DIR) -> Path:
@@ -148,12 +152,7 @@ def ship_calibrated(name: str, run_dirs: list[Path], zoo_dir: Path = ZOO_DIR) ->
         lines += [f"### Ratio {ratio:g}", "",
                   f"`diffusion-shortcuts prune --model {name} --calibrate-only --ratio {ratio:g} "
                   f"--samples {metrics['samples']} --out RUN` ({metrics['calibration_seconds']:.1f} s)", "",
-                  f"- schedule-{ratio:g}.json: {schedule.summary()}", "",
-                  "| MACs of full | speedup (batch 16) | SSIM to full | PSNR | accuracy full / pruned | "
-                  "FID full / pruned |", "|---|---|---|---|---|---|",
-                  f"| {metrics['macs_ratio']:.3f} | {metrics['speedup']:.2f}x | {metrics['ssim']:.3f} | "
-                  f"{metrics['psnr']:.1f} | {metrics['accuracy_full']:.3f} / {metrics['accuracy_pruned']:.3f} | "
-                  f"{metrics['fid_full']:.1f} / {metrics['fid_pruned']:.1f} |", "",
+                  f"- schedule-{ratio:g}.json: {schedule.summary()}", "", *_figures_table(metrics), "",
                   f"![schedule at {ratio:g}](runs/{ratio:g}/heatmap.png)", ""]
     (dest / "README.md").write_text("\n".join(lines))
     return dest
