@@ -51,6 +51,16 @@ def side_by_side(images: list[Image.Image], gap: int = 8) -> Image.Image:
     return out
 
 
+def stacked(images: list[Image.Image]) -> Image.Image:
+    """Pictures one above the other, left-aligned, on white (the rows of a captioned grid or a contact sheet)."""
+    out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    top = 0
+    for img in images:
+        out.paste(img.convert("RGB"), (0, top))
+        top += img.height
+    return out
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, title: str | None = None) -> Path:
     img = grid(images, nrow)
     if title:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .images import labelled
+from .images import labelled, stacked, to_uint8
 
 SHEET_FRAMES = 4      # frames per video on a contact sheet
 SHEET_HEIGHT = (48, 240)  # a frame on a sheet is scaled to at least / at most this many pixels high
@@ -26,7 +26,7 @@ def is_video(x: torch.Tensor) -> bool:
 
 def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     """(C, F, H, W) in [0, 1] -> (F, H, W, 3) uint8 (grey repeated to RGB)."""
-    arr = video.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().permute(1, 2, 3, 0).numpy()
+    arr = to_uint8(video.transpose(0, 1))
     return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
 
 
@@ -96,12 +96,7 @@ def contact_sheet(videos: torch.Tensor, captions: list[str] | None = None, count
     rows = [video_row(v, count) for v in videos.float().cpu()]
     if captions:
         rows = [labelled(row, caption[:60]) for row, caption in zip(rows, captions)]
-    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    top = 0
-    for row in rows:
-        sheet.paste(row, (0, top))
-        top += row.height
-    return sheet
+    return stacked(rows)
 
 
 def video_name(index: int, stem: str = "video") -> str:

@@ -10,7 +10,7 @@ import torch
 
 from .. import conditions as C
 from .. import distributed, gradients, rewards, zoo
-from ..images import grid, labelled, save_grid
+from ..images import grid, labelled, save_grid, stacked
 from ..metrics import accuracy
 from ..subjects import JUDGE
 from ..usage import UsageError
@@ -42,12 +42,17 @@ def parse_gradient(text: str):
 def parse_reward(text: str, subject):
     """The reward a spec names, for ``subject``: on a video subject it scores every frame (the mean of its frames';
     :func:`scored_frames` narrows that)."""
-    from ..rewards.frames import ByFrames
-
     try:
         reward = rewards.from_spec(text, subject.reward_context())
     except ValueError as exc:
         raise UsageError(f"--{exc}") from None
+    return for_subject(reward, subject)
+
+
+def for_subject(reward, subject):
+    """An image reward as ``subject``'s samples need it: by frames (the mean over each video's) for a video subject."""
+    from ..rewards.frames import ByFrames
+
     return ByFrames(reward) if subject.num_frames is not None else reward
 
 
@@ -85,11 +90,7 @@ def parse_search_objective(text: str, subject):
 
     try:
         kind, spec, weight = parse_objective(text)
-        reward = rewards.from_spec(spec, subject.reward_context()) if spec is not None else None
-        if reward is not None and subject.num_frames is not None:
-            from ..rewards.frames import ByFrames
-
-            reward = ByFrames(reward)
+        reward = for_subject(rewards.from_spec(spec, subject.reward_context()), subject) if spec is not None else None
     except ValueError as exc:
         raise UsageError(f"--objective {text}: {exc}") from None
     return Objective(kind, reward, weight)
@@ -168,8 +169,6 @@ def judged_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
 
 def captioned_grid(images: torch.Tensor, captions: list[str] | None, path: Path) -> str:
     """A grid with one row per distinct caption (a label or a prompt), the caption above each row."""
-    from PIL import Image
-
     images = images.float().cpu()
     if not captions:
         return save_grid(images, path).name
@@ -177,12 +176,7 @@ def captioned_grid(images: torch.Tensor, captions: list[str] | None, path: Path)
     for caption in dict.fromkeys(captions):
         index = [i for i, c in enumerate(captions) if c == caption]
         rows.append(labelled(grid(images[index], nrow=len(index)), caption[:60]))
-    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    top = 0
-    for row in rows:
-        canvas.paste(row, (0, top))
-        top += row.height
-    canvas.save(path)
+    stacked(rows).save(path)
     return path.name
 
 
@@ -196,13 +190,14 @@ def sheet_or_grid(images: torch.Tensor, captions: list[str] | None, path: Path) 
     return path.name
 
 
-def side_by_side_sheets(panels: dict[str, torch.Tensor], path: Path, captions: list[str] | None = None) -> str:
-    """Titled panels side by side (before and after, full and scheduled): grids of images or contact sheets of
-    videos."""
+def side_by_side_sheets(panels: dict[str, torch.Tensor], path: Path, captions: list[str] | None = None,
+                        nrow: int | None = None) -> str:
+    """Titled panels side by side (before and after, full and scheduled): grids of images (``nrow`` a row, default
+    all in one) or contact sheets of videos."""
     from ..images import side_by_side
     from ..videos import contact_sheet, is_video
 
-    pictures = [labelled(contact_sheet(x, captions) if is_video(x) else grid(x, nrow=len(x)), title)
+    pictures = [labelled(contact_sheet(x, captions) if is_video(x) else grid(x, nrow=nrow or len(x)), title)
                 for title, x in panels.items()]
     side_by_side(pictures).save(path)
     return path.name

@@ -178,7 +178,7 @@ def compared(out: Path, subject, sampler, schedule, ratio: float, samples: int, 
     show = slice(0, min(4 if subject.num_frames else 20, samples))
     captions = subject.captions(C.take(conditions, torch.arange(samples)[show])) if conditions is not None else None
     side_by_side_sheets({"full model": full[show], f"schedule: {metrics['speedup']:.1f}x faster": pruned[show]},
-                        out / "full_vs_pruned.png", captions if subject.num_frames else None)
+                        out / "full_vs_pruned.png", captions if subject.num_frames else None, nrow=10)
     if subject.num_frames:  # each video beside its scheduled one, one MP4 each
         from ..videos import save_videos
 
