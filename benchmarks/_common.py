@@ -85,3 +85,14 @@ def finish_panel(ax, title: str, xlabel: str, ylabel: str = "SSIM to the full mo
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def printed_magcache_ratios(printed: str) -> list[float]:
+    """The magnitude ratios diffusers' MagCache prints at the end of a calibrating run (``calibrate=True``), as its
+    docs say to read them."""
+    import ast
+
+    lines = [line for line in printed.splitlines() if line.strip().startswith("[")]
+    if not lines:
+        raise RuntimeError(f"MagCache printed no calibration ratios: {printed[-500:]}")
+    return [float(v) for v in ast.literal_eval(lines[-1].strip())]

@@ -19,13 +19,14 @@ pipeline (shift 3), guidance 5 in two calls a step, random 512 x 4096 text embed
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
 import io
 import time
 
 import torch
+
+from _common import printed_magcache_ratios
 
 import diffusion_shortcuts as ds
 from diffusion_shortcuts.prune import CacheSchedule
@@ -78,8 +79,7 @@ def magcache_ratios(model, run, steps: int) -> list[float]:
             run()
     finally:
         model.disable_cache()
-    lists = [line for line in printed.getvalue().splitlines() if line.strip().startswith("[")]
-    return [float(v) for v in ast.literal_eval(lists[-1])]
+    return printed_magcache_ratios(printed.getvalue())
 
 
 def with_caches(bench, model, pipe, stock, configs: dict, cachedit_seconds) -> dict:

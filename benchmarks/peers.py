@@ -38,7 +38,6 @@ ours (plus 0.005). Results: benchmarks/results/peers.json (other --models: peers
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import io
 import sys
@@ -47,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, diffusers_hooks, write_results  # noqa: E402
+from _common import RESULTS, diffusers_hooks, printed_magcache_ratios, write_results  # noqa: E402
 
 RATIOS = (0.5, 0.7, 0.8, 0.85)
 # the modules diffusers' TaylorSeer caches, per family: a DiT's transformer blocks; on a UNet its hooks need modules
@@ -77,10 +76,7 @@ def calibrate_magcache(model, sampler, noise, cond) -> list[float]:
     with contextlib.redirect_stdout(printed), diffusers_cache(model, MagCacheConfig(
             calibrate=True, num_inference_steps=sampler.num_inference_steps))(), torch.no_grad():
         sampler(noise, cond)
-    lines = [ln for ln in printed.getvalue().splitlines() if ln.startswith("[")]
-    if not lines:
-        raise RuntimeError(f"MagCache printed no calibration ratios: {printed.getvalue()[-500:]}")
-    return [float(v) for v in ast.literal_eval(lines[-1])]
+    return printed_magcache_ratios(printed.getvalue())
 
 
 def searches_of(m, model_id: str, searched: list[tuple[str, Path]]) -> dict:
