@@ -171,9 +171,10 @@ def searched(sampler, cond, sampled_shape, iterations: int, ratio: float):
                                    target_batch=1, validation=2, objective=ds.prune.Objective("latent"),
                                    progress=False)
     seconds = time.perf_counter() - start
+    sampled = None
     if tuple(sampler.sample_shape) != tuple(sampled_shape):
-        result.profile = ds.prune.profile(sampler.model, torch.zeros(1, *sampled_shape), ds.conditions.first(cond))
-    return result.schedule(ratio), seconds
+        sampled = ds.prune.profile(sampler.model, torch.zeros(1, *sampled_shape), ds.conditions.first(cond))
+    return result.schedule(ratio, profile=sampled), seconds
 
 
 def transfer() -> dict:

@@ -77,9 +77,10 @@ class SearchResult:
         mode = history.get("settings", {}).get("reuse_mode", "copy")
         return cls(pruner, prof, list(pruner.config.timesteps), history, mode)
 
-    def schedule(self, ratio: float, timesteps=None) -> CacheSchedule:
+    def schedule(self, ratio: float, timesteps=None, profile: BlockProfile | None = None) -> CacheSchedule:
         """The static schedule at ``ratio`` (pruned MACs fraction) from the trained keep scores, in the reuse
-        mode the search trained with.
+        mode the search trained with. ``profile``: the block MACs to threshold on where the schedule is sampled at
+        another shape than the search ran at (a search at fewer frames); default the search's own.
 
         ``timesteps``: a sampler's other timesteps (another step count). The keep scores are interpolated
         linearly in the timestep, block by block, and thresholded at ``ratio`` over the new steps, so the
@@ -95,7 +96,8 @@ class SearchResult:
             steps = [float(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
             scores = interpolate_scores(scores, self.timesteps, steps)
         boundary = self.experts["boundary"] if self.experts is not None else None
-        sched = CacheSchedule.from_scores(scores, steps, self.profile, ratio, keep_steps=handovers(steps, boundary))
+        sched = CacheSchedule.from_scores(scores, steps, profile or self.profile, ratio,
+                                          keep_steps=handovers(steps, boundary))
         sched = sched.with_mode(self.reuse_mode)
         if self.experts is not None:
             sched = sched.for_experts(self.experts["names"], boundary)

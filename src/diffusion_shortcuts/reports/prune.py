@@ -140,10 +140,11 @@ def searched_schedule(out: Path, subject, sampler, conditions, distinct, *, rati
     search_memory = peak_memory_mb(subject.device)
     if not distributed.is_main_process():
         return None
+    sampled = None
     if tuple(sampler.sample_shape) != tuple(subject.sample_shape):  # searched at fewer frames: the MACs sampled
-        example = torch.zeros(1, *subject.sample_shape, device=subject.device)
-        result.profile = profile(sampler.model, example, C.first(conditions))
-    schedule = result.schedule(ratio)
+        sampled = profile(sampler.model, torch.zeros(1, *subject.sample_shape, device=subject.device),
+                          C.first(conditions))
+    schedule = result.schedule(ratio, profile=sampled)
     result.pruner.save_pretrained(out / "pruner")
     (out / "search.json").write_text(json.dumps(result.history) + "\n")
     history = result.history
